@@ -1,0 +1,1 @@
+"""glinthawk-jax: offline LLM inference that places attention where it pays."""

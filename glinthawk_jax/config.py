@@ -1,0 +1,119 @@
+"""The one config tree (ml_collections): defaults with a comment per knob, validation at load."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+from models.model_config import ModelConfig
+
+PLACEMENTS = ("local", "callback", "pipelined")
+DTYPES = ("float32", "bfloat16", "float16")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_TOKENIZER = os.path.join(REPO_ROOT, "configs", "assets", "tiny_tokenizer.json")
+
+
+class ConfigError(ValueError):
+  """A config value is missing or outside what is allowed; the message names the key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every knob with its default; model files override `model` and whatever else they need."""
+  c = ml_collections.ConfigDict()
+  c.name = "base"  # human-readable name printed in logs and summaries
+  c.checkpoint = ""  # Hugging Face checkpoint directory; empty = random weights of config.model's shape
+  c.tokenizer = ""  # tokenizer.json path; empty = the checkpoint's, else the built-in tiny tokenizer
+  c.dtype = "bfloat16"  # parameter/activation dtype: float32, bfloat16 or float16
+  c.seed = 0  # seed of random weights and of the default sampling seed
+  c.placement = "local"  # where attention runs: local (paged on tier 1), callback, pipelined
+
+  c.model = ml_collections.ConfigDict()  # model dimensions; replaced by config.json when checkpoint is set
+  c.model.vocab_size = 512
+  c.model.hidden_size = 64
+  c.model.intermediate_size = 128
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.head_dim = 16
+  c.model.rope_theta = 10000.0
+  c.model.rope_scaling = ml_collections.FieldReference(None, field_type=tuple)  # llama3 tuple or None
+  c.model.rms_norm_eps = 1e-5
+  c.model.attention_bias = False
+  c.model.tie_word_embeddings = False
+  c.model.max_position_embeddings = 2048
+  c.model.sliding_window = ml_collections.FieldReference(None, field_type=int)
+
+  c.engine = ml_collections.ConfigDict()
+  c.engine.max_num_seqs = 64  # decode slots: sequences generating at once
+  c.engine.page_size = 16  # tokens per KV page
+  c.engine.kv_cache_gb = 0.0  # KV pool size in GiB; 0 = use kv_cache_memory_fraction of free memory
+  c.engine.kv_cache_memory_fraction = 0.8  # share of free accelerator memory for KV when kv_cache_gb = 0
+  c.engine.max_model_len = 2048  # longest prompt + output, in tokens
+  c.engine.max_prefill_tokens = 4096  # token budget of one batched prefill step (chunks longer prompts)
+  c.engine.decode_steps_per_call = 1  # decode steps fused into one jitted call (fewer dispatches)
+
+  c.sampling = ml_collections.ConfigDict()  # defaults for requests that do not set their own
+  c.sampling.max_tokens = 32  # new tokens per request
+  c.sampling.temperature = 0.0  # 0 = greedy
+  c.sampling.top_k = 0  # 0 = off
+  c.sampling.top_p = 1.0  # 1.0 = off
+  c.sampling.ignore_eos = False  # keep generating past EOS (benchmarks)
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first bad key and what is allowed."""
+  _one_of(config, "placement", PLACEMENTS)
+  _one_of(config, "dtype", DTYPES)
+  for key in ("max_num_seqs", "page_size", "max_model_len", "max_prefill_tokens", "decode_steps_per_call"):
+    _positive(config, f"engine.{key}")
+  if not 0.0 < config.engine.kv_cache_memory_fraction <= 1.0:
+    raise ConfigError(f"engine.kv_cache_memory_fraction={config.engine.kv_cache_memory_fraction}: "
+                      "expected a value in (0, 1]")
+  if config.engine.kv_cache_gb < 0:
+    raise ConfigError(f"engine.kv_cache_gb={config.engine.kv_cache_gb}: expected >= 0")
+  if config.sampling.temperature < 0:
+    raise ConfigError(f"sampling.temperature={config.sampling.temperature}: expected >= 0")
+  if not 0.0 < config.sampling.top_p <= 1.0:
+    raise ConfigError(f"sampling.top_p={config.sampling.top_p}: expected a value in (0, 1]")
+  if config.checkpoint and not os.path.isdir(config.checkpoint):
+    raise ConfigError(f"checkpoint={config.checkpoint!r}: no such directory")
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The ModelConfig to build: the checkpoint's config.json when one is set, else config.model."""
+  if config.checkpoint:
+    path = os.path.join(config.checkpoint, "config.json")
+    if not os.path.exists(path):
+      raise ConfigError(f"checkpoint={config.checkpoint!r}: missing config.json")
+    with open(path) as f:
+      return ModelConfig.from_hf(json.load(f), dtype=config.dtype)
+  fields = config.model.to_dict()
+  try:
+    return ModelConfig(dtype=config.dtype, **fields)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"model: {e}") from e
+
+
+def tokenizer_path(config: ml_collections.ConfigDict) -> str:
+  """config.tokenizer, else the checkpoint's tokenizer.json, else the built-in tiny tokenizer."""
+  if config.tokenizer:
+    return config.tokenizer
+  if config.checkpoint:
+    return os.path.join(config.checkpoint, "tokenizer.json")
+  return TINY_TOKENIZER
+
+
+def _one_of(config, key, allowed):
+  value = config[key]
+  if value not in allowed:
+    raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+
+
+def _positive(config, dotted):
+  section, key = dotted.split(".")
+  value = config[section][key]
+  if not isinstance(value, int) or value <= 0:
+    raise ConfigError(f"{dotted}={value!r}: expected a positive integer")

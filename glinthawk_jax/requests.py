@@ -1,0 +1,50 @@
+"""What a user asks for and what they get back: the engine's public data types (vLLM-shaped)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+FINISH_STOP = "stop"  # EOS or a stop string
+FINISH_LENGTH = "length"  # max_tokens or the context length reached
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """Per-request sampling; temperature 0 is greedy. top_k 0 and top_p 1.0 switch those filters off."""
+
+  max_tokens: int = 32
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int | None = None  # None: derived from the engine seed and the request's index
+  stop: tuple[str, ...] = ()  # stop strings; the returned text ends before the first one
+  ignore_eos: bool = False
+
+  def __post_init__(self):
+    if self.max_tokens < 1:
+      raise ValueError(f"max_tokens={self.max_tokens}: expected >= 1")
+    if self.temperature < 0:
+      raise ValueError(f"temperature={self.temperature}: expected >= 0")
+    if self.top_k < 0:
+      raise ValueError(f"top_k={self.top_k}: expected >= 0")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p={self.top_p}: expected a value in (0, 1]")
+
+
+@dataclasses.dataclass
+class RequestOutput:
+  """One finished request. Times are seconds, measured from the request's admission to the engine."""
+
+  request_id: str
+  prompt_token_ids: list[int]
+  token_ids: list[int]
+  text: str
+  finish_reason: str  # FINISH_STOP or FINISH_LENGTH
+  ttft_s: float  # time to first token
+  decode_time_s: float  # first token to last token
+  token_times_s: list[float] = dataclasses.field(default_factory=list)  # when each token was produced
+
+  @property
+  def time_between_tokens_s(self) -> list[float]:
+    t = self.token_times_s
+    return [b - a for a, b in zip(t, t[1:])]

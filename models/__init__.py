@@ -1,0 +1,1 @@
+"""Flax NNX models; they know nothing of placement or scheduling."""

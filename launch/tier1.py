@@ -1,0 +1,42 @@
+"""Tier-1 launcher: runs the offline batch job.
+
+  python launch/tier1.py --config=configs/tiny.py [--config.placement=local] \
+      [--input=prompts.jsonl] [--output=out/outputs.jsonl] [--on_bad_input=fail|skip]
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from glinthawk_jax.config import ConfigError  # noqa: E402
+from glinthawk_jax.job_input import InputError  # noqa: E402
+from glinthawk_jax.offline_job import ON_BAD_INPUT, run_offline_job  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file (get_config()).")
+_INPUT = flags.DEFINE_string("input", None, "JSONL of {id, prompt | prompt_token_ids, sampling fields}; "
+                             "default: the built-in prompt set.")
+_OUTPUT = flags.DEFINE_string("output", "out/outputs.jsonl", "JSONL of results; existing ids are skipped.")
+_SUMMARY = flags.DEFINE_string("summary", None, "Summary JSON path; default: OUTPUT with .summary.json.")
+_ON_BAD_INPUT = flags.DEFINE_enum("on_bad_input", "fail", ON_BAD_INPUT,
+                                  "fail: stop before running anything; skip: run the good lines.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  try:
+    summary = run_offline_job(_CONFIG.value, _INPUT.value, _OUTPUT.value, _SUMMARY.value,
+                              _ON_BAD_INPUT.value, _PROGRESS.value)
+  except (ConfigError, InputError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

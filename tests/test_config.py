@@ -1,0 +1,39 @@
+"""Config validation names the bad key; every shipped config loads and gives the expected model."""
+
+import pytest
+
+from configs import llama2_7b, llama3_8b, tiny
+from glinthawk_jax.config import ConfigError, model_config, validate
+
+
+@pytest.mark.parametrize("module, params_billion", [(llama2_7b, 6.74), (llama3_8b, 8.03)])
+def test_shipped_configs_have_the_real_parameter_counts(module, params_billion):
+  config = module.get_config()
+  validate(config)
+  assert model_config(config).param_count() / 1e9 == pytest.approx(params_billion, abs=0.01)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("placement", "gpu", "placement='gpu': expected one of local, callback, pipelined"),
+    ("dtype", "int4", "dtype='int4'"),
+    ("engine.page_size", 0, "engine.page_size=0"),
+    ("engine.kv_cache_memory_fraction", 1.5, "engine.kv_cache_memory_fraction=1.5"),
+    ("sampling.top_p", 0.0, "sampling.top_p=0.0"),
+    ("checkpoint", "/no/such/dir", "checkpoint='/no/such/dir'"),
+])
+def test_bad_values_name_the_key(key, value, message):
+  config = tiny.get_config()
+  section = config
+  *parents, leaf = key.split(".")
+  for p in parents:
+    section = section[p]
+  section[leaf] = value
+  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    validate(config)
+
+
+def test_bad_model_dimensions_are_a_config_error():
+  config = tiny.get_config()
+  config.model.num_kv_heads = 3
+  with pytest.raises(ConfigError, match="num_kv_heads=3"):
+    model_config(config)

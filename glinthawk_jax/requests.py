@@ -18,6 +18,7 @@ class SamplingParams:
   top_p: float = 1.0
   seed: int | None = None  # None: derived from the engine seed and the request's index
   stop: tuple[str, ...] = ()  # stop strings; the returned text ends before the first one
+  stop_token_ids: tuple[int, ...] = ()  # extra ids that end the request like EOS (kept in token_ids)
   ignore_eos: bool = False
 
   def __post_init__(self):

@@ -1,0 +1,187 @@
+"""Offline throughput of the local engine vs HF transformers generate(), and the HBM streaming floor.
+
+Llama-2-7B shape, random weights, bf16, prompt 128 / output 128, ignore_eos, batch = engine.max_num_seqs
+= number of prompts. HF runs first in a subprocess (so torch and JAX never share GPU memory); each engine
+batch is run twice with the same shapes, the first run compiling. The floor is the time to stream the
+weights plus the average KV read of a decode step at --hbm_tbps.
+
+  python benchmarks/throughput.py --out throughput.json            # H100, about 4 minutes
+  python benchmarks/throughput.py --small --out /tmp/small.json    # CPU smoke test, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--out", default="throughput.json", help="JSON file of every number")
+  p.add_argument("--small", action="store_true", help="tiny model, small batches, CPU (smoke test)")
+  p.add_argument("--batches", default=None, help="engine batch sizes (default 32,128,256; small: 4,8)")
+  p.add_argument("--hf_batches", default=None, help="HF batch sizes, '' to skip (default 32,128; small: 4)")
+  p.add_argument("--prompt_len", type=int, default=None, help="default 128 (small: 16)")
+  p.add_argument("--output_len", type=int, default=None, help="default 128 (small: 16)")
+  p.add_argument("--decode_steps", type=int, default=8, help="engine.decode_steps_per_call")
+  p.add_argument("--page_size", type=int, default=16, help="engine.page_size")
+  p.add_argument("--hbm_tbps", type=float, default=2.8, help="memory bandwidth for the floor (FACTS.md)")
+  p.add_argument("--hf_only", action="store_true", help=argparse.SUPPRESS)  # the HF subprocess
+  args = p.parse_args(argv)
+  args.batches = [int(b) for b in (args.batches or ("4,8" if args.small else "32,128,256")).split(",") if b]
+  hf = args.hf_batches if args.hf_batches is not None else ("4" if args.small else "32,128")
+  args.hf_batches = [int(b) for b in hf.split(",") if b]
+  args.prompt_len = args.prompt_len or (16 if args.small else 128)
+  args.output_len = args.output_len or (16 if args.small else 128)
+  return args
+
+
+def model_shape(small: bool):
+  from configs import llama2_7b, tiny
+  config = tiny.get_config() if small else llama2_7b.get_config()
+  config.dtype = "float32" if small else "bfloat16"
+  return config
+
+
+def run_hf(args) -> list[dict]:
+  """HF transformers generate(), greedy, random init, fixed output length; one dict per batch size."""
+  import torch
+  import transformers
+
+  m = model_shape(args.small).model
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  dtype = torch.bfloat16 if device == "cuda" and not args.small else torch.float32
+  hf_config = transformers.LlamaConfig(
+      vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+      num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+      head_dim=m.head_dim, max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.rms_norm_eps)
+  torch.set_default_dtype(dtype)
+  with torch.device(device):
+    model = transformers.LlamaForCausalLM(hf_config).eval()
+  model.generation_config.eos_token_id = None
+  model.generation_config.pad_token_id = 0
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  results = []
+  for b in args.hf_batches:
+    ids = torch.randint(3, m.vocab_size, (b, args.prompt_len), device=device)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+      model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)  # warm-up
+      sync()
+      start = time.perf_counter()
+      out = model.generate(ids, attention_mask=mask, max_new_tokens=args.output_len,
+                           min_new_tokens=args.output_len, do_sample=False)
+      sync()
+    elapsed = time.perf_counter() - start
+    tokens = (out.shape[1] - args.prompt_len) * b
+    results.append(dict(batch=b, elapsed_s=elapsed, output_tokens=tokens, output_tok_s=tokens / elapsed))
+  return results
+
+
+def streaming_floor(model_cfg, batch: int, prompt_len: int, output_len: int, hbm_tbps: float) -> dict:
+  """Weights plus the average KV read per decode step, over the memory bandwidth."""
+  itemsize = 4 if model_cfg.dtype == "float32" else 2
+  weight_bytes = model_cfg.param_count() * itemsize
+  kv_bytes = batch * (prompt_len + output_len / 2) * model_cfg.kv_bytes_per_token
+  step_s = (weight_bytes + kv_bytes) / (hbm_tbps * 1e12)
+  return dict(weight_gb=weight_bytes / 1e9, avg_kv_read_gb=kv_bytes / 1e9, floor_step_ms=step_s * 1e3,
+              floor_output_tok_s=batch / step_s)
+
+
+def run_engine(args) -> list[dict]:
+  import jax
+  import numpy as np
+
+  from glinthawk_jax import config as config_lib
+  from glinthawk_jax.engine import Engine
+  from glinthawk_jax.requests import SamplingParams
+  from models.llama import init_model
+
+  config = model_shape(args.small)
+  config.engine.max_model_len = args.prompt_len + args.output_len
+  config.engine.page_size = args.page_size
+  config.engine.decode_steps_per_call = args.decode_steps
+  config.engine.max_prefill_tokens = 8192
+  config.engine.kv_cache_gb = 0.0  # fraction of free memory, capped at what the batch needs
+  model_cfg = config_lib.model_config(config)
+  model = init_model(model_cfg, config.seed)
+  params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
+  rng = np.random.default_rng(0)
+  results = []
+  for b in args.batches:
+    config.engine.max_num_seqs = b
+    engine = Engine(config, model=model)
+    prompts = rng.integers(3, model_cfg.vocab_size, (b, args.prompt_len)).tolist()
+    start = time.perf_counter()
+    engine.generate(prompts, params)  # compiles every shape the timed run uses
+    first_s = time.perf_counter() - start
+    before = dict(engine.stats_dict())
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    after = engine.stats_dict()
+    tokens = sum(len(o.token_ids) for o in outs)
+    calls = after["num_decode_calls"] - before["num_decode_calls"]
+    decode_s = after["decode_time_s"] - before["decode_time_s"]
+    step_ms = decode_s / max(calls * args.decode_steps, 1) * 1e3
+    floor = streaming_floor(model_cfg, b, args.prompt_len, args.output_len, args.hbm_tbps)
+    results.append(dict(
+        batch=b, elapsed_s=elapsed, output_tokens=tokens, output_tok_s=tokens / elapsed,
+        first_run_s=first_s, prefill_s=after["prefill_time_s"] - before["prefill_time_s"],
+        decode_s=decode_s, decode_calls=calls, decode_step_ms=step_ms, decode_tok_s=b / step_ms * 1e3,
+        num_compilations=after["num_compilations"], num_pages=after["num_pages"],
+        kv_pool_gib=after["kv_pool_gib"], num_preemptions=after["num_preemptions"],
+        x_floor=floor["floor_output_tok_s"] / (tokens / elapsed), **floor))
+    del engine
+  results_device = jax.devices()[0].device_kind
+  return results, results_device
+
+
+def table(engine_rows, hf_rows) -> str:
+  hf = {r["batch"]: r["output_tok_s"] for r in hf_rows}
+  lines = [f"{'batch':>6} {'engine tok/s':>13} {'HF tok/s':>9} {'vs HF':>6} {'step ms':>8} "
+           f"{'floor ms':>9} {'floor tok/s':>12} {'x floor':>8} {'compiles':>9}"]
+  for r in engine_rows:
+    h = hf.get(r["batch"])
+    lines.append(f"{r['batch']:>6} {r['output_tok_s']:>13,.0f} {h or float('nan'):>9,.0f} "
+                 f"{(r['output_tok_s'] / h if h else float('nan')):>6.2f} {r['decode_step_ms']:>8.2f} "
+                 f"{r['floor_step_ms']:>9.2f} {r['floor_output_tok_s']:>12,.0f} {r['x_floor']:>8.2f} "
+                 f"{r['num_compilations']:>9}")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.hf_only:
+    print(json.dumps(run_hf(args)))
+    return
+  hf_rows = []
+  if args.hf_batches:
+    cmd = [sys.executable, os.path.abspath(__file__), "--hf_only", "--hf_batches",
+           ",".join(map(str, args.hf_batches)), "--prompt_len", str(args.prompt_len),
+           "--output_len", str(args.output_len)] + (["--small"] if args.small else [])
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    hf_rows = json.loads(done.stdout.strip().splitlines()[-1])
+  engine_rows, device = run_engine(args)
+  report = dict(
+      device=device, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      command=" ".join([os.path.basename(sys.executable)] + sys.argv), prompt_len=args.prompt_len,
+      output_len=args.output_len, decode_steps_per_call=args.decode_steps, page_size=args.page_size,
+      hbm_tbps=args.hbm_tbps, engine=engine_rows, hf=hf_rows)
+  with open(args.out, "w") as f:
+    json.dump(report, f, indent=2)
+  print(f"{device}, prompt {args.prompt_len} / output {args.output_len}, "
+        f"decode_steps_per_call={args.decode_steps}")
+  print(table(engine_rows, hf_rows))
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

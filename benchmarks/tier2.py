@@ -1,0 +1,196 @@
+"""Tier-2 benchmark: KV-read GB/s of the paged attention kernel per KV storage, with 1..16 processes
+each pinned to one core and single-threaded, beside the host's copy bandwidth in the same run.
+
+  python benchmarks/tier2.py --out tier2.json            # full run (about 2 minutes on 16 cores)
+  python benchmarks/tier2.py --tiny --out /tmp/t2.json   # seconds, smoke test
+
+Rows: `copy` (numpy copyto, read+write bytes), `float32` / `bfloat16` / `int8` (KVPool.attend,
+C++ kernel via the XLA FFI; bytes = stored K,V (+scales) read), and `float32_xla` (the same decode
+attention as a jitted gather over pages + einsum in XLA, for comparison). GB/s sums over processes.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before numpy/jax load, in this process and in every spawned worker (which re-imports this module):
+# one BLAS/OpenMP thread per process (FACTS.md: 16 pinned processes collapsed otherwise), JAX on CPU.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+  os.environ[_var] = "1"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+KINDS = ("copy", "float32", "float32_xla", "bfloat16", "int8")
+
+
+def _timed(fn, seconds: float) -> tuple[int, float]:
+  """Call fn (one warm-up first) until `seconds` pass; returns (calls, elapsed)."""
+  fn()
+  calls, start = 0, time.perf_counter()
+  while True:
+    fn()
+    calls += 1
+    elapsed = time.perf_counter() - start
+    if elapsed >= seconds:
+      return calls, elapsed
+
+
+def _copy_case(cfg):
+  src = np.ones(cfg["copy_bytes"] // 4, np.float32)
+  dst = np.empty_like(src)
+  return (lambda: np.copyto(dst, src)), 2 * src.nbytes
+
+
+def _pool_case(cfg, storage):
+  from tier2_cpu.kv_pool import KVPool
+  b, ctx, ps = cfg["batch"], cfg["context"], cfg["page_size"]
+  kv, h, d = cfg["kv_heads"], cfg["heads"], cfg["head_dim"]
+  pages_per_seq = ctx // ps
+  pool = KVPool(1, b * pages_per_seq, ps, kv, d, storage)
+  rng = np.random.default_rng(0)
+  chunk = min(ctx, 1024)
+  k = rng.standard_normal((chunk, kv, d), np.float32)
+  for start in range(0, b * ctx, chunk):
+    pool.write(0, np.arange(start, start + chunk), k, k)
+  tables = np.arange(b * pages_per_seq, dtype=np.int32).reshape(b, pages_per_seq)
+  q = rng.standard_normal((b, h, d), np.float32)
+  pos = np.full(b, ctx - 1, np.int32)
+  return (lambda: pool.attend(0, q, tables, pos)), b * ctx * pool.bytes_per_token
+
+
+def _xla_case(cfg):
+  """Decode attention in XLA over an fp32 paged pool [pages, page_size, kv, dim]: gather + einsum."""
+  import jax
+  import jax.numpy as jnp
+  from models.attention import grouped_attention
+  b, ctx, ps = cfg["batch"], cfg["context"], cfg["page_size"]
+  kv, h, d = cfg["kv_heads"], cfg["heads"], cfg["head_dim"]
+  pages_per_seq = ctx // ps
+  rng = np.random.default_rng(0)
+  k_pool = jnp.asarray(rng.standard_normal((b * pages_per_seq, ps, kv, d), np.float32))
+  v_pool = k_pool + 1
+
+  @jax.jit
+  def attend(k_pool, v_pool, q, tables, pos):
+    k = k_pool[tables].reshape(b, ctx, kv, d)
+    v = v_pool[tables].reshape(b, ctx, kv, d)
+    mask = (jnp.arange(ctx)[None, :] <= pos[:, None])[:, None, :]
+    return grouped_attention(q[:, None], k, v, mask)[:, 0]
+
+  tables = np.arange(b * pages_per_seq, dtype=np.int32).reshape(b, pages_per_seq)
+  q = rng.standard_normal((b, h, d), np.float32)
+  pos = np.full(b, ctx - 1, np.int32)
+  return (lambda: attend(k_pool, v_pool, q, tables, pos).block_until_ready()), 2 * k_pool.nbytes
+
+
+def _worker(core, cfg, barrier, results):
+  os.sched_setaffinity(0, {core})  # before jax loads: XLA sizes its thread pool from affinity
+  for kind in cfg["kinds"]:
+    if kind == "copy":
+      fn, nbytes = _copy_case(cfg)
+    elif kind == "float32_xla":
+      fn, nbytes = _xla_case(cfg)
+    else:
+      fn, nbytes = _pool_case(cfg, kind)
+    barrier.wait()
+    calls, elapsed = _timed(fn, cfg["seconds"])
+    results.put((kind, core, calls * nbytes / elapsed / 1e9, elapsed / calls))
+    del fn
+    barrier.wait()
+
+
+def kernel_rows(cfg: dict, procs: list[int]) -> list[dict]:
+  """One row per (kind, process count): total GB/s and mean seconds per call."""
+  ctx = mp.get_context("spawn")
+  cores = sorted(os.sched_getaffinity(0))
+  rows = []
+  for n in procs:
+    if n > len(cores):
+      print(f"skipping {n} processes: only {len(cores)} cores available", file=sys.stderr)
+      continue
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    workers = [ctx.Process(target=_worker, args=(c, cfg, barrier, results)) for c in cores[:n]]
+    for w in workers:
+      w.start()
+    got = [results.get(timeout=300) for _ in range(n * len(cfg["kinds"]))]
+    for w in workers:
+      w.join()
+      if w.exitcode:
+        raise RuntimeError(f"benchmark worker on core {w.pid} exited with {w.exitcode}")
+    for kind in cfg["kinds"]:
+      mine = [g for g in got if g[0] == kind]
+      rows.append({"kind": kind, "processes": n, "gb_per_s": sum(g[2] for g in mine),
+                   "seconds_per_call": float(np.mean([g[3] for g in mine]))})
+  return rows
+
+
+def _device_name() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cpus)"
+  except OSError:
+    pass
+  return "unknown CPU"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="tier2.json", help="JSON file for every number")
+  parser.add_argument("--tiny", action="store_true", help="small sizes, 1-2 processes, seconds")
+  parser.add_argument("--procs", default="1,4,8,16", help="process counts")
+  parser.add_argument("--seconds", type=float, default=1.5, help="measured time per row")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--context", type=int, default=4096)
+  parser.add_argument("--heads", type=int, default=32)
+  parser.add_argument("--kv-heads", type=int, default=8)
+  parser.add_argument("--head-dim", type=int, default=128)
+  parser.add_argument("--page-size", type=int, default=16)
+  parser.add_argument("--kinds", default=",".join(KINDS), help=f"subset of {KINDS}")
+  args = parser.parse_args()
+  cfg = {"batch": args.batch, "context": args.context, "heads": args.heads,
+         "kv_heads": args.kv_heads, "head_dim": args.head_dim, "page_size": args.page_size,
+         "seconds": args.seconds, "copy_bytes": 256 << 20, "kinds": args.kinds.split(",")}
+  procs = [int(p) for p in args.procs.split(",")]
+  if args.tiny:
+    cfg.update(batch=2, context=512, seconds=0.3, copy_bytes=16 << 20)
+    procs = [1, 2]
+  rows = kernel_rows(cfg, procs)
+  try:
+    from tier2_cpu.rpc_bench import rpc_rows  # B1's RPC round-trip rows, when present
+  except ImportError:
+    rpc_rows = None
+  extra = rpc_rows(tiny=args.tiny) if rpc_rows else []
+
+  print(f"\nTier-2 attention, decode: batch {cfg['batch']}, context {cfg['context']}, heads "
+        f"{cfg['heads']}/{cfg['kv_heads']} KV, dim {cfg['head_dim']}, page {cfg['page_size']}; "
+        f"{_device_name()}")
+  print(f"{'processes':>9} " + " ".join(f"{k:>12}" for k in cfg["kinds"]) + "   (GB/s total)")
+  by = {(r["kind"], r["processes"]): r["gb_per_s"] for r in rows}
+  for n in sorted({r["processes"] for r in rows}):
+    print(f"{n:>9} " + " ".join(f"{by[(k, n)]:>12.1f}" for k in cfg["kinds"]))
+  if "bfloat16" in cfg["kinds"] and "float32" in cfg["kinds"]:
+    for n in sorted({r["processes"] for r in rows}):
+      print(f"bf16 / fp32 GB/s at {n} processes: {by[('bfloat16', n)] / by[('float32', n)]:.2f}")
+  for row in extra:
+    print("  ".join(f"{k}={v}" for k, v in row.items()))
+  record = {"device": _device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "command": " ".join([sys.executable, *sys.argv]), "config": cfg, "kernel_rows": rows,
+            "rpc_rows": extra}
+  pathlib.Path(args.out).write_text(json.dumps(record, indent=1))
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,224 @@
+"""The local engine: requests in, RequestOutputs out; continuous batching over a paged KV cache.
+
+Layers: Engine (requests, stop rules, outputs) -> Scheduler (what runs, pages, preemption) ->
+ModelRunner (jitted prefill/decode over an attention backend) -> models/ (the model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from typing import Callable, Sequence as Seq
+
+import ml_collections
+import tqdm
+
+from glinthawk_jax import config as config_lib
+from glinthawk_jax.model_runner import LocalPagedAttention, ModelRunner
+from glinthawk_jax.paged_cache import GIB, PageAllocator, num_pages_for
+from glinthawk_jax.requests import FINISH_LENGTH, FINISH_STOP, RequestOutput, SamplingParams
+from glinthawk_jax.scheduler import Scheduler, Sequence
+
+SEED_STRIDE = 1_000_003  # default seed of request i: config.seed * SEED_STRIDE + i (mod 2^32)
+
+
+class SchedulerStalledError(RuntimeError):
+  """Neither a prefill nor a decode could be scheduled while requests remain (a scheduler bug)."""
+
+
+@dataclasses.dataclass
+class EngineStats:
+  """Counters over the engine's lifetime (all generate calls)."""
+
+  num_pages: int = 0
+  page_size: int = 0
+  kv_pool_gib: float = 0.0
+  num_prefill_calls: int = 0
+  num_decode_calls: int = 0
+  num_preemptions: int = 0
+  prefill_time_s: float = 0.0
+  decode_time_s: float = 0.0
+  num_compilations: int = 0  # distinct jitted shapes run (each compiled once)
+
+
+def default_sampling(config: ml_collections.ConfigDict) -> SamplingParams:
+  s = config.sampling
+  return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                        ignore_eos=s.ignore_eos)
+
+
+class Engine:
+  """Offline generation on one accelerator with attention over a paged KV cache (placement "local")."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model=None, tokenizer=None):
+    config_lib.validate(config)
+    self.config = config
+    self.model_config = config_lib.model_config(config)
+    if model is None:
+      from glinthawk_jax.checkpoint import load_model
+      model = load_model(config)
+    if tokenizer is None:
+      tokenizer = _load_tokenizer_if_present(config)
+    self.tokenizer = tokenizer
+    ec = config.engine
+    self.num_pages = num_pages_for(ec, self.model_config)
+    self.runner = ModelRunner(model, LocalPagedAttention(self.model_config, self.num_pages, ec.page_size),
+                              ec.decode_steps_per_call)
+    self.stats = EngineStats(num_pages=self.num_pages, page_size=ec.page_size,
+                             kv_pool_gib=self.num_pages * ec.page_size * self.model_config.kv_bytes_per_token / GIB)
+
+  def stats_dict(self) -> dict:
+    return dataclasses.asdict(self.stats)
+
+  def generate(self, prompts: Seq[str | list[int]], sampling: SamplingParams | Seq[SamplingParams] | None = None,
+               request_ids: Seq[str] | None = None,
+               on_output: Callable[[RequestOutput], None] | None = None,
+               progress: bool = False) -> list[RequestOutput]:
+    """Runs every prompt to completion; returns outputs in prompt order.
+
+    `on_output` is called with each RequestOutput as its request finishes. Raises ValueError naming the
+    request for a prompt that is empty, has ids outside the vocabulary, or is longer than
+    engine.max_model_len - 1 tokens; nothing runs in that case.
+    """
+    seqs = self._sequences(prompts, sampling, request_ids)
+    start = time.perf_counter()
+    ec = self.config.engine
+    scheduler = Scheduler(ec, PageAllocator(self.num_pages), ec.decode_steps_per_call)
+    for seq in seqs:
+      scheduler.add(seq)
+    outputs: list[RequestOutput | None] = [None] * len(seqs)
+    bar = tqdm.tqdm(total=len(seqs), file=sys.stderr, disable=not progress, unit="req")
+
+    def finish(seq: Sequence):
+      scheduler.finish(seq)
+      out = self._output(seq)
+      outputs[seq.index] = out
+      bar.update(1)
+      if on_output is not None:
+        on_output(out)
+
+    preemptions_before = scheduler.num_preemptions
+    try:
+      while scheduler.has_unfinished():
+        ran_prefill = self._prefill_all(scheduler)
+        batch = scheduler.schedule_decode()
+        if batch is None:
+          if not ran_prefill:
+            raise SchedulerStalledError(f"{len(scheduler.waiting)} waiting, {len(scheduler.running)} running "
+                                        f"and nothing schedulable with {scheduler.allocator.num_free} free pages")
+          continue
+        t = time.perf_counter()
+        tokens = self.runner.decode(batch.tokens, batch.positions, batch.block_tables, batch.token_index,
+                                    batch.temperature, batch.top_k, batch.top_p, batch.seeds,
+                                    batch.greedy_only)
+        now = time.perf_counter()
+        self.stats.decode_time_s += now - t
+        self.stats.num_decode_calls += 1
+        for i, seq in enumerate(batch.seqs):
+          for step in range(tokens.shape[0]):
+            if self._append(seq, int(tokens[step, i]), now - start):
+              finish(seq)
+              break
+          else:
+            seq.num_computed = seq.num_tokens - 1
+    finally:
+      bar.close()
+      self.stats.num_preemptions += scheduler.num_preemptions - preemptions_before
+      self.stats.num_compilations = self.runner.num_compilations
+    return outputs
+
+  def _prefill_all(self, scheduler: Scheduler) -> bool:
+    """Runs prefill batches until no more can be scheduled; True if any ran."""
+    ran = False
+    while (batch := scheduler.schedule_prefill()) is not None:
+      t = time.perf_counter()
+      self.runner.prefill(batch.tokens, batch.positions, batch.page_ids, batch.offsets, batch.block_tables,
+                          batch.context_lens)
+      batch.commit()
+      self.stats.prefill_time_s += time.perf_counter() - t
+      self.stats.num_prefill_calls += 1
+      ran = True
+    return ran
+
+  def _sequences(self, prompts, sampling, request_ids) -> list[Sequence]:
+    n = len(prompts)
+    ids = [str(i) for i in range(n)] if request_ids is None else [str(r) for r in request_ids]
+    if len(ids) != n:
+      raise ValueError(f"{len(ids)} request_ids for {n} prompts")
+    if sampling is None or isinstance(sampling, SamplingParams):
+      params = [sampling or default_sampling(self.config)] * n
+    else:
+      params = list(sampling)
+      if len(params) != n:
+        raise ValueError(f"{len(params)} SamplingParams for {n} prompts")
+    limit = self.config.engine.max_model_len - 1
+    vocab = self.model_config.vocab_size
+    seqs = []
+    for i, (prompt, rid, sp) in enumerate(zip(prompts, ids, params)):
+      if isinstance(prompt, str):
+        if self.tokenizer is None:
+          raise ValueError(f"request {rid!r}: a text prompt needs a tokenizer (pass token ids or a tokenizer)")
+        tokens = self.tokenizer.encode(prompt)
+      else:
+        tokens = [int(t) for t in prompt]
+      if not tokens:
+        raise ValueError(f"request {rid!r}: empty prompt")
+      if len(tokens) > limit:
+        raise ValueError(f"request {rid!r}: prompt of {len(tokens)} tokens is longer than "
+                         f"engine.max_model_len - 1 = {limit}")
+      if min(tokens) < 0 or max(tokens) >= vocab:
+        raise ValueError(f"request {rid!r}: token ids must lie in [0, {vocab})")
+      if sp.stop and self.tokenizer is None:
+        raise ValueError(f"request {rid!r}: stop strings need a tokenizer")
+      seed = sp.seed if sp.seed is not None else self.config.seed * SEED_STRIDE + i
+      seqs.append(Sequence(index=i, request_id=rid, prompt_ids=tokens, params=sp, seed=seed % (1 << 32),
+                           max_tokens=min(sp.max_tokens, limit + 1 - len(tokens)), stop_ids=self._stop_ids(sp)))
+    return seqs
+
+  def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
+    ids = set(params.stop_token_ids)
+    if not params.ignore_eos and self.tokenizer is not None:
+      ids.update(getattr(self.tokenizer, "eos_token_ids", None) or (self.tokenizer.eos_token_id,))
+    ids.discard(None)
+    return frozenset(ids)
+
+  def _append(self, seq: Sequence, token: int, now: float) -> bool:
+    """Adds a sampled token and applies the stop rules; True when the sequence is finished."""
+    seq.output_ids.append(token)
+    seq.token_times_s.append(now)
+    if token in seq.stop_ids:
+      seq.finish_reason = FINISH_STOP
+    elif seq.params.stop and self._stop_string_hit(seq):
+      seq.finish_reason = FINISH_STOP
+      return True
+    elif len(seq.output_ids) >= seq.max_tokens:
+      seq.finish_reason = FINISH_LENGTH
+    if seq.finish_reason and self.tokenizer is not None:
+      seq.text = self.tokenizer.decode(seq.output_ids)
+    return seq.finish_reason is not None
+
+  def _stop_string_hit(self, seq: Sequence) -> bool:
+    """If the decoded output contains a stop string, keeps the text before the first one."""
+    text = self.tokenizer.decode(seq.output_ids)
+    hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
+    if not hits:
+      return False
+    seq.text = text[:min(hits)]
+    return True
+
+  def _output(self, seq: Sequence) -> RequestOutput:
+    times = seq.token_times_s
+    return RequestOutput(request_id=seq.request_id, prompt_token_ids=list(seq.prompt_ids),
+                         token_ids=list(seq.output_ids), text=seq.text, finish_reason=seq.finish_reason,
+                         ttft_s=times[0], decode_time_s=times[-1] - times[0], token_times_s=list(times))
+
+
+def _load_tokenizer_if_present(config):
+  from glinthawk_jax.tokenizer import load_tokenizer
+  try:
+    return load_tokenizer(config)
+  except FileNotFoundError:
+    logging.info("no tokenizer file for config %s: prompts must be token ids", config.name)
+    return None

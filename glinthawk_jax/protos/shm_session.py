@@ -1,0 +1,138 @@
+"""Client side of the shared-memory tensor path to one tier-2 server on this host (shm_wire.py).
+
+A session holds one region per request slot; a call takes a free slot (a new one if all are in
+flight, a bigger one if the request does not fit), writes the request into it, notifies the server
+over gRPC and frees the slot once the reply is copied out. The server maps each region before the
+client unlinks its name, so no file outlives a crash of either side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import threading
+from concurrent import futures
+
+import grpc
+import numpy as np
+
+from glinthawk_jax.protos import shm_wire, tier2_pb2
+from glinthawk_jax.protos.tensor_wire import WireError
+
+# The server may still be reading or writing a slot after these: never reuse it.
+_SLOT_IN_DOUBT = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+                  grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+
+
+@dataclasses.dataclass
+class _Slot:
+  index: int
+  generation: int
+  region: shm_wire.Region
+
+
+class ShmSession:
+  """Shared-memory slots to one server; `call` has the effect of the raw-bytes tensor RPCs.
+
+  Args:
+    channel: the server's gRPC channel; control: its Tier2Stub.
+    metadata, timeout_s: sent with the control RPCs (ShmAttach, ShmDetach).
+    slot_bytes: size of the first slot; slots grow to the largest request + reply seen.
+  Raises grpc.RpcError (FAILED_PRECONDITION if the server cannot map our regions) or OSError.
+  """
+
+  def __init__(self, channel: grpc.Channel, control, metadata, timeout_s: float,
+               slot_bytes: int = 1 << 20):
+    self.session = secrets.randbits(63)
+    self._control, self._metadata, self._timeout_s = control, metadata, timeout_s
+    self._notify = channel.unary_unary(shm_wire.CALL_METHOD)
+    self._lock = threading.Lock()
+    self._free: list[_Slot] = []
+    self._num_slots = 0
+    self._free.append(self._attach(self._new_index(), 0, slot_bytes))  # fails here, not mid-batch
+
+  @property
+  def num_slots(self) -> int:
+    return self._num_slots
+
+  def call(self, op: int, parts, reply_bytes: int, timeout_s: float) -> futures.Future:
+    """Sends the request `parts` (tensor_wire.request_parts) through a slot.
+
+    Returns a Future of the reply bytes as a uint8 array (a copy); it fails with the call's
+    grpc.RpcError. Raises grpc.RpcError at once if a slot could not be attached.
+    """
+    request_bytes = sum(p.nbytes for p in parts)
+    slot = self._take(shm_wire.region_bytes(request_bytes, reply_bytes))
+    slot.region.write_parts(parts)
+    result: futures.Future = futures.Future()
+    result.set_running_or_notify_cancel()
+    notify = shm_wire.NOTIFY.pack(self.session, slot.index, op, request_bytes)
+    rpc = self._notify.future(notify, timeout=timeout_s, metadata=self._metadata)
+
+    def done(rpc):
+      try:
+        (n,) = shm_wire.REPLY.unpack(rpc.result())
+        reply = np.array(slot.region.view(shm_wire.reply_offset(request_bytes), n), np.uint8)
+      except grpc.RpcError as e:
+        if e.code() not in _SLOT_IN_DOUBT:
+          self._give_back(slot)
+        result.set_exception(e)
+        return
+      except Exception as e:  # noqa: BLE001 (a malformed reply; handed to the caller)
+        self._give_back(slot)
+        result.set_exception(WireError(f"shm reply: {e}"))
+        return
+      self._give_back(slot)
+      result.set_result(reply)
+
+    rpc.add_done_callback(done)
+    return result
+
+  def close(self) -> None:
+    """Tells the server to unmap this session's regions (best effort) and unmaps ours."""
+    with self._lock:
+      self._free.clear()
+    try:
+      self._control.ShmDetach(tier2_pb2.ShmDetachRequest(session=self.session),
+                              timeout=self._timeout_s, metadata=self._metadata)
+    except grpc.RpcError:
+      pass  # server gone: its mappings went with it
+
+  def _take(self, size: int) -> _Slot:
+    with self._lock:
+      fits = [s for s in self._free if s.region.size >= size]
+      slot = fits[0] if fits else (self._free[0] if self._free else None)
+      if slot:
+        self._free.remove(slot)
+    if slot is None:
+      return self._attach(self._new_index(), 0, size)
+    if slot.region.size < size:
+      try:
+        return self._attach(slot.index, slot.generation + 1, max(size, 2 * slot.region.size))
+      except BaseException:
+        self._give_back(slot)  # the server still maps the old region
+        raise
+    return slot
+
+  def _give_back(self, slot: _Slot) -> None:
+    with self._lock:
+      self._free.append(slot)
+
+  def _new_index(self) -> int:
+    with self._lock:
+      self._num_slots += 1
+      return self._num_slots - 1
+
+  def _attach(self, index: int, generation: int, size: int) -> _Slot:
+    """Creates a region, has the server map it as slot `index`, then unlinks its name."""
+    pid = os.getpid()
+    region = shm_wire.Region(shm_wire.region_name(pid, self.session, index, generation), size,
+                             create=True)
+    try:
+      self._control.ShmAttach(tier2_pb2.ShmAttachRequest(
+          session=self.session, slot=index, name=region.name, size=size, client_pid=pid),
+          timeout=self._timeout_s, metadata=self._metadata)
+    finally:
+      region.unlink()
+    return _Slot(index, generation, region)

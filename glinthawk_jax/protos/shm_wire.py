@@ -1,0 +1,103 @@
+"""Shared-memory tensor path between a client and a tier-2 server on one host.
+
+The client creates a region (a file in /dev/shm) per request slot and names it in the ShmAttach
+control RPC; once the server has mapped it, the client unlinks the name, so a crash of either side
+leaves no file behind (the memory goes when the last mapping does). A call: the client writes the
+request bytes (tensor_wire's layout, unchanged) at offset 0 of a free slot and sends NOTIFY on
+/glinthawk.tier2.Tensor/ShmCall; the server decodes the request in place, writes the reply bytes
+(tensor_wire's layout) at reply_offset(request bytes) and answers REPLY with their length. Errors
+come back as gRPC statuses, exactly as on the bytes path.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+
+import numpy as np
+
+from glinthawk_jax.protos.tensor_wire import WireError
+
+SHM_DIR = "/dev/shm"
+CALL_METHOD = "/glinthawk.tier2.Tensor/ShmCall"
+ATTEND, ECHO = 1, 2  # NOTIFY's op: tensor_wire's Attend, or Echo (transport measurements)
+# session, slot, op, request bytes.
+NOTIFY = struct.Struct("<QIIQ")
+REPLY = struct.Struct("<Q")  # reply bytes, at reply_offset(request bytes)
+_ALIGN = 64
+_NAME = re.compile(r"^gt2shm-[0-9a-f]+-[0-9a-f]+-\d+-\d+$")
+
+
+def region_name(pid: int, session: int, slot: int, generation: int) -> str:
+  """The /dev/shm file name of a slot's region; generation counts its re-creations (growth)."""
+  return f"gt2shm-{pid:x}-{session:x}-{slot}-{generation}"
+
+
+def reply_offset(request_bytes: int) -> int:
+  return -(-request_bytes // _ALIGN) * _ALIGN
+
+
+def region_bytes(request_bytes: int, reply_bytes: int) -> int:
+  """Smallest region that holds a request and its reply."""
+  return reply_offset(request_bytes) + reply_bytes
+
+
+def decode_notify(payload: bytes) -> tuple[int, int, int, int]:
+  """(session, slot, op, request bytes); WireError naming the bad field."""
+  if len(payload) != NOTIFY.size:
+    raise WireError(f"shm notify of {len(payload)} bytes, expected {NOTIFY.size}")
+  session, slot, op, request_bytes = NOTIFY.unpack(payload)
+  if op not in (ATTEND, ECHO):
+    raise WireError(f"shm notify op {op}: expected {ATTEND} (attend) or {ECHO} (echo)")
+  return session, slot, op, request_bytes
+
+
+class Region:
+  """One mapped region; `array` is a writable uint8 view of all of it."""
+
+  def __init__(self, name: str, size: int, create: bool):
+    if not _NAME.match(name):
+      raise ValueError(f"shm region name {name!r}: expected {_NAME.pattern}")
+    if size <= 0:
+      raise ValueError(f"shm region {name}: size {size}, expected > 0")
+    self.name, self.size = name, size
+    path = os.path.join(SHM_DIR, name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL if create else os.O_RDWR, 0o600)
+    try:
+      if create:
+        os.ftruncate(fd, size)
+      elif os.fstat(fd).st_size < size:
+        raise ValueError(f"shm region {name}: {os.fstat(fd).st_size} bytes, expected >= {size}")
+      self._map = mmap.mmap(fd, size)
+    except BaseException:
+      if create:
+        os.unlink(path)
+      raise
+    finally:
+      os.close(fd)
+    self.array = np.frombuffer(self._map, np.uint8)
+
+  def unlink(self) -> None:
+    """Removes the name (the mappings stay valid); no error if it is already gone."""
+    try:
+      os.unlink(os.path.join(SHM_DIR, self.name))
+    except FileNotFoundError:
+      pass
+
+  def write_parts(self, parts) -> int:
+    """Copies arrays back to back from offset 0; returns the bytes written."""
+    offset = 0
+    for part in parts:
+      flat = part.reshape(-1).view(np.uint8)
+      self.array[offset:offset + flat.size] = flat
+      offset += flat.size
+    return offset
+
+  def view(self, offset: int, size: int) -> memoryview:
+    """Bytes [offset, offset + size); WireError if they overrun the region."""
+    if offset < 0 or size < 0 or offset + size > self.size:
+      raise WireError(f"shm region {self.name}: bytes [{offset}, {offset + size}) outside its "
+                      f"{self.size}")
+    return memoryview(self.array)[offset:offset + size]

@@ -1,0 +1,240 @@
+"""Continuous batching on the host: which sequences prefill or decode next, their pages, preemption.
+
+A sequence's tokens are its prompt then its outputs. The cache holds `num_computed` of them; prefill
+fills it up to all but the last token (in chunks within engine.max_prefill_tokens), and decode feeds the
+last token, so every token is sampled by decode. When pages run out the newest running sequence is
+preempted by recompute: its pages are freed and it waits again with its outputs kept, to be prefilled
+anew. Shapes are bucketed (rows and tokens to powers of two, block-table widths to 2^k and 1.5 * 2^k)
+so the jitted calls compile a handful of times.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+
+import numpy as np
+
+from glinthawk_jax.paged_cache import SCRATCH_PAGE, PageAllocator, pages_per_sequence
+from glinthawk_jax.requests import SamplingParams
+
+# Smallest buckets, so short prompts, small batches and short contexts share one compiled shape; the
+# padding costs little next to reading the weights.
+MIN_PREFILL_TOKENS = 16  # tokens of a prefill row
+MIN_DECODE_ROWS = 8  # rows of a decode batch
+MIN_CONTEXT_TOKENS = 64  # block-table width, in tokens
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+  """One request inside the engine."""
+
+  index: int  # position in the caller's prompt list (also the waiting-queue order)
+  request_id: str
+  prompt_ids: list[int]
+  params: SamplingParams
+  seed: int
+  max_tokens: int  # params.max_tokens clipped to engine.max_model_len
+  stop_ids: frozenset[int] = frozenset()  # token ids that finish the request (EOS unless ignore_eos)
+  output_ids: list[int] = dataclasses.field(default_factory=list)
+  pages: list[int] = dataclasses.field(default_factory=list)
+  num_computed: int = 0  # tokens whose K, V are in the pages
+  token_times_s: list[float] = dataclasses.field(default_factory=list)
+  finish_reason: str | None = None
+  text: str = ""
+
+  @property
+  def num_tokens(self) -> int:
+    return len(self.prompt_ids) + len(self.output_ids)
+
+  def token(self, i: int) -> int:
+    n = len(self.prompt_ids)
+    return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
+  @property
+  def decode_ready(self) -> bool:
+    return self.num_computed == self.num_tokens - 1
+
+
+@dataclasses.dataclass
+class PrefillBatch:
+  """Arrays for ModelRunner.prefill, plus the (sequence, chunk length) rows to commit after it ran."""
+
+  rows: list[tuple[Sequence, int]]
+  tokens: np.ndarray  # [R, T] int32
+  positions: np.ndarray  # [R, T] int32
+  page_ids: np.ndarray  # [R, T] int32
+  offsets: np.ndarray  # [R, T] int32
+  block_tables: np.ndarray  # [R, W] int32
+  context_lens: np.ndarray  # [R] int32
+
+  def commit(self) -> None:
+    for seq, chunk in self.rows:
+      seq.num_computed += chunk
+
+
+@dataclasses.dataclass
+class DecodeBatch:
+  """Arrays for ModelRunner.decode; row i of the result belongs to seqs[i]."""
+
+  seqs: list[Sequence]
+  tokens: np.ndarray  # [B] int32: each row's last token
+  positions: np.ndarray  # [B] int32
+  block_tables: np.ndarray  # [B, W] int32
+  token_index: np.ndarray  # [B] int32: index of the next output token
+  temperature: np.ndarray  # [B] float32
+  top_k: np.ndarray  # [B] int32
+  top_p: np.ndarray  # [B] float32
+  seeds: np.ndarray  # [B] uint32
+  greedy_only: bool
+
+
+def pow2_at_least(n: int) -> int:
+  return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def width_bucket(pages: int, limit: int) -> int:
+  """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, ... (2^k and 1.5 * 2^k) >= pages, capped at limit."""
+  p = pow2_at_least(pages)
+  if p >= 4 and pages <= 3 * p // 4:
+    p = 3 * p // 4
+  return min(p, limit)
+
+
+class Scheduler:
+  """FIFO admission, prefill before decode, LIFO preemption by recompute."""
+
+  def __init__(self, engine_config, allocator: PageAllocator, decode_steps: int):
+    self.page_size = engine_config.page_size
+    self.max_num_seqs = engine_config.max_num_seqs
+    self.max_model_len = engine_config.max_model_len
+    self.max_prefill_tokens = engine_config.max_prefill_tokens
+    self.chunk_cap = 1 << int(math.log2(engine_config.max_prefill_tokens))
+    self.max_width = pages_per_sequence(engine_config.max_model_len, engine_config.page_size)
+    self.allocator = allocator
+    self.decode_steps = decode_steps
+    self.waiting: list[Sequence] = []  # sorted by index
+    self.running: list[Sequence] = []  # in admission order
+    self.num_preemptions = 0
+
+  def add(self, seq: Sequence) -> None:
+    bisect.insort(self.waiting, seq, key=lambda s: s.index)
+
+  def has_unfinished(self) -> bool:
+    return bool(self.waiting or self.running)
+
+  def finish(self, seq: Sequence) -> None:
+    """Removes a finished sequence and frees its pages."""
+    self.running.remove(seq)
+    self.allocator.free(seq.pages)
+    seq.pages = []
+
+  def _pages_for(self, seq: Sequence, num_cached: int) -> int:
+    return max(0, math.ceil(num_cached / self.page_size) - len(seq.pages))
+
+  def _preempt(self, seq: Sequence) -> None:
+    self.running.remove(seq)
+    self.allocator.free(seq.pages)
+    seq.pages = []
+    seq.num_computed = 0
+    self.num_preemptions += 1
+    self.add(seq)
+
+  def _reserve(self, seq: Sequence, need: int) -> bool:
+    """Allocates `need` pages to a running seq, preempting the newest others; False if seq was preempted."""
+    while need > self.allocator.num_free:
+      victim = self.running[-1]
+      self._preempt(victim)
+      if victim is seq:
+        return False
+    seq.pages += self.allocator.allocate(need)
+    return True
+
+  def schedule_prefill(self) -> PrefillBatch | None:
+    """Chunks of running-but-unfilled sequences, then newly admitted ones, within the token budget."""
+    rows: list[tuple[Sequence, int]] = []
+    longest = 0
+    for seq in [s for s in self.running if not s.decode_ready]:
+      chunk = min(seq.num_tokens - 1 - seq.num_computed, self.chunk_cap)
+      if rows and not self._fits(len(rows) + 1, max(longest, chunk)):
+        break
+      if seq not in self.running or not self._reserve(seq, self._pages_for(seq, seq.num_computed + chunk)):
+        continue
+      rows.append((seq, chunk))
+      longest = max(longest, chunk)
+    while self.waiting and len(self.running) < self.max_num_seqs:
+      seq = self.waiting[0]
+      chunk = min(seq.num_tokens - 1 - seq.num_computed, self.chunk_cap)
+      if chunk and rows and not self._fits(len(rows) + 1, max(longest, chunk)):
+        break
+      need = self._pages_for(seq, seq.num_computed + chunk)
+      reserve = len(self.running) * math.ceil(self.decode_steps / self.page_size)
+      if need + reserve > self.allocator.num_free:
+        break
+      self.waiting.pop(0)
+      self.running.append(seq)
+      seq.pages += self.allocator.allocate(need)
+      if chunk:
+        rows.append((seq, chunk))
+        longest = max(longest, chunk)
+    return self._prefill_batch(rows, longest) if rows else None
+
+  def _token_bucket(self, longest: int) -> int:
+    return min(max(pow2_at_least(longest), MIN_PREFILL_TOKENS), self.chunk_cap)
+
+  def _fits(self, num_rows: int, longest: int) -> bool:
+    return pow2_at_least(num_rows) * self._token_bucket(longest) <= self.max_prefill_tokens
+
+  def _width(self, pages: int) -> int:
+    return width_bucket(max(pages, math.ceil(MIN_CONTEXT_TOKENS / self.page_size)), self.max_width)
+
+  def _prefill_batch(self, rows, longest) -> PrefillBatch:
+    r, t = pow2_at_least(len(rows)), self._token_bucket(longest)
+    w = self._width(max(len(s.pages) for s, _ in rows))
+    tokens = np.zeros((r, t), np.int32)
+    positions = np.zeros((r, t), np.int32)
+    page_ids = np.full((r, t), SCRATCH_PAGE, np.int32)
+    offsets = np.zeros((r, t), np.int32)
+    block_tables = np.full((r, w), SCRATCH_PAGE, np.int32)
+    context_lens = np.ones((r,), np.int32)
+    for i, (seq, chunk) in enumerate(rows):
+      start = seq.num_computed
+      pos = np.arange(start, start + chunk, dtype=np.int32)
+      pages = np.asarray(seq.pages, np.int32)
+      tokens[i, :chunk] = [seq.token(p) for p in pos]
+      positions[i, :chunk] = pos
+      positions[i, chunk:] = pos[-1]
+      page_ids[i, :chunk] = pages[pos // self.page_size]
+      offsets[i, :chunk] = pos % self.page_size
+      block_tables[i, :len(pages)] = pages
+      context_lens[i] = start + chunk
+    return PrefillBatch(rows, tokens, positions, page_ids, offsets, block_tables, context_lens)
+
+  def schedule_decode(self) -> DecodeBatch | None:
+    """Every decode-ready running sequence, with pages for the next `decode_steps` tokens."""
+    for seq in [s for s in self.running if s.decode_ready]:
+      if seq in self.running:
+        cached = min(seq.num_tokens - 1 + self.decode_steps, self.max_model_len)
+        self._reserve(seq, self._pages_for(seq, cached))
+    seqs = [s for s in self.running if s.decode_ready]
+    if not seqs:
+      return None
+    b = min(pow2_at_least(max(len(seqs), MIN_DECODE_ROWS)), self.max_num_seqs)
+    w = self._width(max(len(s.pages) for s in seqs))
+    batch = DecodeBatch(
+        seqs=seqs, tokens=np.zeros((b,), np.int32), positions=np.zeros((b,), np.int32),
+        block_tables=np.full((b, w), SCRATCH_PAGE, np.int32), token_index=np.zeros((b,), np.int32),
+        temperature=np.zeros((b,), np.float32), top_k=np.zeros((b,), np.int32),
+        top_p=np.ones((b,), np.float32), seeds=np.zeros((b,), np.uint32),
+        greedy_only=all(s.params.temperature == 0 for s in seqs))
+    for i, seq in enumerate(seqs):
+      batch.tokens[i] = seq.token(seq.num_tokens - 1)
+      batch.positions[i] = seq.num_tokens - 1
+      batch.block_tables[i, :len(seq.pages)] = seq.pages
+      batch.token_index[i] = len(seq.output_ids)
+      batch.temperature[i] = seq.params.temperature
+      batch.top_k[i] = seq.params.top_k
+      batch.top_p[i] = seq.params.top_p
+      batch.seeds[i] = seq.seed
+    return batch

@@ -1,0 +1,305 @@
+"""Client of N tier-2 servers: places sequences on shards and sends each shard its tokens' q, k, v.
+
+Sequences are sharded whole (all of a sequence's KV lives on one server); `attend_async` splits a
+batch by shard, sends the parts in parallel and gathers the outputs back in input order. Tensors
+travel as raw gRPC bytes, or through shared memory to servers on this host (protos/shm_session.py; the
+`transport` argument), several times faster than gRPC bytes from 64 KiB up (tier2_cpu/rpc_bench.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import threading
+from concurrent import futures
+
+import grpc
+import numpy as np
+
+from glinthawk_jax.protos import shm_wire, tensor_wire, tier2_pb2, tier2_pb2_grpc
+from glinthawk_jax.protos.shm_session import ShmSession
+
+MAX_MESSAGE_BYTES = 2**31 - 1
+AUTH_METADATA_KEY = "glinthawk-token"  # same key as tier2_cpu/server.py
+_UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+TRANSPORTS = ("grpc", "shm", "auto")
+
+
+class Tier2Error(RuntimeError):
+  """A tier-2 call failed; `address` names the server and `code` is its gRPC status (or None)."""
+
+  def __init__(self, address: str, code: grpc.StatusCode | None, message: str):
+    super().__init__(f"tier-2 server {address}: {code.name if code else 'client'}: {message}")
+    self.address = address
+    self.code = code
+
+
+class ShardUnavailableError(Tier2Error):
+  """The server did not answer in time or cannot be reached (the engine may fail over)."""
+
+
+class KVCacheFullError(Tier2Error):
+  """The server's KV pool has no free pages for the request; nothing was written."""
+
+
+class HandshakeError(Tier2Error):
+  """Protocol version, model dimensions or layer range differ between client and server."""
+
+
+def _error(address: str, e: grpc.RpcError) -> Tier2Error:
+  code = e.code()
+  cls = (ShardUnavailableError if code in _UNAVAILABLE else
+         KVCacheFullError if code == grpc.StatusCode.RESOURCE_EXHAUSTED else Tier2Error)
+  return cls(address, code, e.details() or "")
+
+
+class _Shard:
+  """One server: its channel, stubs and the free pages it last reported."""
+
+  def __init__(self, address: str, metadata, timeout_s: float):
+    self.address = address
+    self.channel = grpc.insecure_channel(address, options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    self.control = tier2_pb2_grpc.Tier2Stub(self.channel)
+    self.attend = self.channel.unary_unary(tensor_wire.ATTEND_METHOD)  # raw bytes both ways
+    self.echo = self.channel.unary_unary(tensor_wire.ECHO_METHOD)
+    self.metadata = metadata
+    self.timeout_s = timeout_s
+    self.free_pages = 0
+    self.page_size = 1
+    self.shm: ShmSession | None = None
+
+  @property
+  def transport(self) -> str:
+    return "shm" if self.shm else "grpc"
+
+  def open_shm(self, required: bool, slot_bytes: int) -> None:
+    """Starts a shared-memory session; if not `required`, a failure leaves the shard on gRPC."""
+    try:
+      self.shm = ShmSession(self.channel, self.control, self.metadata, self.timeout_s, slot_bytes)
+    except grpc.RpcError as e:
+      if required:
+        raise _error(self.address, e) from None
+    except OSError as e:
+      if required:
+        raise Tier2Error(self.address, None, f"shared memory: {e}") from None
+
+  def send(self, parts, reply_bytes: int, timeout: float):
+    """One tensor request: a future whose result() is the reply bytes or raises grpc.RpcError."""
+    if self.shm:
+      return self.shm.call(shm_wire.ATTEND, parts, reply_bytes, timeout)
+    payload = b"".join(p.tobytes() for p in parts)
+    return self.attend.future(payload, timeout=timeout, metadata=self.metadata)
+
+  def call(self, method: str, request):
+    try:
+      return getattr(self.control, method)(request, timeout=self.timeout_s, metadata=self.metadata)
+    except grpc.RpcError as e:
+      raise _error(self.address, e) from None
+
+
+class Tier2Client:
+  """Connects to tier-2 servers (all holding the same layers) and handshakes with each.
+
+  Args:
+    addresses: "host:port" of each server (shard).
+    num_layers, num_heads, num_kv_heads, head_dim: the model's dimensions.
+    layers: (first, end) layers the servers hold; default all.
+    timeout_s: deadline of every call.
+    auth_token: shared token for servers started with --auth_token.
+    transport: "grpc" (tensors in the RPCs), "shm" (shared memory with every server; fails if one
+      cannot) or "auto" (shared memory with loopback servers that offer it, else gRPC).
+    shm_slot_bytes: first size of each shared-memory slot (grown to the largest request).
+  """
+
+  def __init__(self, addresses, *, num_layers: int, num_heads: int, num_kv_heads: int,
+               head_dim: int, layers: tuple[int, int] | None = None, timeout_s: float = 30.0,
+               auth_token: str = "", transport: str = "auto", shm_slot_bytes: int = 1 << 20):
+    if transport not in TRANSPORTS:
+      raise ValueError(f"transport={transport!r}: expected one of {TRANSPORTS}")
+    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    self.layers = layers or (0, num_layers)
+    self.timeout_s = timeout_s
+    metadata = ((AUTH_METADATA_KEY, auth_token),) if auth_token else None
+    self.shards = [_Shard(a, metadata, timeout_s) for a in addresses]
+    if not self.shards:
+      raise ValueError("addresses: expected at least one tier-2 server")
+    self._placement: dict[int, int] = {}
+    self._lock = threading.Lock()
+    self._request_ids = itertools.count()
+    request = tier2_pb2.HandshakeRequest(
+        protocol_version=tensor_wire.PROTOCOL_VERSION,
+        model=tier2_pb2.ModelDims(num_layers=num_layers, num_heads=num_heads,
+                                  num_kv_heads=num_kv_heads, head_dim=head_dim),
+        first_layer=self.layers[0], end_layer=self.layers[1])
+    try:
+      for shard in self.shards:
+        try:
+          reply = shard.call("Handshake", request)
+        except Tier2Error as e:
+          if e.code == grpc.StatusCode.FAILED_PRECONDITION:
+            raise HandshakeError(e.address, e.code, str(e)) from None
+          raise
+        shard.free_pages, shard.page_size = reply.num_pages, reply.page_size
+        if transport == "shm" and not reply.shm:
+          raise Tier2Error(shard.address, None, "transport='shm' but the server runs with --shm=false")
+        if transport == "shm" or (transport == "auto" and reply.shm and _is_loopback(shard.address)):
+          shard.open_shm(required=transport == "shm", slot_bytes=shm_slot_bytes)
+    except Exception:
+      self.close()
+      raise
+
+  @property
+  def transports(self) -> list[str]:
+    """"shm" or "grpc" for each shard, as negotiated."""
+    return [shard.transport for shard in self.shards]
+
+  @classmethod
+  def for_model(cls, addresses, model_config, **kwargs) -> "Tier2Client":
+    """Same as the constructor with dimensions from a models.model_config.ModelConfig."""
+    return cls(addresses, num_layers=model_config.num_layers, num_heads=model_config.num_heads,
+               num_kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, **kwargs)
+
+  def allocate(self, seq_ids, expected_tokens: int = 1) -> list[int]:
+    """Places each new sequence on the shard with the most free KV; returns the shard of each.
+
+    `expected_tokens` per sequence is subtracted from a shard's free estimate as sequences land on
+    it, so one call spreads a batch instead of piling it on one shard.
+    """
+    seq_ids = [int(s) for s in seq_ids]
+    with self._lock:
+      taken = [s for s in seq_ids if s in self._placement]
+      if taken or len(set(seq_ids)) != len(seq_ids):
+        raise ValueError(f"sequence {taken[0] if taken else seq_ids} is already allocated")
+      free = [shard.free_pages for shard in self.shards]
+      chosen = []
+      for _ in seq_ids:
+        i = max(range(len(free)), key=lambda j: free[j])
+        free[i] -= -(-expected_tokens // self.shards[i].page_size)
+        chosen.append(i)
+      for i, shard in enumerate(self.shards):
+        mine = [s for s, c in zip(seq_ids, chosen) if c == i]
+        if mine:
+          shard.free_pages = shard.call("Allocate", tier2_pb2.AllocateRequest(seq_ids=mine)).free_pages
+          self._placement.update((s, i) for s in mine)
+      return chosen
+
+  def release(self, seq_ids) -> None:
+    """Frees the sequences' KV on their shards."""
+    seq_ids = [int(s) for s in seq_ids]
+    with self._lock:
+      by_shard = self._split_known(seq_ids)
+      for i, mine in by_shard.items():
+        shard = self.shards[i]
+        shard.free_pages = shard.call("Release", tier2_pb2.ReleaseRequest(seq_ids=mine)).free_pages
+        for s in mine:
+          del self._placement[s]
+
+  def shard_of(self, seq_id: int) -> int:
+    return self._placement[int(seq_id)]
+
+  def attend_async(self, layer: int, seq_ids, positions, q: np.ndarray, k: np.ndarray,
+                   v: np.ndarray, timeout_s: float | None = None) -> futures.Future:
+    """Appends k, v at the positions and returns a Future of the attention output [N, H, D].
+
+    q: [N, H, D], k and v: [N, KV, D], all of one dtype (float32, bfloat16 or float16); token i
+    belongs to seq_ids[i] at positions[i] and attends that sequence's keys 0..positions[i].
+    """
+    seq_ids = np.asarray(seq_ids, np.int64)
+    positions = np.asarray(positions, np.int32)
+    n = len(seq_ids)
+    want = {"q": (n, self.num_heads, self.head_dim), "k": (n, self.num_kv_heads, self.head_dim),
+            "v": (n, self.num_kv_heads, self.head_dim), "positions": (n,)}
+    for name, x in (("q", q), ("k", k), ("v", v), ("positions", positions)):
+      if x.shape != want[name]:
+        raise ValueError(f"{name}: shape {x.shape}, expected {want[name]}")
+    with self._lock:
+      try:
+        shard_of_token = np.fromiter((self._placement[s] for s in seq_ids.tolist()), np.int64, n)
+      except KeyError as e:
+        raise ValueError(f"sequence {e.args[0]} was not allocated") from None
+    result: futures.Future = futures.Future()
+    result.set_running_or_notify_cancel()
+    out = np.empty((n, self.num_heads, self.head_dim), q.dtype)
+    parts = [(i, np.flatnonzero(shard_of_token == i)) for i in np.unique(shard_of_token).tolist()]
+    if not parts:
+      result.set_result(out)
+      return result
+    pending = [len(parts)]
+    lock = threading.Lock()
+    timeout = self.timeout_s if timeout_s is None else timeout_s
+
+    def on_done(call, shard, idx):
+      try:
+        reply = tensor_wire.decode_reply(call.result(), (len(idx),) + out.shape[1:], out.dtype)
+        out[idx] = reply
+      except grpc.RpcError as e:
+        _fail(_error(shard.address, e))
+        return
+      except (tensor_wire.WireError, futures.CancelledError) as e:
+        _fail(Tier2Error(shard.address, None, str(e)))
+        return
+      with lock:
+        pending[0] -= 1
+        if pending[0] == 0 and not result.done():
+          result.set_result(out)
+
+    def _fail(error):
+      with lock:
+        if not result.done():
+          result.set_exception(error)
+
+    for i, idx in parts:
+      shard = self.shards[i]
+      take = slice(None) if len(idx) == n else idx
+      parts = tensor_wire.request_parts(next(self._request_ids), layer, seq_ids[take],
+                                        positions[take], q[take], k[take], v[take])
+      try:
+        call = shard.send(parts, len(idx) * out[0].nbytes, timeout)
+      except grpc.RpcError as e:
+        raise _error(shard.address, e) from None
+      call.add_done_callback(lambda c, shard=shard, idx=idx: on_done(c, shard, idx))
+    return result
+
+  def attend(self, layer: int, seq_ids, positions, q, k, v, timeout_s: float | None = None):
+    """Blocking attend_async."""
+    return self.attend_async(layer, seq_ids, positions, q, k, v, timeout_s).result()
+
+  def stats(self) -> list[dict]:
+    """Each shard's counters (address, sequences, pages, KV bytes, requests and tokens served)."""
+    rows = []
+    for shard in self.shards:
+      reply = shard.call("Stats", tier2_pb2.StatsRequest())
+      rows.append({"address": shard.address, **{f.name: getattr(reply, f.name)
+                                               for f in reply.DESCRIPTOR.fields}})
+    return rows
+
+  def close(self) -> None:
+    """Ends shared-memory sessions (the servers unmap their regions) and closes the channels."""
+    for shard in self.shards:
+      if shard.shm:
+        shard.shm.close()
+      shard.channel.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def _split_known(self, seq_ids) -> dict[int, list[int]]:
+    by_shard: dict[int, list[int]] = {}
+    for s in seq_ids:
+      if s not in self._placement:
+        raise ValueError(f"sequence {s} was not allocated")
+      by_shard.setdefault(self._placement[s], []).append(s)
+    return by_shard
+
+
+def _is_loopback(address: str) -> bool:
+  host = address.rsplit(":", 1)[0].strip("[]")
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return host == "localhost"

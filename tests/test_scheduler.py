@@ -1,0 +1,96 @@
+"""Scheduler decisions on the host: admission, chunking, page reservation, preemption, buckets."""
+
+import ml_collections
+
+from glinthawk_jax.paged_cache import PageAllocator
+from glinthawk_jax.requests import SamplingParams
+from glinthawk_jax.scheduler import Scheduler, Sequence, pow2_at_least, width_bucket
+
+
+def _scheduler(num_pages=64, decode_steps=1, **kw):
+  c = ml_collections.ConfigDict(dict(max_num_seqs=4, page_size=4, max_model_len=64, max_prefill_tokens=32))
+  c.update(kw)
+  return Scheduler(c, PageAllocator(num_pages), decode_steps)
+
+
+def _seq(i, n):
+  return Sequence(index=i, request_id=str(i), prompt_ids=list(range(1, n + 1)), params=SamplingParams(),
+                  seed=i, max_tokens=16)
+
+
+def _run_prefills(s):
+  batches = []
+  while (b := s.schedule_prefill()) is not None:
+    b.commit()
+    batches.append(b)
+  return batches
+
+
+def test_buckets():
+  assert [pow2_at_least(n) for n in (1, 2, 3, 5, 64, 65)] == [1, 2, 4, 8, 64, 128]
+  assert [width_bucket(n, 100) for n in (1, 2, 3, 4, 5, 6, 7, 9, 13, 17)] == [1, 2, 3, 4, 6, 6, 8, 12, 16, 24]
+  assert width_bucket(40, 33) == 33
+
+
+def test_admission_stops_at_max_num_seqs_and_prefill_leaves_the_last_token_to_decode():
+  s = _scheduler()
+  for i, n in enumerate([5, 3, 9, 2, 7, 4]):
+    s.add(_seq(i, n))
+  batches = _run_prefills(s)
+  assert [seq.index for seq in s.running] == [0, 1, 2, 3] and [q.index for q in s.waiting] == [4, 5]
+  assert [(seq.index, chunk) for b in batches for seq, chunk in b.rows] == [(0, 4), (1, 2), (2, 8), (3, 1)]
+  # rows and tokens go to powers of two (at least 16 tokens); 2 rows x 16 fill the 32-token budget
+  assert [b.tokens.shape for b in batches] == [(2, 16), (2, 16)]
+  b = batches[1]
+  assert b.tokens[0, :8].tolist() == list(range(1, 9)) and b.context_lens.tolist() == [8, 1]
+  assert b.page_ids[1, 1] == 0 and b.positions[0, 8:].tolist() == [7] * 8  # padding: scratch page
+  d = s.schedule_decode()
+  assert [q.index for q in d.seqs] == [0, 1, 2, 3]
+  assert d.tokens[:4].tolist() == [5, 3, 9, 2] and d.positions[:4].tolist() == [4, 2, 8, 1]
+  assert d.greedy_only
+
+
+def test_finish_frees_pages_and_admits_the_next_prompt():
+  s = _scheduler(max_num_seqs=2)
+  for i in range(3):
+    s.add(_seq(i, 6))
+  _run_prefills(s)
+  free = s.allocator.num_free
+  done = s.running[0]
+  s.finish(done)
+  assert s.allocator.num_free == free + 2
+  _run_prefills(s)
+  assert [q.index for q in s.running] == [1, 2]
+
+
+def test_long_prompt_is_chunked_to_the_token_budget():
+  s = _scheduler(max_prefill_tokens=16)
+  s.add(_seq(0, 40))
+  chunks = [chunk for b in _run_prefills(s) for _, chunk in b.rows]
+  assert chunks == [16, 16, 7]
+  assert s.running[0].decode_ready and len(s.running[0].pages) == 10
+
+
+def test_decode_reserves_pages_for_every_fused_step():
+  s = _scheduler(decode_steps=6, max_num_seqs=16, max_model_len=128)
+  s.add(_seq(0, 4))
+  _run_prefills(s)
+  d = s.schedule_decode()
+  assert len(s.running[0].pages) == 3  # positions 3..8 cached by the call -> 9 tokens -> 3 pages
+  assert d.block_tables.shape == (8, 16)  # at least 8 rows and 64 tokens of context
+  assert d.block_tables[0, :3].tolist() == s.running[0].pages and not d.block_tables[1:].any()
+
+
+def test_out_of_pages_preempts_the_newest_and_it_resumes_first_with_its_outputs():
+  s = _scheduler(num_pages=1 + 16 + 1, max_num_seqs=4, decode_steps=4)  # 16 pages = one 64-token sequence
+  for i in range(3):
+    s.add(_seq(i, 15))  # 4 pages each once decode reserves 4 steps
+  _run_prefills(s)
+  for q in s.running:
+    q.output_ids += [7] * 8
+    q.num_computed = q.num_tokens - 1
+  d = s.schedule_decode()
+  assert s.num_preemptions == 1 and [q.index for q in d.seqs] == [0, 1]
+  victim = s.waiting[0]
+  assert victim.index == 2 and victim.num_computed == 0 and victim.pages == [] and len(victim.output_ids) == 8
+  assert s.allocator.num_free + sum(len(q.pages) for q in s.running) == 17

@@ -1,0 +1,207 @@
+"""Shared-memory tensor transport against real tier-2 server processes on loopback."""
+
+import os
+import subprocess
+import sys
+import time
+
+import grpc
+import ml_dtypes
+import numpy as np
+import pytest
+
+from glinthawk_jax.protos import shm_wire, tensor_wire, tier2_pb2, tier2_pb2_grpc
+from glinthawk_jax.protos.shm_session import ShmSession
+from glinthawk_jax.tier2_client import Tier2Client, Tier2Error
+from tests.test_tier2_server import BAD, BAD_REQUESTS, _good_payload
+from tests.tier2_reference import ReferenceKV
+from tier2_cpu.process import REPO_ROOT, start_servers, stop_servers
+from tier2_cpu.rpc_bench import rpc_rows
+
+DIMS = dict(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)  # configs/tiny.py
+COMMON = ["--config=configs/tiny.py", "--port=0", "--cpus=0", "--kv_dtype=float32",
+          "--kv_cache_gb=0.001"]
+DELAY_MS = 150
+
+
+@pytest.fixture(scope="module")
+def servers():
+  """Shared memory on; on with a delay per call; off."""
+  procs = start_servers([COMMON, COMMON + [f"--inject_delay_ms={DELAY_MS}"], COMMON + ["--shm=false"]])
+  yield [p.address for p in procs]
+  stop_servers(procs)
+
+
+def _files_of(pid: int) -> list[str]:
+  return [f for f in os.listdir(shm_wire.SHM_DIR) if f.startswith(f"gt2shm-{pid:x}-")]
+
+
+def _shm_sessions(address: str) -> int:
+  with grpc.insecure_channel(address) as ch:
+    return tier2_pb2_grpc.Tier2Stub(ch).Stats(tier2_pb2.StatsRequest(), timeout=10).shm_sessions
+
+
+def test_transport_negotiation(servers):
+  on, _, off = servers
+  for transport, address, expected in (("auto", on, "shm"), ("auto", off, "grpc"), ("grpc", on, "grpc"),
+                                       ("shm", on, "shm")):
+    with Tier2Client([address], **DIMS, transport=transport) as client:
+      assert client.transports == [expected], (transport, address)
+  with pytest.raises(Tier2Error, match="--shm=false"):
+    Tier2Client([off], **DIMS, transport="shm")
+  with pytest.raises(ValueError, match="transport='udp'"):
+    Tier2Client([on], **DIMS, transport="udp")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_shm_is_bit_identical_to_grpc(servers, dtype):
+  """Same inputs to twin sequences over both transports; slots start small and must grow."""
+  clients = [Tier2Client([servers[0]], **DIMS, transport=t, shm_slot_bytes=4096) for t in ("grpc", "shm")]
+  try:
+    assert [c.transports for c in clients] == [["grpc"], ["shm"]]
+    base = 100 if dtype == np.float32 else 200
+    seqs = [[base + 1, base + 2], [base + 11, base + 12]]  # grpc's, shm's
+    for client, mine in zip(clients, seqs):
+      client.allocate(mine)
+    rng, ref = np.random.default_rng(0), ReferenceKV()
+    steps = [([0] * 40 + [1] * 7, list(range(40)) + list(range(7)))]  # prefill: 15 KiB of q, k, v
+    steps += [([0, 1], [40 + t, 7 + t]) for t in range(3)]
+    for which, positions in steps:
+      n = len(which)
+      q, k, v = (rng.standard_normal((n, h, 16)).astype(dtype) for h in (4, 2, 2))
+      for layer in range(2):
+        outs = [c.attend(layer, np.asarray(mine)[which], positions, q, k, v)
+                for c, mine in zip(clients, seqs)]
+        assert outs[0].dtype == outs[1].dtype == dtype
+        np.testing.assert_array_equal(outs[0].view(np.uint8), outs[1].view(np.uint8))
+        expected = ref.attend(layer, which, positions, *(x.astype(np.float32) for x in (q, k, v)))
+        tol = 1e-5 if dtype == np.float32 else 0.05
+        np.testing.assert_allclose(outs[1].astype(np.float64), expected, rtol=tol, atol=tol)
+    assert clients[1].shards[0].shm.num_slots == 1  # blocking calls reuse one slot
+    for client, mine in zip(clients, seqs):
+      client.release(mine)
+  finally:
+    for client in clients:
+      client.close()
+
+
+def _status(fn):
+  try:
+    fn()
+  except grpc.RpcError as e:
+    return e.code()
+  return grpc.StatusCode.OK
+
+
+def test_bad_inputs_get_the_grpc_statuses_and_the_server_keeps_serving(servers):
+  """Every malformed request of test_tier2_server, sent over both transports."""
+  with grpc.insecure_channel(servers[0]) as ch:
+    stub = tier2_pb2_grpc.Tier2Stub(ch)
+    stub.Allocate(tier2_pb2.AllocateRequest(seq_ids=[1]), timeout=10)
+    attend = ch.unary_unary(tensor_wire.ATTEND_METHOD)
+    session = ShmSession(ch, stub, None, 10)
+    over_shm = lambda p: session.call(shm_wire.ATTEND, [np.frombuffer(p, np.uint8)], 4096, 10).result()
+    rng = np.random.default_rng(1)
+    cases = [(name, corrupt(_good_payload(rng)), code) for name, (corrupt, code) in BAD.items()]
+    cases += [(name, make(rng), code) for name, (make, code) in BAD_REQUESTS.items()]
+    for name, payload, code in cases:
+      assert _status(lambda: over_shm(payload)) == _status(lambda: attend(payload, timeout=10)) == code, name
+      assert len(over_shm(_good_payload(rng))) == 4 * 16 * 4, f"after {name}"
+    assert session.num_slots == 1  # a failed call frees its slot
+
+    notify = ch.unary_unary(shm_wire.CALL_METHOD)
+    good = _good_payload(rng)
+    shm_only = {
+        "unknown session": (shm_wire.NOTIFY.pack(session.session ^ 1, 0, shm_wire.ATTEND, len(good)),
+                            grpc.StatusCode.FAILED_PRECONDITION),
+        "unknown slot": (shm_wire.NOTIFY.pack(session.session, 7, shm_wire.ATTEND, len(good)),
+                         grpc.StatusCode.FAILED_PRECONDITION),
+        "short notify": (b"\0" * 8, grpc.StatusCode.INVALID_ARGUMENT),
+        "bad op": (shm_wire.NOTIFY.pack(session.session, 0, 9, len(good)), grpc.StatusCode.INVALID_ARGUMENT),
+        "request past the region": (shm_wire.NOTIFY.pack(session.session, 0, shm_wire.ATTEND, 1 << 30),
+                                    grpc.StatusCode.INVALID_ARGUMENT),
+    }
+    for name, message, code in [(n, *c) for n, c in shm_only.items()]:
+      assert _status(lambda: notify(message, timeout=10)) == code, name
+    bad_names = [("../etc/passwd", 4096), ("gt2shm-1-1-0-0", 4096)]  # not a region name; no such file
+    for name, size in bad_names:
+      request = tier2_pb2.ShmAttachRequest(session=5, slot=0, name=name, size=size, client_pid=os.getpid())
+      assert _status(lambda: stub.ShmAttach(request, timeout=10)) == grpc.StatusCode.FAILED_PRECONDITION
+
+    session.close()
+
+    # A slot with room for the request but not the reply: refused before any KV is written.
+    small = ShmSession(ch, stub, None, 10, slot_bytes=shm_wire.reply_offset(len(good)) + 8)
+    stub.Allocate(tier2_pb2.AllocateRequest(seq_ids=[2]), timeout=10)
+    before = stub.Stats(tier2_pb2.StatsRequest(), timeout=10)
+    payload = np.frombuffer(_good_payload(rng, seq=2), np.uint8)
+    assert _status(lambda: small.call(shm_wire.ATTEND, [payload], 0, 10).result()) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    after = stub.Stats(tier2_pb2.StatsRequest(), timeout=10)
+    assert (after.pages_in_use, after.tokens_served) == (before.pages_in_use, before.tokens_served)
+    assert len(small.call(shm_wire.ATTEND, [payload], 4 * 16 * 4, 10).result()) == 4 * 16 * 4  # grows
+    small.close()
+    stub.Release(tier2_pb2.ReleaseRequest(seq_ids=[1, 2]), timeout=10)
+
+
+def test_shm_off_refuses_regions(servers):
+  with grpc.insecure_channel(servers[2]) as ch:
+    with pytest.raises(grpc.RpcError) as info:
+      ShmSession(ch, tier2_pb2_grpc.Tier2Stub(ch), None, 10)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+  assert _files_of(os.getpid()) == []
+
+
+def test_several_requests_in_flight(servers):
+  """Against a server that sleeps DELAY_MS per call: 4 overlapping calls need 4 slots."""
+  with Tier2Client([servers[1]], **DIMS, transport="shm") as client:
+    client.allocate([1, 2, 3, 4])
+    rng, ref = np.random.default_rng(4), ReferenceKV()
+    inputs = [(rng.standard_normal((3, 4, 16)).astype(np.float32),
+               rng.standard_normal((3, 2, 16)).astype(np.float32),
+               rng.standard_normal((3, 2, 16)).astype(np.float32)) for _ in range(4)]
+    start = time.perf_counter()
+    pending = [client.attend_async(i % 2, [i + 1] * 3, [0, 1, 2], *x) for i, x in enumerate(inputs)]
+    outs = [f.result(timeout=30) for f in pending]
+    assert time.perf_counter() - start < 3.5 * DELAY_MS / 1000  # they overlapped
+    assert client.shards[0].shm.num_slots == 4
+    for i, (x, out) in enumerate(zip(inputs, outs)):
+      np.testing.assert_allclose(out, ref.attend(i % 2, [i + 1] * 3, [0, 1, 2], *x), rtol=1e-5, atol=1e-6)
+    client.release([1, 2, 3, 4])
+
+
+CRASHING_CLIENT = """
+import os, signal, sys
+from glinthawk_jax.tier2_client import Tier2Client
+client = Tier2Client([sys.argv[1]], num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                     transport="shm")
+print(os.getpid(), flush=True)
+sys.stdin.readline()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_regions_are_cleaned_up_on_close_and_after_a_crash(servers):
+  address = servers[0]
+  before = _shm_sessions(address)
+  with Tier2Client([address], **DIMS, transport="shm") as client:
+    assert _shm_sessions(address) == before + 1
+    assert _files_of(os.getpid()) == []  # names go as soon as the server has mapped them
+    del client
+  assert _shm_sessions(address) == before
+  child = subprocess.Popen([sys.executable, "-c", CRASHING_CLIENT, address], cwd=REPO_ROOT,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": REPO_ROOT})
+  pid = int(child.stdout.readline())
+  assert _shm_sessions(address) == before + 1
+  child.communicate("\n", timeout=30)
+  assert child.returncode == -9
+  assert _files_of(pid) == []
+  assert _shm_sessions(address) == before  # Stats sweeps sessions of dead clients
+
+
+def test_rpc_rows_measure_both_transports(servers):
+  rows = rpc_rows([16, 1 << 20], repeats=3, address=servers[0], transports=("grpc", "shm"))
+  assert [(r["transport"], r["payload_bytes"]) for r in rows] == \
+      [("grpc", 16), ("grpc", 1 << 20), ("shm", 16), ("shm", 1 << 20)]
+  assert all(0 < r["round_trip_ms_p50"] <= r["round_trip_ms_p90"] for r in rows)

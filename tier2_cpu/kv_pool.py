@@ -1,0 +1,177 @@
+"""Tier 2's paged KV pool: K,V for many sequences over a range of layers, stored on JAX's CPU device
+as float32, bfloat16 or int8, with attention computed by a C++ kernel through the XLA FFI.
+
+Layout per layer: [num_pages, kv_heads, page_size, head_dim] (int8 adds float32 scales
+[num_pages, kv_heads, page_size], one per token and KV head). A slot is
+page * page_size + offset_in_page. Appends are jitted scatters into donated buffers (in place);
+attention never runs XLA's half-precision CPU dot (50x slower than fp32, FACTS.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tier2_cpu import native_build
+
+STORAGES = ("bfloat16", "float32", "int8")
+_TARGETS = {"float32": "tier2_paged_attention_f32", "bfloat16": "tier2_paged_attention_bf16",
+            "int8": "tier2_paged_attention_int8"}
+_SYMBOLS = {"float32": "PagedAttentionF32", "bfloat16": "PagedAttentionBF16",
+            "int8": "PagedAttentionInt8"}
+# bf16 is held as its uint16 bits: XLA's CPU scatter into a bf16 buffer converts the whole buffer
+# (0.4 s for 256 MiB, measured), into a uint16 one it touches only the written rows.
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.uint16, "int8": jnp.int8}
+
+
+@functools.cache
+def _register_kernels() -> None:
+  lib = native_build.load_library("paged_attention.cc")
+  for storage, target in _TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, _SYMBOLS[storage])),
+                                platform="cpu")
+
+
+def _bucket(n: int, least: int = 1) -> int:
+  """Next power of two >= n: bounds the number of shapes jit compiles for."""
+  return max(least, 1 << max(0, n - 1).bit_length())
+
+
+def _token_bytes(storage: str, num_kv_heads: int, head_dim: int) -> int:
+  """Bytes of K and V (and int8 scales) for one token in one layer."""
+  per_head = head_dim * np.dtype(_DTYPES[storage]).itemsize + (4 if storage == "int8" else 0)
+  return 2 * num_kv_heads * per_head
+
+
+@functools.partial(jax.jit, static_argnames=("storage",), donate_argnums=(0,))
+def _write(arrays, page, offset, k, v, *, storage):
+  """Scatter k, v: [n, kv_heads, dim] into slots (page, offset); out-of-range pages are padding."""
+  if storage == "int8":
+    k_pool, v_pool, k_scale, v_scale = arrays
+    out = []
+    for pool, scales, x in ((k_pool, k_scale, k), (v_pool, v_scale, v)):
+      amax = jnp.max(jnp.abs(x), axis=-1)
+      scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+      qx = jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8)
+      out.append((pool.at[page, :, offset].set(qx, mode="drop"),
+                  scales.at[page, :, offset].set(scale, mode="drop")))
+    (k_pool, k_scale), (v_pool, v_scale) = out
+    return k_pool, v_pool, k_scale, v_scale
+  if storage == "bfloat16":
+    k, v = (jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16) for x in (k, v))
+  k_pool, v_pool = arrays
+  return (k_pool.at[page, :, offset].set(k, mode="drop"),
+          v_pool.at[page, :, offset].set(v, mode="drop"))
+
+
+@functools.partial(jax.jit, static_argnames=("storage",))
+def _attend(arrays, q, block_tables, positions, *, storage):
+  call = jax.ffi.ffi_call(_TARGETS[storage], jax.ShapeDtypeStruct(q.shape, jnp.float32))
+  return call(q, block_tables, positions, *arrays)
+
+
+def _as_f32(name: str, x, ndim: int) -> np.ndarray:
+  x = np.asarray(x)
+  if x.dtype.kind not in "fV" and x.dtype.name != "bfloat16":
+    raise TypeError(f"{name}: dtype {x.dtype}, expected float32, bfloat16 or float16")
+  if x.ndim != ndim:
+    raise ValueError(f"{name}: shape {x.shape}, expected {ndim} dimensions")
+  return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class KVPool:
+  """Preallocated paged K,V for `num_layers` layers; see the module docstring for the layout."""
+
+  def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
+               head_dim: int, storage: str = "bfloat16"):
+    if storage not in STORAGES:
+      raise ValueError(f"storage {storage!r}: expected one of {STORAGES}")
+    self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
+    self.num_kv_heads, self.head_dim, self.storage = num_kv_heads, head_dim, storage
+    _register_kernels()
+    self._device = jax.devices("cpu")[0]
+    shape = (num_pages, num_kv_heads, page_size, head_dim)
+    dtype = _DTYPES[storage]
+    self._layers = []
+    for _ in range(num_layers):
+      arrays = [jnp.zeros(shape, dtype, device=self._device) for _ in range(2)]
+      if storage == "int8":
+        arrays += [jnp.ones(shape[:3], jnp.float32, device=self._device) for _ in range(2)]
+      self._layers.append(tuple(arrays))
+
+  @property
+  def bytes_per_token(self) -> int:
+    """K,V bytes one token takes over all layers of the pool (scales included)."""
+    return self.num_layers * _token_bytes(self.storage, self.num_kv_heads, self.head_dim)
+
+  @property
+  def nbytes(self) -> int:
+    return self.num_pages * self.page_size * self.bytes_per_token
+
+  @staticmethod
+  def pages_for_budget(kv_cache_bytes: int, num_layers: int, page_size: int, num_kv_heads: int,
+                       head_dim: int, storage: str = "bfloat16") -> int:
+    """How many pages fit in `kv_cache_bytes`."""
+    if storage not in STORAGES:
+      raise ValueError(f"storage {storage!r}: expected one of {STORAGES}")
+    page_bytes = page_size * num_layers * _token_bytes(storage, num_kv_heads, head_dim)
+    return kv_cache_bytes // page_bytes
+
+  def _check_layer(self, layer: int) -> None:
+    if not 0 <= layer < self.num_layers:
+      raise IndexError(f"layer {layer} outside the pool's {self.num_layers} layers")
+
+  def write(self, layer: int, slots, k, v) -> None:
+    """Store k, v: [n, kv_heads, head_dim] at `slots` (page * page_size + offset)."""
+    self._check_layer(layer)
+    slots = np.asarray(slots, dtype=np.int64).reshape(-1)
+    k, v = _as_f32("k", k, 3), _as_f32("v", v, 3)
+    expected = (slots.shape[0], self.num_kv_heads, self.head_dim)
+    for name, x in (("k", k), ("v", v)):
+      if x.shape != expected:
+        raise ValueError(f"{name}: shape {x.shape}, expected {expected}")
+    if slots.size and (slots.min() < 0 or slots.max() >= self.num_pages * self.page_size):
+      bad = slots[(slots < 0) | (slots >= self.num_pages * self.page_size)][0]
+      raise IndexError(f"slot {bad} outside the pool's {self.num_pages * self.page_size} slots")
+    n = slots.shape[0]
+    size = _bucket(n)
+    page = np.full(size, self.num_pages, np.int32)  # padding rows: page out of range, dropped
+    offset = np.zeros(size, np.int32)
+    page[:n], offset[:n] = slots // self.page_size, slots % self.page_size
+    pad = ((0, size - n), (0, 0), (0, 0))
+    self._layers[layer] = _write(self._layers[layer], page, offset, np.pad(k, pad), np.pad(v, pad),
+                                 storage=self.storage)
+
+  def attend(self, layer: int, q, block_tables, positions) -> np.ndarray:
+    """Attention of q: [n, heads, head_dim] over positions 0..positions[i] of each row's sequence.
+
+    block_tables: [n, max_pages] page indices of row i's sequence. Returns float32 [n, heads, dim].
+    """
+    self._check_layer(layer)
+    q = _as_f32("q", q, 3)
+    block_tables = np.asarray(block_tables, dtype=np.int32)
+    positions = np.asarray(positions, dtype=np.int32).reshape(-1)
+    n, heads, dim = q.shape
+    if dim != self.head_dim or heads % self.num_kv_heads:
+      raise ValueError(f"q: shape {q.shape}, expected [n, a multiple of {self.num_kv_heads} heads, "
+                       f"{self.head_dim}]")
+    if block_tables.ndim != 2 or block_tables.shape[0] != n or positions.shape[0] != n:
+      raise ValueError(f"block_tables {block_tables.shape} / positions {positions.shape}: "
+                       f"expected [{n}, max_pages] / [{n}]")
+    if n and positions.max() >= block_tables.shape[1] * self.page_size:
+      i = int(np.argmax(positions))
+      raise IndexError(f"positions[{i}] = {positions[i]} beyond block_tables' "
+                       f"{block_tables.shape[1]} pages of {self.page_size}")
+    size, pages = _bucket(n), _bucket(block_tables.shape[1])
+    q_pad = np.zeros((size, heads, dim), np.float32)
+    q_pad[:n] = q
+    tables = np.zeros((size, pages), np.int32)
+    tables[:n, :block_tables.shape[1]] = block_tables
+    pos = np.full(size, -1, np.int32)  # padding rows: no keys, output zeros
+    pos[:n] = positions
+    out = _attend(self._layers[layer], q_pad, tables, pos, storage=self.storage)
+    return np.asarray(out)[:n]

@@ -1,0 +1,78 @@
+"""Starts tier-2 servers as child processes (launch/tier2.py) and waits for their ready lines.
+
+Used by tests and benchmarks that need real servers on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(REPO_ROOT, "launch", "tier2.py")
+_READY = re.compile(r"^tier2 ready on (\S+:\d+)$", re.M)
+
+
+class ServerProcess:
+  """A running server: `address` is "host:port"; `stop()` ends it (SIGTERM, then SIGKILL)."""
+
+  def __init__(self, args: list[str]):
+    self.args = args
+    self.log = tempfile.TemporaryFile(mode="w+")
+    self.process = subprocess.Popen([sys.executable, LAUNCHER, *args], cwd=REPO_ROOT,
+                                    stdout=self.log, stderr=subprocess.STDOUT, text=True)
+    self.address = ""
+
+  def wait_ready(self, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+      match = _READY.search(self.output())
+      if match:
+        self.address = match.group(1)
+        return self.address
+      if self.process.poll() is not None:
+        raise RuntimeError(f"tier-2 server {self.args} exited with {self.process.returncode}:\n"
+                           f"{self.output()[-3000:]}")
+      time.sleep(0.05)
+    self.stop()
+    raise TimeoutError(f"tier-2 server {self.args}: no ready line in {timeout_s} s:\n"
+                       f"{self.output()[-3000:]}")
+
+  def output(self) -> str:
+    self.log.seek(0)
+    return self.log.read()
+
+  def stop(self) -> None:
+    if self.process.poll() is None:
+      self.process.terminate()
+      try:
+        self.process.wait(timeout=5)
+      except subprocess.TimeoutExpired:
+        self.process.kill()
+        self.process.wait()
+    self.log.close()
+
+
+def start_servers(arg_lists: list[list[str]], timeout_s: float = 120.0) -> list[ServerProcess]:
+  """Starts one server per argument list (all at once) and returns them once all are ready."""
+  servers = [ServerProcess(args) for args in arg_lists]
+  try:
+    for server in servers:
+      server.wait_ready(timeout_s)
+  except Exception:
+    stop_servers(servers)
+    raise
+  return servers
+
+
+def stop_servers(servers: list[ServerProcess]) -> None:
+  """Stops all at once (SIGTERM to each first, so their shutdowns overlap)."""
+  for server in servers:
+    if server.process.poll() is None:
+      server.process.terminate()
+  for server in servers:
+    server.stop()

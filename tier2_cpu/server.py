@@ -1,0 +1,310 @@
+"""The tier-2 gRPC server: control RPCs in protobuf, tensors as raw bytes (tensor_wire.py) or, for
+clients on the same host, in shared-memory regions with a small gRPC notification (shm_wire.py).
+
+One process holds the KV cache of its sequences for layers [first_layer, end_layer) in a
+preallocated KVPool, appends K and V for new tokens and returns only the attention output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import ipaddress
+import signal
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from glinthawk_jax.protos import shm_wire, tensor_wire, tier2_pb2, tier2_pb2_grpc
+from tier2_cpu.kv_pool import KVPool
+from tier2_cpu.page_table import PageTable, PoolFullError
+from tier2_cpu.shm_sessions import ShmSessions
+
+MAX_MESSAGE_BYTES = 2**31 - 1
+AUTH_METADATA_KEY = "glinthawk-token"
+SERVICE_NAME = "glinthawk.tier2.Tier2"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptions:
+  """What a server holds and how it serves; the launcher fills it from flags and the model config."""
+  num_layers: int  # layers of the whole model
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  first_layer: int = 0
+  end_layer: int = -1  # -1 = num_layers
+  page_size: int = 16
+  max_seq_len: int = 2048
+  kv_cache_gb: float = 1.0
+  kv_dtype: str = "bfloat16"
+  host: str = "127.0.0.1"
+  port: int = 0  # 0 = a free port
+  auth_token: str = ""  # empty = no check (loopback); else clients must send it
+  inject_delay_ms: float = 0.0  # added to every tensor RPC, for latency studies
+  max_workers: int = 8
+  shm: bool = True  # accept shared-memory tensor regions from clients on this host
+
+  @property
+  def layer_end(self) -> int:
+    return self.num_layers if self.end_layer < 0 else self.end_layer
+
+
+class Tier2Service:
+  """State of one server: the pool, the page table and counters, behind one lock."""
+
+  def __init__(self, options: ServerOptions):
+    o = self.options = options
+    if not 0 <= o.first_layer < o.layer_end <= o.num_layers:
+      raise ValueError(f"layers [{o.first_layer}, {o.layer_end}): expected a non-empty range inside "
+                       f"[0, {o.num_layers})")
+    num_layers = o.layer_end - o.first_layer
+    num_pages = KVPool.pages_for_budget(int(o.kv_cache_gb * 2**30), num_layers, o.page_size,
+                                        o.num_kv_heads, o.head_dim, o.kv_dtype)
+    if num_pages < 1:
+      raise ValueError(f"kv_cache_gb={o.kv_cache_gb}: less than one page of {o.page_size} tokens")
+    self.pool = KVPool(num_layers, num_pages, o.page_size, o.num_kv_heads, o.head_dim, o.kv_dtype)
+    self.bytes_per_page = o.page_size * self.pool.bytes_per_token
+    max_pages = -(-o.max_seq_len // o.page_size)
+    self.pages = PageTable(self.pool.num_pages, o.page_size, max_pages)
+    self._lengths: dict[int, np.ndarray] = {}  # seq -> tokens written, per held layer
+    self._lock = threading.Lock()
+    self.requests_served = 0
+    self.tokens_served = 0
+    self.shm = ShmSessions() if o.shm else None
+
+  # Control RPCs (protobuf).
+
+  def Handshake(self, request, context):
+    o = self.options
+    mine = tier2_pb2.ModelDims(num_layers=o.num_layers, num_heads=o.num_heads,
+                               num_kv_heads=o.num_kv_heads, head_dim=o.head_dim)
+    if request.protocol_version != tensor_wire.PROTOCOL_VERSION:
+      context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                    f"protocol_version {request.protocol_version}: server speaks "
+                    f"{tensor_wire.PROTOCOL_VERSION}")
+    for field in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
+      theirs, ours = getattr(request.model, field), getattr(mine, field)
+      if theirs != ours:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model {field}={theirs}: server has {ours}")
+    if (request.first_layer, request.end_layer) != (o.first_layer, o.layer_end):
+      context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                    f"layers [{request.first_layer}, {request.end_layer}): server holds "
+                    f"[{o.first_layer}, {o.layer_end})")
+    return tier2_pb2.HandshakeReply(
+        protocol_version=tensor_wire.PROTOCOL_VERSION, model=mine, first_layer=o.first_layer,
+        end_layer=o.layer_end, page_size=o.page_size, num_pages=self.pool.num_pages,
+        max_seq_len=o.max_seq_len, kv_dtype=o.kv_dtype, shm=self.shm is not None)
+
+  def Allocate(self, request, context):
+    with self._lock:
+      try:
+        self.pages.add(request.seq_ids)
+      except KeyError as e:
+        context.abort(grpc.StatusCode.ALREADY_EXISTS, e.args[0])
+      for s in request.seq_ids:
+        self._lengths[s] = np.zeros(self.pool.num_layers, np.int64)
+      return tier2_pb2.AllocateReply(free_pages=self.pages.num_free)
+
+  def Release(self, request, context):
+    with self._lock:
+      try:
+        self.pages.remove(request.seq_ids)
+      except KeyError as e:
+        context.abort(grpc.StatusCode.NOT_FOUND, e.args[0])
+      for s in request.seq_ids:
+        self._lengths.pop(s, None)
+      return tier2_pb2.ReleaseReply(free_pages=self.pages.num_free)
+
+  def Stats(self, request, context):
+    shm_sessions, shm_bytes = self.shm.totals() if self.shm else (0, 0)
+    with self._lock:
+      used = self.pages.num_pages - self.pages.num_free
+      return tier2_pb2.StatsReply(
+          num_sequences=self.pages.num_sequences, pages_in_use=used, num_pages=self.pages.num_pages,
+          page_size=self.pages.page_size, kv_bytes_in_use=used * self.bytes_per_page,
+          kv_bytes_capacity=self.pages.num_pages * self.bytes_per_page,
+          requests_served=self.requests_served, tokens_served=self.tokens_served,
+          shm_sessions=shm_sessions, shm_bytes=shm_bytes)
+
+  def ShmAttach(self, request, context):
+    self._require_shm(context)
+    try:
+      self.shm.attach(request.session, request.slot, request.name, request.size, request.client_pid)
+    except (OSError, ValueError) as e:
+      context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"shm region {request.name!r}: {e}")
+    return tier2_pb2.ShmAttachReply()
+
+  def ShmDetach(self, request, context):
+    self._require_shm(context)
+    if not self.shm.detach(request.session):
+      context.abort(grpc.StatusCode.NOT_FOUND, f"shm session {request.session:x} is not attached")
+    return tier2_pb2.ShmDetachReply()
+
+  # Tensor RPCs (raw bytes).
+
+  def attend(self, payload: bytes, context) -> bytes:
+    r = self._decode(payload, context)
+    return tensor_wire.encode_reply(self._attend(r, context))
+
+  def echo(self, payload: bytes, context) -> bytes:
+    if self.options.inject_delay_ms:
+      time.sleep(self.options.inject_delay_ms / 1000)
+    return payload
+
+  def shm_call(self, notify: bytes, context) -> bytes:
+    """Serves a request from a shared-memory slot (shm_wire.py); the reply goes to the same slot."""
+    self._require_shm(context)
+    try:
+      session, slot, op, request_bytes = shm_wire.decode_notify(notify)
+    except tensor_wire.WireError as e:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    try:
+      region = self.shm.region(session, slot)
+    except KeyError as e:
+      context.abort(grpc.StatusCode.FAILED_PRECONDITION, e.args[0])
+    reply_at = shm_wire.reply_offset(request_bytes)
+    try:
+      payload = region.view(0, request_bytes)
+      if op == shm_wire.ECHO:
+        reply = np.frombuffer(self.echo(payload, context), np.uint8)
+      else:
+        r = self._decode(payload, context)
+        region.view(reply_at, r.q.nbytes)  # room for the reply, checked before any KV is written
+        reply = self._attend(r, context)
+      region.view(reply_at, reply.nbytes)[:] = reply.reshape(-1).view(np.uint8)
+    except tensor_wire.WireError as e:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    return shm_wire.REPLY.pack(reply.nbytes)
+
+  def _require_shm(self, context) -> None:
+    if self.shm is None:
+      context.abort(grpc.StatusCode.FAILED_PRECONDITION, "shared memory is off on this server (--shm)")
+
+  def _decode(self, payload, context) -> tensor_wire.AttendRequest:
+    if self.options.inject_delay_ms:
+      time.sleep(self.options.inject_delay_ms / 1000)
+    try:
+      return tensor_wire.decode_request(payload)
+    except tensor_wire.WireError as e:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+  def _attend(self, r: tensor_wire.AttendRequest, context) -> np.ndarray:
+    """Writes each token's K, V at its position, then attends each query to keys 0..position."""
+    self._check_shapes(r, context)
+    layer = r.layer - self.options.first_layer
+    with self._lock:
+      self._check_sequences(r, layer, context)
+      try:
+        self.pages.grow(r.seq_ids, r.positions)
+      except PoolFullError as e:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request {r.request_id}: {e}")
+      self.pool.write(layer, self.pages.slots(r.seq_ids, r.positions), r.k, r.v)
+      for s, p in zip(r.seq_ids.tolist(), r.positions.tolist()):
+        lengths = self._lengths[s]
+        lengths[layer] = max(lengths[layer], p + 1)
+      width = int(r.positions.max()) // self.options.page_size + 1  # the pool buckets shapes
+      out = self.pool.attend(layer, r.q, self.pages.block_tables(r.seq_ids, width), r.positions)
+      self.requests_served += 1
+      self.tokens_served += len(r.seq_ids)
+    return np.ascontiguousarray(np.asarray(out).astype(r.q.dtype, copy=False))
+
+  def _check_shapes(self, r: tensor_wire.AttendRequest, context) -> None:
+    o = self.options
+    got, want = (r.q.shape[1], r.k.shape[1], r.q.shape[2]), (o.num_heads, o.num_kv_heads, o.head_dim)
+    if got != want:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request {r.request_id}: (heads, kv heads, head dim) {got}, server has {want}")
+    if not o.first_layer <= r.layer < o.layer_end:
+      context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                    f"request {r.request_id}: layer {r.layer} outside [{o.first_layer}, {o.layer_end})")
+    bad = np.flatnonzero((r.positions < 0) | (r.positions >= o.max_seq_len))
+    if bad.size:
+      context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                    f"request {r.request_id}: token {bad[0]} position {r.positions[bad[0]]} outside "
+                    f"[0, {o.max_seq_len})")
+    pairs = np.stack([r.seq_ids, r.positions.astype(np.int64)], axis=1)
+    if len(np.unique(pairs, axis=0)) != len(pairs):
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request {r.request_id}: a (sequence, position) pair appears twice")
+
+  def _check_sequences(self, r: tensor_wire.AttendRequest, layer: int, context) -> None:
+    """Every sequence known, and no position past the keys written so far plus this request's."""
+    for s in np.unique(r.seq_ids).tolist():
+      if s not in self.pages:
+        context.abort(grpc.StatusCode.NOT_FOUND, f"request {r.request_id}: sequence {s} is not allocated")
+      length = int(self._lengths[s][layer])
+      for p in np.sort(r.positions[r.seq_ids == s]).tolist():
+        if p > length:
+          context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"request {r.request_id}: sequence {s} layer {r.layer} position {p} leaves a "
+                        f"gap after its {length} written keys")
+        length = max(length, p + 1)
+
+
+class _TokenCheck(grpc.ServerInterceptor):
+  """Refuses calls without the shared token (UNAUTHENTICATED); the health service stays open."""
+
+  def __init__(self, token: str):
+    self._token = token.encode()
+    self._deny = grpc.unary_unary_rpc_method_handler(
+        lambda request, context: context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing token"))
+
+  def intercept_service(self, continuation, details):
+    if details.method.startswith("/grpc.health.v1."):
+      return continuation(details)
+    sent = dict(details.invocation_metadata).get(AUTH_METADATA_KEY, "")
+    sent = sent.encode() if isinstance(sent, str) else sent
+    if hmac.compare_digest(sent, self._token):
+      return continuation(details)
+    return self._deny
+
+
+def build_server(options: ServerOptions) -> tuple[grpc.Server, int, Tier2Service]:
+  """A started server and its port."""
+  if not options.auth_token and not _is_loopback(options.host):
+    raise ValueError(f"host {options.host!r} is not loopback: set an auth_token for cross-host use")
+  service = Tier2Service(options)
+  interceptors = [_TokenCheck(options.auth_token)] if options.auth_token else []
+  server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.max_workers),
+                       interceptors=interceptors,
+                       options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                ("grpc.so_reuseport", 0)])  # a taken port is an error, not shared
+  tier2_pb2_grpc.add_Tier2Servicer_to_server(service, server)
+  raw = {name.rsplit("/", 1)[1]: grpc.unary_unary_rpc_method_handler(fn)  # identity (de)serializers
+         for name, fn in ((tensor_wire.ATTEND_METHOD, service.attend),
+                          (tensor_wire.ECHO_METHOD, service.echo),
+                          (shm_wire.CALL_METHOD, service.shm_call))}
+  server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("glinthawk.tier2.Tensor", raw)])
+  health_servicer = health.HealthServicer()
+  health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+  port = server.add_insecure_port(f"{options.host}:{options.port}")
+  if port == 0:
+    raise OSError(f"cannot bind {options.host}:{options.port}")
+  server.start()
+  for name in ("", SERVICE_NAME):
+    health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+  return server, port, service
+
+
+def _is_loopback(host: str) -> bool:
+  try:
+    return ipaddress.ip_address(host.strip("[]")).is_loopback
+  except ValueError:
+    return host == "localhost"
+
+
+def serve(options: ServerOptions) -> None:
+  """Serves until SIGTERM/SIGINT; prints "tier2 ready on HOST:PORT" once serving."""
+  server, port, _ = build_server(options)
+  stop = threading.Event()
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda *_: stop.set())
+  print(f"tier2 ready on {options.host}:{port}", flush=True)
+  stop.wait()
+  server.stop(grace=1.0).wait()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import subprocess
@@ -32,6 +33,8 @@ def parse_args(argv=None):
   p.add_argument("--output_len", type=int, default=None, help="default 128 (small: 16)")
   p.add_argument("--decode_steps", type=int, default=8, help="engine.decode_steps_per_call")
   p.add_argument("--page_size", type=int, default=16, help="engine.page_size")
+  p.add_argument("--layer_loop", default="scan", choices=("scan", "unrolled"),
+                 help="engine.layer_loop: scan over stacked weights, or unrolled per-layer weights")
   p.add_argument("--hbm_tbps", type=float, default=2.8, help="memory bandwidth for the floor (FACTS.md)")
   p.add_argument("--hf_only", action="store_true", help=argparse.SUPPRESS)  # the HF subprocess
   args = p.parse_args(argv)
@@ -95,7 +98,7 @@ def streaming_floor(model_cfg, batch: int, prompt_len: int, output_len: int, hbm
               floor_output_tok_s=batch / step_s)
 
 
-def run_engine(args) -> list[dict]:
+def run_engine(args) -> tuple[list[dict], str]:
   import jax
   import numpy as np
 
@@ -111,7 +114,9 @@ def run_engine(args) -> list[dict]:
   config.engine.max_prefill_tokens = 8192
   config.engine.kv_cache_gb = 0.0  # fraction of free memory, capped at what the batch needs
   model_cfg = config_lib.model_config(config)
-  model = init_model(model_cfg, config.seed)
+  config.engine.layer_loop = args.layer_loop
+  # unrolled: each Engine builds its own weights, so the runner's per-layer copies are the only ones.
+  model = init_model(model_cfg, config.seed) if args.layer_loop == "scan" else None
   params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
   rng = np.random.default_rng(0)
   results = []
@@ -140,6 +145,7 @@ def run_engine(args) -> list[dict]:
         kv_pool_gib=after["kv_pool_gib"], num_preemptions=after["num_preemptions"],
         x_floor=floor["floor_output_tok_s"] / (tokens / elapsed), **floor))
     del engine
+    gc.collect()  # the runner's jitted methods form a cycle; free its KV pool before the next batch
   results_device = jax.devices()[0].device_kind
   return results, results_device
 
@@ -174,11 +180,12 @@ def main(argv=None):
       device=device, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       command=" ".join([os.path.basename(sys.executable)] + sys.argv), prompt_len=args.prompt_len,
       output_len=args.output_len, decode_steps_per_call=args.decode_steps, page_size=args.page_size,
+      layer_loop=args.layer_loop,
       hbm_tbps=args.hbm_tbps, engine=engine_rows, hf=hf_rows)
   with open(args.out, "w") as f:
     json.dump(report, f, indent=2)
   print(f"{device}, prompt {args.prompt_len} / output {args.output_len}, "
-        f"decode_steps_per_call={args.decode_steps}")
+        f"decode_steps_per_call={args.decode_steps}, layer_loop={args.layer_loop}")
   print(table(engine_rows, hf_rows))
   print(f"wrote {args.out}")
 

@@ -16,10 +16,12 @@ import ml_collections
 import tqdm
 
 from glinthawk_jax import config as config_lib
+from glinthawk_jax.checkpoint import load_model
 from glinthawk_jax.model_runner import LocalPagedAttention, ModelRunner
 from glinthawk_jax.paged_cache import GIB, PageAllocator, num_pages_for
 from glinthawk_jax.requests import FINISH_LENGTH, FINISH_STOP, RequestOutput, SamplingParams
 from glinthawk_jax.scheduler import Scheduler, Sequence
+from glinthawk_jax.tokenizer import load_tokenizer
 
 SEED_STRIDE = 1_000_003  # default seed of request i: config.seed * SEED_STRIDE + i (mod 2^32)
 
@@ -57,7 +59,6 @@ class Engine:
     self.config = config
     self.model_config = config_lib.model_config(config)
     if model is None:
-      from glinthawk_jax.checkpoint import load_model
       model = load_model(config)
     if tokenizer is None:
       tokenizer = _load_tokenizer_if_present(config)
@@ -65,7 +66,8 @@ class Engine:
     ec = config.engine
     self.num_pages = num_pages_for(ec, self.model_config)
     self.runner = ModelRunner(model, LocalPagedAttention(self.model_config, self.num_pages, ec.page_size),
-                              ec.decode_steps_per_call)
+                              ec.decode_steps_per_call, ec.get("layer_loop", "scan"))
+    del model  # with layer_loop="unrolled" the runner holds per-layer copies; let the stacked ones go
     self.stats = EngineStats(num_pages=self.num_pages, page_size=ec.page_size,
                              kv_pool_gib=self.num_pages * ec.page_size * self.model_config.kv_bytes_per_token / GIB)
 
@@ -216,7 +218,6 @@ class Engine:
 
 
 def _load_tokenizer_if_present(config):
-  from glinthawk_jax.tokenizer import load_tokenizer
   try:
     return load_tokenizer(config)
   except FileNotFoundError:

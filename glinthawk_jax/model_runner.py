@@ -4,8 +4,11 @@ Attention and its cache sit behind an attention backend (here `LocalPagedAttenti
 owns the cache state and hands the model an `attend(layer, q, k, v, state)` function for a batch's
 metadata. Two-tier placements swap the backend and keep the scheduler and the runner.
 
-A decode call runs `decode_steps` steps under `fori_loop`, each a scan over all layers with sampling on
+A decode call runs `decode_steps` steps under `fori_loop`, each a pass over all layers with sampling on
 the device; the cache state is donated so pages update in place and the host sees only tokens [n, B].
+The layer pass is the model's scan over stacked weights (`layer_loop="scan"`: one compiled layer) or a
+Python loop over per-layer copies of the weights (`"unrolled"`: longer compiles, but no per-layer
+dynamic slice of the stacked weights, which XLA may materialize as a copy on GPU).
 """
 
 from __future__ import annotations
@@ -63,11 +66,25 @@ class LocalPagedAttention:
     return attend
 
 
+LAYER_LOOPS = ("scan", "unrolled")
+
+
 class ModelRunner:
   """Owns the weights, the backend's cache state and the jitted prefill/decode; counts compilations."""
 
-  def __init__(self, model: Llama, backend: LocalPagedAttention, decode_steps: int):
+  def __init__(self, model: Llama, backend: LocalPagedAttention, decode_steps: int, layer_loop: str = "scan"):
+    if layer_loop not in LAYER_LOOPS:
+      raise ValueError(f"layer_loop={layer_loop!r}: expected one of {', '.join(LAYER_LOOPS)}")
+    self.layer_loop = layer_loop
     self.graphdef, self.params = nnx.split(model)
+    if layer_loop == "unrolled":
+      self.layer_graphdef = nnx.split(model.layers)[0]
+      stacked = self.params["layers"]
+      layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.config.num_layers))
+      # The outer model keeps zero-size layer leaves: embed and logits never read them.
+      outer = nnx.State({**{k: v for k, v in self.params.items() if k != "layers"},
+                         "layers": jax.tree.map(lambda a: a[:0], stacked)})
+      self.params = (outer, layers)
     self.backend = backend
     self.page_size = backend.page_size
     self.decode_steps = decode_steps
@@ -97,15 +114,32 @@ class ModelRunner:
                                    temperature, top_k, top_p, seeds, greedy_only=greedy_only)
     return np.asarray(out)
 
+  def _merge(self, params):
+    """(model for embed/logits, run_layers(x, positions, attend, state) -> (x, state))."""
+    if self.layer_loop == "scan":
+      model = nnx.merge(self.graphdef, params)
+      return model, model.run_layers
+    outer, layers = params
+
+    def run_layers(x, positions, attend, state):
+      for i, layer_state in enumerate(layers):
+        layer = nnx.merge(self.layer_graphdef, layer_state)
+        q, k, v = layer.pre_attention(x, positions)
+        out, state = attend(i, q, k, v, state)
+        x = layer.post_attention(x, out)
+      return x, state
+
+    return nnx.merge(self.graphdef, outer), run_layers
+
   def _prefill_fn(self, params, state, tokens, positions, page_ids, offsets, block_tables, context_lens):
-    model = nnx.merge(self.graphdef, params)
+    model, run_layers = self._merge(params)
     attend = self.backend.prefill_attend(page_ids, offsets, block_tables, positions, context_lens)
-    _, state = model.run_layers(model.embed(tokens), positions, attend, state)
+    _, state = run_layers(model.embed(tokens), positions, attend, state)
     return state
 
   def _decode_fn(self, params, state, tokens, positions, block_tables, token_index, temperature, top_k,
                  top_p, seeds, *, greedy_only):
-    model = nnx.merge(self.graphdef, params)
+    model, run_layers = self._merge(params)
     page_size, width = self.page_size, block_tables.shape[1]
 
     def step(i, carry):
@@ -115,7 +149,7 @@ class ModelRunner:
       page = jnp.take_along_axis(block_tables, jnp.minimum(col, width - 1)[:, None], axis=1)
       page = jnp.where(col[:, None] < width, page, paged_cache.SCRATCH_PAGE)
       attend = self.backend.decode_attend(page, (pos % page_size)[:, None], block_tables, pos + 1)
-      x, st = model.run_layers(model.embed(tok[:, None]), pos[:, None], attend, st)
+      x, st = run_layers(model.embed(tok[:, None]), pos[:, None], attend, st)
       nxt = sample(model.logits(x[:, 0]), temperature, top_k, top_p, seeds, token_index + i, greedy_only)
       return nxt, st, out.at[i].set(nxt)
 

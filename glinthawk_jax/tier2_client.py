@@ -8,6 +8,7 @@ travel as raw gRPC bytes, or through shared memory to servers on this host (prot
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 import threading
@@ -85,12 +86,22 @@ class _Shard:
       if required:
         raise Tier2Error(self.address, None, f"shared memory: {e}") from None
 
-  def send(self, parts, reply_bytes: int, timeout: float):
-    """One tensor request: a future whose result() is the reply bytes or raises grpc.RpcError."""
+  def send(self, parts, reply_bytes: int, timeout: float, consume) -> futures.Future:
+    """One tensor request: a Future of consume(reply bytes), or of its grpc.RpcError."""
     if self.shm:
-      return self.shm.call(shm_wire.ATTEND, parts, reply_bytes, timeout)
+      return self.shm.call(shm_wire.ATTEND, parts, reply_bytes, timeout, consume)
+    result: futures.Future = futures.Future()
+    result.set_running_or_notify_cancel()
+
+    def done(rpc):
+      try:
+        result.set_result(consume(rpc.result()))
+      except Exception as e:  # noqa: BLE001 (handed to the caller)
+        result.set_exception(e)
+
     payload = b"".join(p.tobytes() for p in parts)
-    return self.attend.future(payload, timeout=timeout, metadata=self.metadata)
+    self.attend.future(payload, timeout=timeout, metadata=self.metadata).add_done_callback(done)
+    return result
 
   def call(self, method: str, request):
     try:
@@ -230,10 +241,12 @@ class Tier2Client:
     lock = threading.Lock()
     timeout = self.timeout_s if timeout_s is None else timeout_s
 
+    def place(idx, reply):  # reply: bytes, or a view of a shared-memory slot
+      out[idx] = tensor_wire.decode_reply(reply, (len(idx),) + out.shape[1:], out.dtype)
+
     def on_done(call, shard, idx):
       try:
-        reply = tensor_wire.decode_reply(call.result(), (len(idx),) + out.shape[1:], out.dtype)
-        out[idx] = reply
+        call.result()
       except grpc.RpcError as e:
         _fail(_error(shard.address, e))
         return
@@ -253,10 +266,10 @@ class Tier2Client:
     for i, idx in parts:
       shard = self.shards[i]
       take = slice(None) if len(idx) == n else idx
-      parts = tensor_wire.request_parts(next(self._request_ids), layer, seq_ids[take],
-                                        positions[take], q[take], k[take], v[take])
+      request = tensor_wire.request_parts(next(self._request_ids), layer, seq_ids[take],
+                                          positions[take], q[take], k[take], v[take])
       try:
-        call = shard.send(parts, len(idx) * out[0].nbytes, timeout)
+        call = shard.send(request, len(idx) * out[0].nbytes, timeout, functools.partial(place, idx))
       except grpc.RpcError as e:
         raise _error(shard.address, e) from None
       call.add_done_callback(lambda c, shard=shard, idx=idx: on_done(c, shard, idx))
@@ -280,6 +293,7 @@ class Tier2Client:
     for shard in self.shards:
       if shard.shm:
         shard.shm.close()
+        shard.shm = None
       shard.channel.close()
 
   def __enter__(self):

@@ -38,6 +38,9 @@ _KV_BYTES = flags.DEFINE_integer("tier2_kv_bytes", 4, "Bytes per KV element on t
 _DELAYS_MS = flags.DEFINE_list("delays_ms", ["0", "10", "25", "50", "100", "150", "200"],
                                "One-way delays of the latency-tolerance curve, ms.")
 _MAX_NODES = flags.DEFINE_integer("max_tier2_nodes", 16, "Most tier-2 machines per tier-1 accelerator.")
+_COMPARE = flags.DEFINE_list("compare_slices", ["10", "20", "40", "80"],
+                              "Also compare both systems' best plans at these tier-1 accelerator counts.")
+_TOP = flags.DEFINE_integer("verify_top", 8, "Closed-form best plans checked in the event model.")
 _MAX_DEPTH = flags.DEFINE_integer("max_in_flight", 256, "Most micro-batches in flight.")
 # Splitwise.
 _MACHINE = flags.DEFINE_string("machine", "configs/hardware/dgx_h100.json", "Machine profile (splitwise).")
@@ -78,8 +81,8 @@ def plan_two_tier(m):
     pg = planner.search_paged(m, tier1, wl, space)
     if not tt or not pg:
       raise ValueError(f"workload {spec}: no feasible {'two-tier' if not tt else 'paged'} plan")
-    best, best_sim = planner.settle(m, tier1, tier2, network, wl, tt[0], _KV_BYTES.value)
-    base, base_sim = planner.settle(m, tier1, tier1, network, wl, pg[0], 2)
+    best, best_sim = planner.best_simulated(m, tier1, tier2, network, wl, tt, _KV_BYTES.value, _TOP.value)
+    base, base_sim = planner.best_simulated(m, tier1, tier1, network, wl, pg, 2, _TOP.value)
     same = planner.best_throughput_at(pg, best.slices)
     same_sim = planner.settle(m, tier1, tier1, network, wl, same, 2)[1] if same else None
     row = dict(workload=spec,
@@ -88,7 +91,10 @@ def plan_two_tier(m):
                paged_same_accelerators=dict(same.to_dict(), simulated_tokens_per_s=same_sim) if same else None,
                tokens_per_dollar_ratio=(best_sim / best.cost_per_hour) / (base_sim / base.cost_per_hour),
                throughput_per_accelerator_ratio=(best_sim / best.slices) / (base_sim / base.slices),
-               throughput_ratio_same_accelerators=best_sim / same_sim if same else None)
+               throughput_ratio_same_accelerators=best_sim / same_sim if same else None,
+               tokens_per_dollar_ratio_same_accelerators=(
+                   (best_sim / best.cost_per_hour) / (same_sim / same.cost_per_hour) if same else None))
+    row["at_slices"] = _compare_at_slices(m, tier1, tier2, network, wl, tt, pg)
     delays = [float(d) / 1000 for d in _DELAYS_MS.value]
     row["latency_curve"] = planner.latency_curve(m, tier1, tier2, best, wl, delays, _LINK_GBPS.value, space,
                                                  _KV_BYTES.value)
@@ -96,6 +102,23 @@ def plan_two_tier(m):
     _print_two_tier(row)
     _plot_two_tier(row, tt, pg, spec.replace(":", "_"))
   return report
+
+
+def _compare_at_slices(m, tier1, tier2, network, wl, tt, pg):
+  """Each system's best simulated plan with exactly S tier-1 accelerators, for S in --compare_slices."""
+  rows = []
+  for slices in (int(x) for x in _COMPARE.value):
+    two = [p for p in tt if p.slices == slices]
+    paged = [p for p in pg if p.slices == slices]
+    row = dict(slices=slices)
+    if two:
+      plan, sim = planner.best_simulated(m, tier1, tier2, network, wl, two, _KV_BYTES.value, _TOP.value)
+      row["two_tier"] = dict(plan.to_dict(), simulated_tokens_per_s=sim)
+    if paged:
+      plan, sim = planner.best_simulated(m, tier1, tier1, network, wl, paged, 2, _TOP.value)
+      row["paged"] = dict(plan.to_dict(), simulated_tokens_per_s=sim)
+    rows.append(row)
+  return rows
 
 
 def _print_two_tier(row):
@@ -110,10 +133,24 @@ def _print_two_tier(row):
             f"{p['in_flight']:5d} {p['tokens_per_s']:9.1f} {p['simulated_tokens_per_s']:9.1f} "
             f"{p['cost_per_hour']:7.2f} {per_million:8.2f}  {p['bottleneck']}")
   print("tok/s: closed form; sim: event model (used for the ratios and $/Mtok)")
-  same = row["throughput_ratio_same_accelerators"]
-  print(f"tokens/$ ratio {row['tokens_per_dollar_ratio']:.2f}x; throughput per accelerator "
-        f"{row['throughput_per_accelerator_ratio']:.2f}x; throughput at the same accelerators "
-        + (f"{same:.1f}x" if same else "n/a"))
+  same, same_cost = row["throughput_ratio_same_accelerators"], row["tokens_per_dollar_ratio_same_accelerators"]
+  print(f"vs the best paged plan: tokens/$ {row['tokens_per_dollar_ratio']:.2f}x, throughput per accelerator "
+        f"{row['throughput_per_accelerator_ratio']:.2f}x")
+  print("vs paged on the same accelerators: " + (f"throughput {same:.1f}x, tokens/$ {same_cost:.1f}x" if same
+                                                  else "no paged plan fits"))
+  print(f"{'accel':>5} {'two-tier tok/s':>15} {'$/Mtok':>7} {'paged tok/s':>12} {'$/Mtok':>7} "
+        f"{'thr ratio':>9} {'cost ratio':>10}")
+  for r in row["at_slices"]:
+    cells = []
+    for name in ("two_tier", "paged"):
+      p = r.get(name)
+      cells.append((p["simulated_tokens_per_s"], p["cost_per_hour"] / 3600 / p["simulated_tokens_per_s"] * 1e6)
+                   if p else None)
+    fmt = lambda c, w: f"{c[0]:{w}.1f} {c[1]:7.2f}" if c else f"{'-':>{w}} {'-':>7}"  # noqa: E731
+    ratios = (f"{cells[0][0] / cells[1][0]:9.2f} {cells[1][1] / cells[0][1]:10.2f}" if all(cells)
+              else f"{'-':>9} {'-':>10}")
+    print(f"{r['slices']:5d} {fmt(cells[0], 15)} {fmt(cells[1], 12)} {ratios}")
+  print("(cost ratio = paged $/Mtok / two-tier $/Mtok: above 1 means two-tier is cheaper)")
   print("one-way delay ms: " + "  ".join(f"{r['one_way_delay_s'] * 1000:.0f}:{r['fixed_relative']:.2f}/"
                                          f"{r['replanned_relative']:.2f}" for r in row["latency_curve"])
         + "   (fixed plan / re-planned, relative)")

@@ -73,6 +73,17 @@ def test_llama_greedy_continuous_batching_and_chunked_prefill(llama):
     assert o.decode_time_s == pytest.approx(o.token_times_s[-1] - o.token_times_s[0])
 
 
+@pytest.mark.slow
+def test_unrolled_layer_loop_gives_the_same_tokens(llama):
+  path, _, engine = llama
+  c = _config(path)
+  c.engine.layer_loop = "unrolled"
+  prompts = _prompts(seed=6, lengths=(7, 19))
+  sampled = SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, seed=5, ignore_eos=True)
+  want = engine.generate(prompts, [GREEDY, sampled])
+  assert [o.token_ids for o in Engine(c).generate(prompts, [GREEDY, sampled])] == [o.token_ids for o in want]
+
+
 def test_compilations_are_bounded_and_reused(llama):
   _, _, engine = llama
   engine.generate(_prompts(), GREEDY)

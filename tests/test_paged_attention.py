@@ -42,7 +42,7 @@ def test_decode_matches_dense_reference(heads, kv, window):
 
   kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (len(lengths), s))
   mask = causal_mask((lens - 1)[:, None], kv_pos, window) & (kv_pos < lens[:, None])[:, None, :]
-  want = grouped_attention(jnp.asarray(q)[:, None], jnp.asarray(k), jnp.asarray(v), mask)[:, 0]
+  want = jax.jit(grouped_attention)(jnp.asarray(q)[:, None], jnp.asarray(k), jnp.asarray(v), mask)[:, 0]
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
@@ -59,14 +59,14 @@ def test_prefill_chunk_after_cached_context_matches_dense(window):
   v = rng.standard_normal((3, s, kv, D)).astype(np.float32)
   k_pool, v_pool, tables = _scatter_pool(rng, k, v, 0, total, kv)
   q_pos = jnp.asarray([np.arange(st, st + chunk) for st in starts], jnp.int32)
-  got = paged_attention.paged_prefill_attention(jnp.asarray(q), k_pool, v_pool, 0, tables, q_pos,
-                                                jnp.asarray(total, jnp.int32), window)
-  for b, st in enumerate(starts):
-    kv_pos = jnp.arange(total[b], dtype=jnp.int32)[None]
-    mask = causal_mask(q_pos[b:b + 1], kv_pos, window)
-    want = grouped_attention(jnp.asarray(q[b:b + 1]), jnp.asarray(k[b:b + 1, :total[b]]),
-                             jnp.asarray(v[b:b + 1, :total[b]]), mask)
-    np.testing.assert_allclose(np.asarray(got[b]), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
+  lens = jnp.asarray(total, jnp.int32)
+  got = jax.jit(paged_attention.paged_prefill_attention, static_argnums=7)(
+      jnp.asarray(q), k_pool, v_pool, jnp.int32(0), tables, q_pos, lens, window)
+
+  kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (3, s))
+  mask = causal_mask(q_pos, kv_pos, window) & (kv_pos < lens[:, None])[:, None, :]
+  want = jax.jit(grouped_attention)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_write_kv_stores_at_page_and_offset_of_the_given_layer_only():

@@ -74,7 +74,7 @@ def test_littles_law_on_the_cluster():
   arrive = np.array([r.arrival_s for r in reqs])
   leave = arrive + np.array([s.token_times[-1] - s.req.arrival_s for s in sorted(c.finished, key=lambda s: s.index)])
   in_system = (arrive[None, :] <= t[:, None]).sum(1) - (leave[None, :] <= t[:, None]).sum(1)
-  area = np.trapezoid(in_system, t)
+  area = np.sum(in_system[:-1] * np.diff(t))
   assert area == pytest.approx(np.sum(leave - arrive), rel=2e-3)
 
 

@@ -149,6 +149,9 @@ def test_shm_off_refuses_regions(servers):
     with pytest.raises(grpc.RpcError) as info:
       ShmSession(ch, tier2_pb2_grpc.Tier2Stub(ch), None, 10)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    notify = shm_wire.NOTIFY.pack(1, 0, shm_wire.ATTEND, 64)
+    assert _status(lambda: ch.unary_unary(shm_wire.CALL_METHOD)(notify, timeout=10)) == \
+        grpc.StatusCode.FAILED_PRECONDITION
   assert _files_of(os.getpid()) == []
 
 
@@ -187,8 +190,8 @@ def test_regions_are_cleaned_up_on_close_and_after_a_crash(servers):
   with Tier2Client([address], **DIMS, transport="shm") as client:
     assert _shm_sessions(address) == before + 1
     assert _files_of(os.getpid()) == []  # names go as soon as the server has mapped them
-    del client
   assert _shm_sessions(address) == before
+  client.close()  # a second close is harmless
   child = subprocess.Popen([sys.executable, "-c", CRASHING_CLIENT, address], cwd=REPO_ROOT,
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                            env={**os.environ, "PYTHONPATH": REPO_ROOT})
@@ -203,5 +206,5 @@ def test_regions_are_cleaned_up_on_close_and_after_a_crash(servers):
 def test_rpc_rows_measure_both_transports(servers):
   rows = rpc_rows([16, 1 << 20], repeats=3, address=servers[0], transports=("grpc", "shm"))
   assert [(r["transport"], r["payload_bytes"]) for r in rows] == \
-      [("grpc", 16), ("grpc", 1 << 20), ("shm", 16), ("shm", 1 << 20)]
+      [("grpc", 16), ("shm", 16), ("grpc", 1 << 20), ("shm", 1 << 20)]
   assert all(0 < r["round_trip_ms_p50"] <= r["round_trip_ms_p90"] for r in rows)

@@ -10,7 +10,6 @@ attention never runs XLA's half-precision CPU dot (50x slower than fp32, FACTS.m
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp

@@ -2,7 +2,8 @@
 
 Measures Echo (the request comes back whole) over each transport: raw gRPC bytes
 (/glinthawk.tier2.Tensor/Echo) and shared memory with a gRPC notification (shm_wire.py), so the
-figures are the transport alone: no attention, no KV writes.
+figures are the transport alone: no attention, no KV writes. Both send as Tier2Client does (an
+asynchronous call whose reply is copied out on gRPC's thread), so they pay the same thread hand-off.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ def rpc_rows(payload_sizes=None, repeats: int = 20, address: str | None = None,
     with grpc.insecure_channel(address, options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]) as channel:
-      for transport in transports:
-        echo, close = _echo(channel, transport, max(payload_sizes))
-        try:
-          for size in payload_sizes:
-            rows.append(_row(echo, transport, int(size), repeats))
-        finally:
+      echoes = {}
+      try:
+        for transport in transports:
+          echoes[transport] = _echo(channel, transport, max(payload_sizes))
+        for size in payload_sizes:  # transports side by side, so load changes hit both alike
+          rows.extend(_row(echoes[t][0], t, int(size), repeats) for t in transports)
+      finally:
+        for _, close in echoes.values():
           close()
   finally:
     stop_servers(procs)
@@ -58,7 +61,7 @@ def _echo(channel, transport: str, max_size: int):
   """(echo(payload: uint8 array) -> reply length, close)."""
   if transport == "grpc":
     call = channel.unary_unary(tensor_wire.ECHO_METHOD)
-    return (lambda payload: len(call(payload.tobytes(), timeout=60))), lambda: None
+    return (lambda payload: len(call.future(payload.tobytes(), timeout=60).result())), lambda: None
   if transport == "shm":
     session = ShmSession(channel, tier2_pb2_grpc.Tier2Stub(channel), None, 60,
                          shm_wire.region_bytes(max_size, max_size))

@@ -27,6 +27,7 @@ from tier2_cpu.shm_sessions import ShmSessions
 MAX_MESSAGE_BYTES = 2**31 - 1
 AUTH_METADATA_KEY = "glinthawk-token"
 SERVICE_NAME = "glinthawk.tier2.Tier2"
+SHM_SWEEP_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,10 +302,12 @@ def _is_loopback(host: str) -> bool:
 
 def serve(options: ServerOptions) -> None:
   """Serves until SIGTERM/SIGINT; prints "tier2 ready on HOST:PORT" once serving."""
-  server, port, _ = build_server(options)
+  server, port, service = build_server(options)
   stop = threading.Event()
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda *_: stop.set())
   print(f"tier2 ready on {options.host}:{port}", flush=True)
-  stop.wait()
+  while not stop.wait(SHM_SWEEP_S):
+    if service.shm:
+      service.shm.sweep()  # unmaps the regions of clients that died without detaching
   server.stop(grace=1.0).wait()

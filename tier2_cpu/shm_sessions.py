@@ -1,9 +1,10 @@
 """The shared-memory regions a tier-2 server has mapped, by client session and request slot.
 
 A session ends on ShmDetach (the client closing) or, when the client dies without detaching, at
-the next attach or Stats call after its process is gone (checked by pid, so client and server
-must share a pid namespace; a recycled pid keeps a dead session until the server stops). Dropping
-a session unmaps its regions once no request still reads them.
+the first sweep after its process is gone (server.py sweeps on attach, on Stats and periodically;
+the check is by pid, so client and server must share a pid namespace, and a recycled pid keeps a
+dead session until the server stops). Dropping a session unmaps its regions once no request still
+reads them.
 """
 
 from __future__ import annotations

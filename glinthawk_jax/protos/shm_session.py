@@ -2,7 +2,7 @@
 
 A session holds one region per request slot; a call takes a free slot (a new one if all are in
 flight, a bigger one if the request does not fit), writes the request into it, notifies the server
-over gRPC and frees the slot once the reply is copied out. The server maps each region before the
+over gRPC and frees the slot once the reply has been consumed. The server maps each region before the
 client unlinks its name, so no file outlives a crash of either side.
 """
 
@@ -15,7 +15,6 @@ import threading
 from concurrent import futures
 
 import grpc
-import numpy as np
 
 from glinthawk_jax.protos import shm_wire, tier2_pb2
 from glinthawk_jax.protos.tensor_wire import WireError
@@ -56,11 +55,13 @@ class ShmSession:
   def num_slots(self) -> int:
     return self._num_slots
 
-  def call(self, op: int, parts, reply_bytes: int, timeout_s: float) -> futures.Future:
+  def call(self, op: int, parts, reply_bytes: int, timeout_s: float, consume=bytes) -> futures.Future:
     """Sends the request `parts` (tensor_wire.request_parts) through a slot.
 
-    Returns a Future of the reply bytes as a uint8 array (a copy); it fails with the call's
-    grpc.RpcError. Raises grpc.RpcError at once if a slot could not be attached.
+    Returns a Future of `consume(reply)`, where `reply` is a memoryview of the reply bytes in the
+    slot, valid only during the call (the default copies it to bytes); the Future fails with the
+    call's grpc.RpcError, or with what `consume` raised. Raises grpc.RpcError at once if a slot
+    could not be attached.
     """
     request_bytes = sum(p.nbytes for p in parts)
     slot = self._take(shm_wire.region_bytes(request_bytes, reply_bytes))
@@ -73,15 +74,15 @@ class ShmSession:
     def done(rpc):
       try:
         (n,) = shm_wire.REPLY.unpack(rpc.result())
-        reply = np.array(slot.region.view(shm_wire.reply_offset(request_bytes), n), np.uint8)
+        reply = consume(slot.region.view(shm_wire.reply_offset(request_bytes), n))
       except grpc.RpcError as e:
         if e.code() not in _SLOT_IN_DOUBT:
           self._give_back(slot)
         result.set_exception(e)
         return
-      except Exception as e:  # noqa: BLE001 (a malformed reply; handed to the caller)
+      except Exception as e:  # noqa: BLE001 (a bad reply or consume's error; handed to the caller)
         self._give_back(slot)
-        result.set_exception(WireError(f"shm reply: {e}"))
+        result.set_exception(e if isinstance(e, WireError) else WireError(f"shm reply: {e}"))
         return
       self._give_back(slot)
       result.set_result(reply)

@@ -7,6 +7,12 @@ request bytes (tensor_wire's layout, unchanged) at offset 0 of a free slot and s
 /glinthawk.tier2.Tensor/ShmCall; the server decodes the request in place, writes the reply bytes
 (tensor_wire's layout) at reply_offset(request bytes) and answers REPLY with their length. Errors
 come back as gRPC statuses, exactly as on the bytes path.
+
+Clean-up: a name lives in /dev/shm only from a slot's creation until ShmAttach returns (a client
+killed in that window leaves one gt2shm-<pid>-... file, safe to delete). The memory goes when both
+mappings do: the client's on close or exit; the server's on ShmDetach (sent by close), when it
+finds the client's pid gone (at the next ShmAttach or Stats, and every 30 s), or on exit. A server
+crash fails the client's calls with UNAVAILABLE; their slots are never reused.
 """
 
 from __future__ import annotations

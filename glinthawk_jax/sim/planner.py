@@ -274,3 +274,10 @@ def settle(m, tier1, tier2, network, workload, plan: Plan, kv_itemsize=4, target
       break
     best = (deeper, simulated_rate(m, tier1, tier2, network, workload, deeper, kv_itemsize))
   return best
+
+
+def best_simulated(m, tier1, tier2, network, workload, plans: list[Plan], kv_itemsize=4,
+                   top=8) -> tuple[Plan, float]:
+  """Settles the `top` closed-form plans in the event model; the most simulated tokens per dollar."""
+  settled = [settle(m, tier1, tier2, network, workload, p, kv_itemsize) for p in plans[:top]]
+  return max(settled, key=lambda pr: pr[1] / pr[0].cost_per_hour)

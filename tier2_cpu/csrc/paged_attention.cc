@@ -5,8 +5,12 @@
 // page_size] (one per token and KV head). Query token n attends positions 0..positions[n] of the
 // pages listed in block_tables[n]; positions[n] < 0 marks a padding row (output zeros).
 // For each (token, KV head) the kernel streams the pages once for all query heads of the group
-// (GQA) with an online softmax in float32. bf16 widens to float32 by a 16-bit shift, which the
-// compiler vectorizes; no half-precision arithmetic anywhere.
+// (GQA), in chunks of kChunk keys, with an online softmax and accumulators in float32. Stored
+// elements widen to float32 in registers (bf16: a 16-bit shift; int8: sign-extend and convert,
+// times the row's scale); there is no half-precision arithmetic, so XLA's slow bf16 CPU dot is
+// never involved. Vectors are GCC vector types at the native width, so the same source builds
+// with -march=native for AVX-512, AVX2 or plain SSE; head_dim not a multiple of the vector step
+// takes a scalar path.
 
 #include <algorithm>
 #include <cmath>
@@ -14,6 +18,10 @@
 #include <cstring>
 #include <string>
 #include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -63,8 +71,6 @@ constexpr int kLanes = 4;
 #endif
 typedef float FV __attribute__((vector_size(4 * kLanes)));
 typedef uint32_t U32V __attribute__((vector_size(4 * kLanes)));
-typedef int8_t I8V __attribute__((vector_size(kLanes)));
-typedef int32_t I32V __attribute__((vector_size(4 * kLanes)));
 
 inline FV Load(const float* p) {
   FV v;
@@ -93,9 +99,14 @@ template <> struct Wide<uint16_t> {
 template <> struct Wide<int8_t> {
   static constexpr int kStep = kLanes;
   static void Load(const int8_t* p, FV* out) {
-    I8V u;
-    std::memcpy(&u, p, sizeof u);
-    out[0] = __builtin_convertvector(__builtin_convertvector(u, I32V), FV);
+    // GCC widens an int8 vector element by element; the intrinsics give one vpmovsxbd.
+#if defined(__AVX512F__)
+    out[0] = (FV)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+    out[0] = (FV)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+#else
+    for (int l = 0; l < kLanes; ++l) out[0][l] = p[l];
+#endif
   }
 };
 
@@ -121,10 +132,18 @@ inline FV Broadcast(float x) {
   for (int l = 0; l < kLanes; ++l) v[l] = x;
   return v;
 }
-inline float Sum(FV v) {
-  float s = 0.0f;
-  for (int l = 0; l < kLanes; ++l) s += v[l];
-  return s;
+inline float Sum(FV v) {  // a tree: a lane-by-lane loop is a serial chain of kLanes adds
+#if defined(__AVX512F__)
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+#elif defined(__AVX__)
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1);
+#else
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1);
+#endif
+  return v[0] + v[1];
 }
 
 // Scores of `count` keys against G query rows (permuted like Wide<T>): s[h * kChunk + j]. Two
@@ -196,6 +215,11 @@ void AccumulateVec(const float* p, const T* v, int count, int dim, float* acc) {
   for (; d0 + kBlock * kLanes <= dim; d0 += kBlock * kLanes)
     AccumulateBlock<T, G, kBlock>(p, v, count, dim, acc, d0);
   for (; d0 < dim; d0 += kN * kLanes) AccumulateBlock<T, G, kN>(p, v, count, dim, acc, d0);
+}
+
+inline void Prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i);
 }
 
 // Online-softmax step over one chunk of scores s[0:kChunk] (in place -> exp(s - new max)): updates
@@ -309,6 +333,12 @@ ffi::Error AttendOne(const Dims& dm, const float* q, const int32_t* table, int32
     for (int64_t j0 = 0; j0 < in_page; j0 += kChunk) {
       const int count = static_cast<int>(std::min<int64_t>(kChunk, in_page - j0));
       const int64_t row = row0 + j0;
+      // The chunk's V rows are contiguous: fetch them while the scores are computed.
+      Prefetch(v_pool + row * dim, count * dim * sizeof(T));
+      if (j0 + kChunk < in_page) Prefetch(k_pool + (row + kChunk) * dim, kChunk * dim * sizeof(T));
+      else if (pi + 1 < pages && table[pi + 1] >= 0 && table[pi + 1] < dm.num_pages)
+        Prefetch(k_pool + (static_cast<int64_t>(table[pi + 1]) * dm.kv_heads + kv_head) *
+                              dm.page_size * dim, kChunk * dim * sizeof(T));
       Score(qs, group, k_pool + row * dim, count, static_cast<int>(dim), s);
       for (int h = 0; h < group; ++h) {
         float* sh = s + h * kChunk;

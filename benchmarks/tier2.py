@@ -127,7 +127,7 @@ def kernel_rows(cfg: dict, procs: list[int]) -> list[dict]:
     for w in workers:
       w.join()
       if w.exitcode:
-        raise RuntimeError(f"benchmark worker on core {w.pid} exited with {w.exitcode}")
+        raise RuntimeError(f"benchmark worker pid {w.pid} exited with {w.exitcode}")
     for kind in cfg["kinds"]:
       mine = [g for g in got if g[0] == kind]
       rows.append({"kind": kind, "processes": n, "gb_per_s": sum(g[2] for g in mine),

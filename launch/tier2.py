@@ -14,7 +14,7 @@ import sys  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # repo root replaces launch/
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Model config (dimensions).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind; loopback unless set.")

@@ -38,9 +38,9 @@ class ServerProcess:
         raise RuntimeError(f"tier-2 server {self.args} exited with {self.process.returncode}:\n"
                            f"{self.output()[-3000:]}")
       time.sleep(0.05)
+    log_tail = self.output()[-3000:]
     self.stop()
-    raise TimeoutError(f"tier-2 server {self.args}: no ready line in {timeout_s} s:\n"
-                       f"{self.output()[-3000:]}")
+    raise TimeoutError(f"tier-2 server {self.args}: no ready line in {timeout_s} s:\n{log_tail}")
 
   def output(self) -> str:
     self.log.seek(0)

@@ -71,6 +71,7 @@ constexpr int kLanes = 4;
 #endif
 typedef float FV __attribute__((vector_size(4 * kLanes)));
 typedef uint32_t U32V __attribute__((vector_size(4 * kLanes)));
+typedef int32_t I32V __attribute__((vector_size(4 * kLanes)));
 
 inline FV Load(const float* p) {
   FV v;
@@ -132,16 +133,17 @@ inline FV Broadcast(float x) {
   for (int l = 0; l < kLanes; ++l) v[l] = x;
   return v;
 }
-inline float Sum(FV v) {  // a tree: a lane-by-lane loop is a serial chain of kLanes adds
+// A tree (__builtin_shuffle: any GCC since 4.7); a lane-by-lane loop is a serial chain of adds.
+inline float Sum(FV v) {
 #if defined(__AVX512F__)
-  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
-  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+  v += __builtin_shuffle(v, I32V{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v += __builtin_shuffle(v, I32V{4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
+  v += __builtin_shuffle(v, I32V{2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
 #elif defined(__AVX__)
-  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
-  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1);
+  v += __builtin_shuffle(v, I32V{4, 5, 6, 7, 0, 1, 2, 3});
+  v += __builtin_shuffle(v, I32V{2, 3, 0, 1, 2, 3, 0, 1});
 #else
-  v += __builtin_shufflevector(v, v, 2, 3, 0, 1);
+  v += __builtin_shuffle(v, I32V{2, 3, 0, 1});
 #endif
   return v[0] + v[1];
 }

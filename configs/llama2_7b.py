@@ -18,4 +18,6 @@ def get_config():
   c.engine.max_num_seqs = 256
   c.engine.max_model_len = 4096
   c.engine.max_prefill_tokens = 8192
+  c.engine.layer_loop = "unrolled"
+  c.engine.decode_steps_per_call = 8
   return c

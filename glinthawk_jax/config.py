@@ -7,9 +7,11 @@ import os
 
 import ml_collections
 
+from glinthawk_jax.requests import SamplingParams
 from models.model_config import ModelConfig
 
 PLACEMENTS = ("local", "callback", "pipelined")
+LAYER_LOOPS = ("scan", "unrolled")
 DTYPES = ("float32", "bfloat16", "float16")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TOKENIZER = os.path.join(REPO_ROOT, "configs", "assets", "tiny_tokenizer.json")
@@ -53,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.engine.max_model_len = 2048  # longest prompt + output, in tokens
   c.engine.max_prefill_tokens = 4096  # token budget of one batched prefill step (chunks longer prompts)
   c.engine.decode_steps_per_call = 1  # decode steps fused into one jitted call (fewer dispatches)
+  # scan: one compiled layer over stacked weights (fast compiles); unrolled: per-layer weights, no
+  # per-layer slice of the stack (1.5x faster decode on an H100, docs/BENCHMARKS.md).
+  c.engine.layer_loop = "scan"
 
   c.sampling = ml_collections.ConfigDict()  # defaults for requests that do not set their own
   c.sampling.max_tokens = 32  # new tokens per request
@@ -67,6 +72,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first bad key and what is allowed."""
   _one_of(config, "placement", PLACEMENTS)
   _one_of(config, "dtype", DTYPES)
+  if config.engine.layer_loop not in LAYER_LOOPS:
+    raise ConfigError(f"engine.layer_loop={config.engine.layer_loop!r}: expected one of "
+                      f"{', '.join(LAYER_LOOPS)}")
   for key in ("max_num_seqs", "page_size", "max_model_len", "max_prefill_tokens", "decode_steps_per_call"):
     _positive(config, f"engine.{key}")
   if not 0.0 < config.engine.kv_cache_memory_fraction <= 1.0:
@@ -95,6 +103,13 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig(dtype=config.dtype, **fields)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"model: {e}") from e
+
+
+def default_sampling(config: ml_collections.ConfigDict) -> SamplingParams:
+  """The config's sampling section as SamplingParams (requests override fields one by one)."""
+  s = config.sampling
+  return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k,
+                        top_p=s.top_p, ignore_eos=s.ignore_eos)
 
 
 def tokenizer_path(config: ml_collections.ConfigDict) -> str:

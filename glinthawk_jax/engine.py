@@ -45,12 +45,6 @@ class EngineStats:
   num_compilations: int = 0  # distinct jitted shapes run (each compiled once)
 
 
-def default_sampling(config: ml_collections.ConfigDict) -> SamplingParams:
-  s = config.sampling
-  return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                        ignore_eos=s.ignore_eos)
-
-
 class Engine:
   """Offline generation on one accelerator with attention over a paged KV cache (placement "local")."""
 
@@ -66,7 +60,7 @@ class Engine:
     ec = config.engine
     self.num_pages = num_pages_for(ec, self.model_config)
     self.runner = ModelRunner(model, LocalPagedAttention(self.model_config, self.num_pages, ec.page_size),
-                              ec.decode_steps_per_call, ec.get("layer_loop", "scan"))
+                              ec.decode_steps_per_call, ec.layer_loop)
     del model  # with layer_loop="unrolled" the runner holds per-layer copies; let the stacked ones go
     self.stats = EngineStats(num_pages=self.num_pages, page_size=ec.page_size,
                              kv_pool_gib=self.num_pages * ec.page_size * self.model_config.kv_bytes_per_token / GIB)
@@ -150,7 +144,7 @@ class Engine:
     if len(ids) != n:
       raise ValueError(f"{len(ids)} request_ids for {n} prompts")
     if sampling is None or isinstance(sampling, SamplingParams):
-      params = [sampling or default_sampling(self.config)] * n
+      params = [sampling or config_lib.default_sampling(self.config)] * n
     else:
       params = list(sampling)
       if len(params) != n:

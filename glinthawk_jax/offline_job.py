@@ -14,16 +14,8 @@ from glinthawk_jax.builtin_prompts import builtin_requests
 from glinthawk_jax.job_input import InputError, parse_requests, read_jsonl
 from glinthawk_jax.job_output import OutputWriter, finished_ids
 from glinthawk_jax.metrics import summarize
-from glinthawk_jax.requests import SamplingParams
 
 ON_BAD_INPUT = ("fail", "skip")
-
-
-def default_sampling(config: ml_collections.ConfigDict) -> SamplingParams:
-  """The config's sampling section as SamplingParams (requests override fields one by one)."""
-  s = config.sampling
-  return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k,
-                        top_p=s.top_p, ignore_eos=s.ignore_eos)
 
 
 def run_offline_job(config: ml_collections.ConfigDict, input_path: str | None, output_path: str,
@@ -44,7 +36,7 @@ def run_offline_job(config: ml_collections.ConfigDict, input_path: str | None, o
   model_config = config_lib.model_config(config)
   lines = read_jsonl(input_path) if input_path else [(0, r) for r in builtin_requests()]
   requests, problems = parse_requests(lines, tokenizer.encode, model_config.vocab_size,
-                                      config.engine.max_model_len, default_sampling(config))
+                                      config.engine.max_model_len, config_lib.default_sampling(config))
   source = input_path or "the built-in prompt set"
   if problems:
     listing = "\n".join(f"  {source}: {p}" for p in problems)

@@ -140,7 +140,8 @@ def main(argv):
         name=_NAME.value or table["device"], kind=_KIND.value, source="measured", memory_gb=memory,
         mem_bandwidth_gbs=bw / 1e9, peak_tflops=flops / 1e12, network_gbps=_NETWORK.value,
         price_per_hour=_PRICE.value, devices=_DEVICES.value,
-        notes=_NOTES.value or f"measured by launch/profile.py with {_CONFIG.value.name} shapes", measurements=table)
+        notes=_NOTES.value or f"measured by launch/profile.py with {_CONFIG.value.name} shapes",
+        measurements=table)
     print(f"{'stage':16} {'size':>14} {'ms':>10}")
     for r in table["tier1_step"]:
       print(f"{'tier1 step':16} {'B=' + str(r['batch']):>14} {r['seconds'] * 1e3:10.3f}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 
 from models.model_config import ModelConfig
 from glinthawk_jax.sim import cost_model
@@ -164,7 +163,8 @@ class SearchSpace:
 def search_two_tier(m, tier1, tier2, network, workload, space=SearchSpace(), kv_itemsize=4) -> list[Plan]:
   """The best depth of every (slices, tier-2 nodes, batch), most tokens per dollar first."""
   plans = []
-  for slices, nodes, batch in itertools.product(_slice_range(m, tier1, space.extra_slices), space.tier2_nodes, space.batches):
+  grid = itertools.product(_slice_range(m, tier1, space.extra_slices), space.tier2_nodes, space.batches)
+  for slices, nodes, batch in grid:
     plan = _best_depth(lambda k: evaluate_two_tier(m, tier1, tier2, network, workload, slices, nodes, batch,
                                                    k, kv_itemsize), space.depths)
     if plan is not None:
@@ -237,10 +237,6 @@ def latency_curve(m, tier1, tier2, plan: Plan, workload: Workload, one_way_delay
                      replanned_in_flight=replanned.in_flight, replanned_batch=replanned.batch,
                      replanned_tier2_nodes=replanned.tier2_nodes_per_slice))
   return rows
-
-
-def ratio(a: float, b: float) -> float:
-  return a / b if b else math.inf
 
 
 def simulated_rate(m, tier1, tier2, network, workload, plan: Plan, kv_itemsize=4, tokens_per_batch=8) -> float:

@@ -12,4 +12,6 @@ def get_config():
   c.engine.max_model_len = 256
   c.engine.max_prefill_tokens = 256
   c.sampling.max_tokens = 16
+  c.tier2.kv_dtype = "float32"
+  c.tier2.kv_cache_gb = 0.01
   return c

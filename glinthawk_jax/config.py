@@ -13,6 +13,9 @@ from models.model_config import ModelConfig
 PLACEMENTS = ("local", "callback", "pipelined")
 LAYER_LOOPS = ("scan", "unrolled")
 DTYPES = ("float32", "bfloat16", "float16")
+TIER2_KV_DTYPES = ("float32", "bfloat16")
+TIER2_TRANSPORTS = ("auto", "grpc", "shm")
+MAX_IN_FLIGHT = 8
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TOKENIZER = os.path.join(REPO_ROOT, "configs", "assets", "tiny_tokenizer.json")
 
@@ -65,6 +68,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.top_k = 0  # 0 = off
   c.sampling.top_p = 1.0  # 1.0 = off
   c.sampling.ignore_eos = False  # keep generating past EOS (benchmarks)
+
+  c.tier2 = ml_collections.ConfigDict()  # tier-2 KV/attention servers (placements callback, pipelined)
+  c.tier2.spawn = 2  # local servers tier 1 starts (and stops) itself when addresses is empty
+  c.tier2.addresses = ""  # "host:port,..." of running servers; set = spawn nothing
+  c.tier2.kv_dtype = "bfloat16"  # KV storage dtype on tier 2: float32 or bfloat16
+  c.tier2.kv_cache_gb = 1.0  # KV pool of each spawned server, GiB
+  c.tier2.cpus = "auto"  # cores of spawned servers: "auto" (split this host's cores) or "0-3;4-7" per server
+  c.tier2.timeout_s = 60.0  # deadline of every tier-2 call
+  c.tier2.transport = "auto"  # auto (shared memory on loopback), grpc or shm
+  c.tier2.in_flight = 0  # pipelined micro-batches in flight; 0 = auto from measured step and round trip
+  c.tier2.inject_delay_ms = 0.0  # delay spawned servers add to each tensor RPC (latency studies)
   return c
 
 
@@ -86,8 +100,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"sampling.temperature={config.sampling.temperature}: expected >= 0")
   if not 0.0 < config.sampling.top_p <= 1.0:
     raise ConfigError(f"sampling.top_p={config.sampling.top_p}: expected a value in (0, 1]")
+  _validate_tier2(config.tier2)
   if config.checkpoint and not os.path.isdir(config.checkpoint):
     raise ConfigError(f"checkpoint={config.checkpoint!r}: no such directory")
+
+
+def _validate_tier2(t) -> None:
+  if not isinstance(t.spawn, int) or t.spawn < 0:
+    raise ConfigError(f"tier2.spawn={t.spawn!r}: expected an integer >= 0")
+  for a in filter(None, t.addresses.split(",")):
+    host, _, port = a.strip().rpartition(":")
+    if not host or not port.isdigit():
+      raise ConfigError(f"tier2.addresses: {a!r}: expected host:port")
+  if not t.addresses and t.spawn == 0:
+    raise ConfigError("tier2.spawn=0 and tier2.addresses is empty: no tier-2 server to use")
+  if t.kv_dtype not in TIER2_KV_DTYPES:
+    raise ConfigError(f"tier2.kv_dtype={t.kv_dtype!r}: expected one of {', '.join(TIER2_KV_DTYPES)}")
+  if t.kv_cache_gb <= 0:
+    raise ConfigError(f"tier2.kv_cache_gb={t.kv_cache_gb}: expected > 0")
+  if t.cpus != "auto" and not all(part.strip() for part in t.cpus.split(";")):
+    raise ConfigError(f"tier2.cpus={t.cpus!r}: expected \"auto\" or core lists like \"0-3;4-7\"")
+  if t.cpus != "auto" and t.spawn and len(t.cpus.split(";")) != t.spawn:
+    raise ConfigError(f"tier2.cpus={t.cpus!r}: {len(t.cpus.split(';'))} core lists for tier2.spawn={t.spawn}")
+  if t.timeout_s <= 0:
+    raise ConfigError(f"tier2.timeout_s={t.timeout_s}: expected > 0")
+  if t.transport not in TIER2_TRANSPORTS:
+    raise ConfigError(f"tier2.transport={t.transport!r}: expected one of {', '.join(TIER2_TRANSPORTS)}")
+  if not isinstance(t.in_flight, int) or not 0 <= t.in_flight <= MAX_IN_FLIGHT:
+    raise ConfigError(f"tier2.in_flight={t.in_flight!r}: expected an integer in [0, {MAX_IN_FLIGHT}]")
+  if t.inject_delay_ms < 0:
+    raise ConfigError(f"tier2.inject_delay_ms={t.inject_delay_ms}: expected >= 0")
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

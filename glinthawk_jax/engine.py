@@ -7,20 +7,24 @@ ModelRunner (jitted prefill/decode over an attention backend) -> models/ (the mo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import sys
 import time
 from typing import Callable, Sequence as Seq
 
 import ml_collections
+import numpy as np
 import tqdm
 
 from glinthawk_jax import config as config_lib
 from glinthawk_jax.checkpoint import load_model
 from glinthawk_jax.model_runner import LocalPagedAttention, ModelRunner
-from glinthawk_jax.paged_cache import GIB, PageAllocator, num_pages_for
+from glinthawk_jax.paged_cache import GIB, PageAllocator, num_pages_for, pages_per_sequence
 from glinthawk_jax.requests import FINISH_LENGTH, FINISH_STOP, RequestOutput, SamplingParams
 from glinthawk_jax.scheduler import Scheduler, Sequence
+from glinthawk_jax.tier2_client import Tier2Error
+from glinthawk_jax.tier2_launch import Tier2Servers
 from glinthawk_jax.tokenizer import load_tokenizer
 
 SEED_STRIDE = 1_000_003  # default seed of request i: config.seed * SEED_STRIDE + i (mod 2^32)
@@ -58,12 +62,46 @@ class Engine:
       tokenizer = _load_tokenizer_if_present(config)
     self.tokenizer = tokenizer
     ec = config.engine
-    self.num_pages = num_pages_for(ec, self.model_config)
-    self.runner = ModelRunner(model, LocalPagedAttention(self.model_config, self.num_pages, ec.page_size),
-                              ec.decode_steps_per_call, ec.layer_loop)
+    self.tier2 = None  # Tier2Servers for the two-tier placements
+    self._tier2_ids: dict[Sequence, int] = {}  # sequences holding KV on tier 2 -> their tier-2 id
+    self._next_tier2_id = itertools.count()
+    if config.placement == "local":
+      self.num_pages = num_pages_for(ec, self.model_config)
+      self.runner = ModelRunner(model, LocalPagedAttention(self.model_config, self.num_pages, ec.page_size),
+                                ec.decode_steps_per_call, ec.layer_loop)
+    else:
+      self.tier2 = Tier2Servers(config, self.model_config)
+      # Tier 2 owns the KV: the scheduler's pages are bookkeeping, as many as every slot at full length.
+      self.num_pages = ec.max_num_seqs * pages_per_sequence(ec.max_model_len, ec.page_size) + 1
+      try:
+        self.runner = self._two_tier_runner(model)
+      except Exception:
+        self.close()
+        raise
     del model  # with layer_loop="unrolled" the runner holds per-layer copies; let the stacked ones go
     self.stats = EngineStats(num_pages=self.num_pages, page_size=ec.page_size,
                              kv_pool_gib=self.num_pages * ec.page_size * self.model_config.kv_bytes_per_token / GIB)
+
+  def _two_tier_runner(self, model):
+    from glinthawk_jax.placements.callback import CallbackAttention  # noqa: PLC0415
+    from glinthawk_jax.placements.pipelined import PipelinedRunner  # noqa: PLC0415
+
+    ec, t = self.config.engine, self.config.tier2
+    if self.config.placement == "callback":
+      backend = CallbackAttention(self.tier2.client, ec.page_size, self.num_pages, t.timeout_s)
+      return ModelRunner(model, backend, ec.decode_steps_per_call, ec.layer_loop)
+    return PipelinedRunner(model, self.tier2.client, ec.decode_steps_per_call, t.in_flight, t.timeout_s)
+
+  def close(self) -> None:
+    """Stops the tier-2 servers this engine spawned (no-op for placement local)."""
+    if self.tier2 is not None:
+      self.tier2.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
 
   def stats_dict(self) -> dict:
     return dataclasses.asdict(self.stats)
@@ -89,6 +127,7 @@ class Engine:
 
     def finish(seq: Sequence):
       scheduler.finish(seq)
+      self._release_tier2([seq])
       out = self._output(seq)
       outputs[seq.index] = out
       bar.update(1)
@@ -108,7 +147,8 @@ class Engine:
         t = time.perf_counter()
         tokens = self.runner.decode(batch.tokens, batch.positions, batch.block_tables, batch.token_index,
                                     batch.temperature, batch.top_k, batch.top_p, batch.seeds,
-                                    batch.greedy_only)
+                                    batch.greedy_only, self._tier2_rows(batch.seqs, len(batch.tokens)))
+        self._check_tier2()
         now = time.perf_counter()
         self.stats.decode_time_s += now - t
         self.stats.num_decode_calls += 1
@@ -120,6 +160,7 @@ class Engine:
           else:
             seq.num_computed = seq.num_tokens - 1
     finally:
+      self._release_tier2(list(self._tier2_ids), best_effort=True)
       bar.close()
       self.stats.num_preemptions += scheduler.num_preemptions - preemptions_before
       self.stats.num_compilations = self.runner.num_compilations
@@ -130,13 +171,46 @@ class Engine:
     ran = False
     while (batch := scheduler.schedule_prefill()) is not None:
       t = time.perf_counter()
+      if self.tier2 is not None:  # a row starting at 0 is new or was preempted: fresh KV on tier 2
+        self._release_tier2([seq for seq, _ in batch.rows if seq.num_computed == 0])
+      seq_ids = self._tier2_rows([seq for seq, _ in batch.rows], len(batch.tokens))
       self.runner.prefill(batch.tokens, batch.positions, batch.page_ids, batch.offsets, batch.block_tables,
-                          batch.context_lens)
+                          batch.context_lens, seq_ids)
+      self._check_tier2()
       batch.commit()
       self.stats.prefill_time_s += time.perf_counter() - t
       self.stats.num_prefill_calls += 1
       ran = True
     return ran
+
+  def _tier2_rows(self, seqs: list[Sequence], rows: int):
+    """[rows] tier-2 ids of the batch's sequences (allocating new ones), -1 for padding; None if local."""
+    if self.tier2 is None:
+      return None
+    new = [s for s in seqs if s not in self._tier2_ids]
+    if new:
+      ids = [next(self._next_tier2_id) for _ in new]
+      self.tier2.client.allocate(ids, expected_tokens=max(s.num_tokens + s.max_tokens for s in new))
+      self._tier2_ids.update(zip(new, ids))
+    out = np.full((rows,), -1, np.int32)
+    out[:len(seqs)] = [self._tier2_ids[s] for s in seqs]
+    return out
+
+  def _release_tier2(self, seqs: list[Sequence], best_effort: bool = False) -> None:
+    held = [s for s in seqs if s in self._tier2_ids]
+    if not held:
+      return
+    try:
+      self.tier2.client.release([self._tier2_ids.pop(s) for s in held])
+    except Tier2Error as e:
+      if not best_effort:
+        raise
+      logging.warning("releasing %d sequences on tier 2 failed: %s", len(held), e)
+
+  def _check_tier2(self) -> None:
+    check = getattr(getattr(self.runner, "backend", None), "raise_error", None)
+    if check is not None:
+      check()
 
   def _sequences(self, prompts, sampling, request_ids) -> list[Sequence]:
     n = len(prompts)

@@ -37,8 +37,8 @@ class LocalPagedAttention:
   def init_state(self) -> Any:
     return paged_cache.init_pool(self.model, self.num_pages, self.page_size)
 
-  def prefill_attend(self, page_ids, offsets, block_tables, q_positions, context_lens):
-    """attend for q: [B, T, H, D] whose k, v go to (page_ids, offsets): [B, T]."""
+  def prefill_attend(self, page_ids, offsets, block_tables, q_positions, context_lens, seq_ids=None):
+    """attend for q: [B, T, H, D] whose k, v go to (page_ids, offsets): [B, T] (seq_ids unused here)."""
     window = self.model.sliding_window
 
     def attend(layer, q, k, v, state):
@@ -51,8 +51,8 @@ class LocalPagedAttention:
 
     return attend
 
-  def decode_attend(self, page_ids, offsets, block_tables, context_lens):
-    """attend for one token a row: q: [B, 1, H, D]; page_ids, offsets: [B, 1]."""
+  def decode_attend(self, page_ids, offsets, block_tables, context_lens, seq_ids=None):
+    """attend for one token a row: q: [B, 1, H, D]; page_ids, offsets: [B, 1] (seq_ids unused here)."""
     window = self.model.sliding_window
 
     def attend(layer, q, k, v, state):
@@ -99,19 +99,24 @@ class ModelRunner:
     return len(self.compiled_shapes)
 
   def prefill(self, tokens: np.ndarray, positions: np.ndarray, page_ids: np.ndarray, offsets: np.ndarray,
-              block_tables: np.ndarray, context_lens: np.ndarray) -> None:
-    """Writes the KV of tokens: [B, T] at positions: [B, T] into the cache (no sampling)."""
+              block_tables: np.ndarray, context_lens: np.ndarray, seq_ids: np.ndarray | None = None) -> None:
+    """Writes the KV of tokens: [B, T] at positions: [B, T] into the cache (no sampling).
+
+    seq_ids: [B] the rows' tier-2 sequence ids (-1 = padding row), for backends that need them.
+    """
     self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape))
+    seq_ids = _row_ids(seq_ids, tokens.shape[0])
     self.state = self._prefill(self.params, self.state, tokens, positions, page_ids, offsets, block_tables,
-                               context_lens)
+                               context_lens, seq_ids)
 
   def decode(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray,
              token_index: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
-             seeds: np.ndarray, greedy_only: bool) -> np.ndarray:
+             seeds: np.ndarray, greedy_only: bool, seq_ids: np.ndarray | None = None) -> np.ndarray:
     """`decode_steps` steps from tokens: [B] at positions: [B]; returns sampled tokens [steps, B]."""
     self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, greedy_only))
+    seq_ids = _row_ids(seq_ids, tokens.shape[0])
     self.state, out = self._decode(self.params, self.state, tokens, positions, block_tables, token_index,
-                                   temperature, top_k, top_p, seeds, greedy_only=greedy_only)
+                                   temperature, top_k, top_p, seeds, seq_ids, greedy_only=greedy_only)
     return np.asarray(out)
 
   def _merge(self, params):
@@ -131,14 +136,15 @@ class ModelRunner:
 
     return nnx.merge(self.graphdef, outer), run_layers
 
-  def _prefill_fn(self, params, state, tokens, positions, page_ids, offsets, block_tables, context_lens):
+  def _prefill_fn(self, params, state, tokens, positions, page_ids, offsets, block_tables, context_lens,
+                  seq_ids):
     model, run_layers = self._merge(params)
-    attend = self.backend.prefill_attend(page_ids, offsets, block_tables, positions, context_lens)
+    attend = self.backend.prefill_attend(page_ids, offsets, block_tables, positions, context_lens, seq_ids)
     _, state = run_layers(model.embed(tokens), positions, attend, state)
     return state
 
   def _decode_fn(self, params, state, tokens, positions, block_tables, token_index, temperature, top_k,
-                 top_p, seeds, *, greedy_only):
+                 top_p, seeds, seq_ids, *, greedy_only):
     model, run_layers = self._merge(params)
     page_size, width = self.page_size, block_tables.shape[1]
 
@@ -148,7 +154,7 @@ class ModelRunner:
       col = pos // page_size
       page = jnp.take_along_axis(block_tables, jnp.minimum(col, width - 1)[:, None], axis=1)
       page = jnp.where(col[:, None] < width, page, paged_cache.SCRATCH_PAGE)
-      attend = self.backend.decode_attend(page, (pos % page_size)[:, None], block_tables, pos + 1)
+      attend = self.backend.decode_attend(page, (pos % page_size)[:, None], block_tables, pos + 1, seq_ids)
       x, st = run_layers(model.embed(tok[:, None]), pos[:, None], attend, st)
       nxt = sample(model.logits(x[:, 0]), temperature, top_k, top_p, seeds, token_index + i, greedy_only)
       return nxt, st, out.at[i].set(nxt)
@@ -156,3 +162,7 @@ class ModelRunner:
     out = jnp.zeros((self.decode_steps, tokens.shape[0]), jnp.int32)
     _, state, out = jax.lax.fori_loop(0, self.decode_steps, step, (tokens, state, out))
     return state, out
+
+
+def _row_ids(seq_ids, rows: int) -> np.ndarray:
+  return np.full((rows,), -1, np.int32) if seq_ids is None else np.asarray(seq_ids, np.int32)

@@ -217,12 +217,25 @@ class Tier2Client:
     q: [N, H, D], k and v: [N, KV, D], all of one dtype (float32, bfloat16 or float16); token i
     belongs to seq_ids[i] at positions[i] and attends that sequence's keys 0..positions[i].
     """
+    return self._tensor_call(layer, seq_ids, positions, q, k, v, timeout_s)
+
+  def append_async(self, layer: int, seq_ids, positions, k: np.ndarray, v: np.ndarray,
+                   timeout_s: float | None = None) -> futures.Future:
+    """Appends k, v: [N, KV, D] at the positions, no attention; a Future of None once stored.
+
+    Same validation and errors as attend_async (positions must not leave gaps).
+    """
+    return self._tensor_call(layer, seq_ids, positions, None, k, v, timeout_s)
+
+  def _tensor_call(self, layer, seq_ids, positions, q, k, v, timeout_s) -> futures.Future:
     seq_ids = np.asarray(seq_ids, np.int64)
     positions = np.asarray(positions, np.int32)
     n = len(seq_ids)
+    append_only = q is None
     want = {"q": (n, self.num_heads, self.head_dim), "k": (n, self.num_kv_heads, self.head_dim),
             "v": (n, self.num_kv_heads, self.head_dim), "positions": (n,)}
-    for name, x in (("q", q), ("k", k), ("v", v), ("positions", positions)):
+    named = (("k", k), ("v", v), ("positions", positions)) + (() if append_only else (("q", q),))
+    for name, x in named:
       if x.shape != want[name]:
         raise ValueError(f"{name}: shape {x.shape}, expected {want[name]}")
     with self._lock:
@@ -232,7 +245,7 @@ class Tier2Client:
         raise ValueError(f"sequence {e.args[0]} was not allocated") from None
     result: futures.Future = futures.Future()
     result.set_running_or_notify_cancel()
-    out = np.empty((n, self.num_heads, self.head_dim), q.dtype)
+    out = np.empty((n, self.num_heads, self.head_dim), k.dtype)
     parts = [(i, np.flatnonzero(shard_of_token == i)) for i in np.unique(shard_of_token).tolist()]
     if not parts:
       result.set_result(out)
@@ -242,7 +255,10 @@ class Tier2Client:
     timeout = self.timeout_s if timeout_s is None else timeout_s
 
     def place(idx, reply):  # reply: bytes, or a view of a shared-memory slot
-      out[idx] = tensor_wire.decode_reply(reply, (len(idx),) + out.shape[1:], out.dtype)
+      if append_only:
+        tensor_wire.decode_reply(reply, (0,), out.dtype)
+      else:
+        out[idx] = tensor_wire.decode_reply(reply, (len(idx),) + out.shape[1:], out.dtype)
 
     def on_done(call, shard, idx):
       try:
@@ -256,7 +272,7 @@ class Tier2Client:
       with lock:
         pending[0] -= 1
         if pending[0] == 0 and not result.done():
-          result.set_result(out)
+          result.set_result(None if append_only else out)
 
     def _fail(error):
       with lock:
@@ -266,10 +282,12 @@ class Tier2Client:
     for i, idx in parts:
       shard = self.shards[i]
       take = slice(None) if len(idx) == n else idx
-      request = tensor_wire.request_parts(next(self._request_ids), layer, seq_ids[take],
-                                          positions[take], q[take], k[take], v[take])
+      request = tensor_wire.request_parts(next(self._request_ids), layer, seq_ids[take], positions[take],
+                                          None if append_only else q[take], k[take], v[take],
+                                          num_heads=self.num_heads)
+      reply_bytes = 0 if append_only else len(idx) * out[0].nbytes
       try:
-        call = shard.send(request, len(idx) * out[0].nbytes, timeout, functools.partial(place, idx))
+        call = shard.send(request, reply_bytes, timeout, functools.partial(place, idx))
       except grpc.RpcError as e:
         raise _error(shard.address, e) from None
       call.add_done_callback(lambda c, shard=shard, idx=idx: on_done(c, shard, idx))

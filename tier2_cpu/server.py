@@ -195,7 +195,8 @@ class Tier2Service:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
   def _attend(self, r: tensor_wire.AttendRequest, context) -> np.ndarray:
-    """Writes each token's K, V at its position, then attends each query to keys 0..position."""
+    """Writes each token's K, V at its position, then attends each query to keys 0..position
+    (an append-only request stops after the write and returns an empty reply)."""
     self._check_shapes(r, context)
     layer = r.layer - self.options.first_layer
     with self._lock:
@@ -208,10 +209,12 @@ class Tier2Service:
       for s, p in zip(r.seq_ids.tolist(), r.positions.tolist()):
         lengths = self._lengths[s]
         lengths[layer] = max(lengths[layer], p + 1)
-      width = int(r.positions.max()) // self.options.page_size + 1  # the pool buckets shapes
-      out = self.pool.attend(layer, r.q, self.pages.block_tables(r.seq_ids, width), r.positions)
       self.requests_served += 1
       self.tokens_served += len(r.seq_ids)
+      if r.append_only:
+        return np.empty((0,), r.k.dtype)
+      width = int(r.positions.max()) // self.options.page_size + 1  # the pool buckets shapes
+      out = self.pool.attend(layer, r.q, self.pages.block_tables(r.seq_ids, width), r.positions)
     return np.ascontiguousarray(np.asarray(out).astype(r.q.dtype, copy=False))
 
   def _check_shapes(self, r: tensor_wire.AttendRequest, context) -> None:

@@ -3,6 +3,9 @@
 Request: HEADER, then seq_ids int64[N], positions int32[N], q [N, H, D], k [N, KV, D], v [N, KV, D]
 (q, k, v in the header's dtype, C order, little-endian). Reply: the attention output [N, H, D] in
 the same dtype, nothing else.
+
+Append-only request (K, V of a prompt computed on tier 1, no attention): magic APPEND_MAGIC and no q
+(H still in the header, for validation); the reply is empty. Both go to the same method.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 
 PROTOCOL_VERSION = 1
 MAGIC = b"GT2A"
+APPEND_MAGIC = b"GT2K"
 # magic, version, dtype code, (pad), request id, layer, num tokens N, heads H, kv heads KV, head dim D.
 HEADER = struct.Struct("<4sHBxQiiiii")
 ATTEND_METHOD = "/glinthawk.tier2.Tensor/Attend"
@@ -38,6 +42,11 @@ class AttendRequest:
   k: np.ndarray  # [N, KV, D]
   v: np.ndarray  # [N, KV, D]
 
+  @property
+  def append_only(self) -> bool:
+    """No queries (q is [0, H, D]): append K, V and reply with nothing."""
+    return self.q.shape[0] == 0 and self.k.shape[0] > 0
+
 
 def encode_request(request_id: int, layer: int, seq_ids, positions, q: np.ndarray, k: np.ndarray,
                    v: np.ndarray) -> bytes:
@@ -45,13 +54,21 @@ def encode_request(request_id: int, layer: int, seq_ids, positions, q: np.ndarra
   return b"".join(p.tobytes() for p in request_parts(request_id, layer, seq_ids, positions, q, k, v))
 
 
-def request_parts(request_id: int, layer: int, seq_ids, positions, q: np.ndarray, k: np.ndarray,
-                  v: np.ndarray) -> list[np.ndarray]:
+def request_parts(request_id: int, layer: int, seq_ids, positions, q: np.ndarray | None, k: np.ndarray,
+                  v: np.ndarray, num_heads: int = 0) -> list[np.ndarray]:
   """The pieces of encode_request's bytes, in order, as C-contiguous arrays (the header as uint8),
-  for writers that place them straight into a buffer (shared memory) instead of joining them."""
+  for writers that place them straight into a buffer (shared memory) instead of joining them.
+
+  q=None makes an append-only request; `num_heads` then fills the header's H.
+  """
   seq_ids = np.ascontiguousarray(seq_ids, np.int64)
   positions = np.ascontiguousarray(positions, np.int32)
   n = seq_ids.shape[0]
+  append_only = q is None
+  if append_only:
+    if num_heads <= 0:
+      raise WireError(f"num_heads={num_heads}: an append-only request needs the model's heads")
+    q = np.empty((n, num_heads, k.shape[2] if k.ndim == 3 else 0), k.dtype)
   if q.ndim != 3 or k.ndim != 3 or v.shape != k.shape:
     raise WireError(f"q {q.shape}, k {k.shape}, v {v.shape}: expected q [N, H, D], k = v [N, KV, D]")
   if q.shape[0] != n or k.shape[0] != n or positions.shape != (n,) or q.shape[2] != k.shape[2]:
@@ -60,9 +77,9 @@ def request_parts(request_id: int, layer: int, seq_ids, positions, q: np.ndarray
   if not q.dtype == k.dtype == v.dtype or q.dtype not in CODE_OF_DTYPE:
     raise WireError(f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype}: expected one of "
                     f"{[str(d) for d in CODE_OF_DTYPE]} shared by all three")
-  header = HEADER.pack(MAGIC, PROTOCOL_VERSION, CODE_OF_DTYPE[q.dtype], request_id, layer, n,
-                       q.shape[1], k.shape[1], q.shape[2])
-  return [np.frombuffer(header, np.uint8), seq_ids, positions, np.ascontiguousarray(q),
+  header = HEADER.pack(APPEND_MAGIC if append_only else MAGIC, PROTOCOL_VERSION, CODE_OF_DTYPE[q.dtype],
+                       request_id, layer, n, q.shape[1], k.shape[1], q.shape[2])
+  return [np.frombuffer(header, np.uint8), seq_ids, positions, np.ascontiguousarray(q[:0] if append_only else q),
           np.ascontiguousarray(k), np.ascontiguousarray(v)]
 
 
@@ -74,8 +91,8 @@ def decode_request(payload) -> AttendRequest:
   if len(payload) < HEADER.size:
     raise WireError(f"request of {len(payload)} bytes is shorter than the {HEADER.size}-byte header")
   magic, version, code, request_id, layer, n, h, kv, d = HEADER.unpack_from(payload)
-  if magic != MAGIC:
-    raise WireError(f"header magic {magic!r}: expected {MAGIC!r}")
+  if magic not in (MAGIC, APPEND_MAGIC):
+    raise WireError(f"header magic {magic!r}: expected {MAGIC!r} or {APPEND_MAGIC!r}")
   if version != PROTOCOL_VERSION:
     raise WireError(f"header version {version}: expected {PROTOCOL_VERSION}")
   if code not in DTYPE_CODES:
@@ -84,7 +101,8 @@ def decode_request(payload) -> AttendRequest:
     if value <= 0:
       raise WireError(f"header {name}={value}: expected > 0")
   dtype = DTYPE_CODES[code]
-  sizes = (8 * n, 4 * n, n * h * d * dtype.itemsize, n * kv * d * dtype.itemsize,
+  nq = 0 if magic == APPEND_MAGIC else n
+  sizes = (8 * n, 4 * n, nq * h * d * dtype.itemsize, n * kv * d * dtype.itemsize,
            n * kv * d * dtype.itemsize)
   expected = HEADER.size + sum(sizes)
   if len(payload) != expected:
@@ -94,7 +112,7 @@ def decode_request(payload) -> AttendRequest:
   view = lambda i, dt, shape: np.frombuffer(payload, dt, count=int(np.prod(shape)),
                                             offset=int(offsets[i])).reshape(shape)
   return AttendRequest(request_id, layer, view(0, np.int64, (n,)), view(1, np.int32, (n,)),
-                       view(2, dtype, (n, h, d)), view(3, dtype, (n, kv, d)), view(4, dtype, (n, kv, d)))
+                       view(2, dtype, (nq, h, d)), view(3, dtype, (n, kv, d)), view(4, dtype, (n, kv, d)))
 
 
 def encode_reply(out: np.ndarray) -> bytes:

@@ -139,12 +139,20 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     if not os.path.exists(path):
       raise ConfigError(f"checkpoint={config.checkpoint!r}: missing config.json")
     with open(path) as f:
-      return ModelConfig.from_hf(json.load(f), dtype=config.dtype)
+      return _fits_context(config, ModelConfig.from_hf(json.load(f), dtype=config.dtype))
   fields = config.model.to_dict()
   try:
-    return ModelConfig(dtype=config.dtype, **fields)
+    model = ModelConfig(dtype=config.dtype, **fields)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"model: {e}") from e
+  return _fits_context(config, model)
+
+
+def _fits_context(config: ml_collections.ConfigDict, model: ModelConfig) -> ModelConfig:
+  if config.engine.max_model_len > model.max_position_embeddings:
+    raise ConfigError(f"engine.max_model_len={config.engine.max_model_len} exceeds the model's "
+                      f"max_position_embeddings={model.max_position_embeddings}")
+  return model
 
 
 def default_sampling(config: ml_collections.ConfigDict) -> SamplingParams:

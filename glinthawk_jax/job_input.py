@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Callable, Iterable
 
 from glinthawk_jax.requests import SamplingParams
@@ -37,10 +38,19 @@ class InputProblem:
     return f"{where}: {self.message}"
 
 
-def read_jsonl(path: str) -> list[tuple[int, str]]:
-  """(line number, text) for each non-blank line."""
-  with open(path, encoding="utf-8") as f:
-    return [(n, text) for n, text in enumerate(f, start=1) if text.strip()]
+def read_jsonl(path: str) -> list[tuple[int, str | bytes]]:
+  """(line number, text) for each non-blank line; a line that is not UTF-8 stays bytes (a bad line)."""
+  lines = []
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, start=1):
+      try:
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError:
+        lines.append((n, raw))
+        continue
+      if text.strip():
+        lines.append((n, text))
+  return lines
 
 
 def parse_requests(
@@ -57,6 +67,9 @@ def parse_requests(
   """
   requests, problems, seen = [], [], set()
   for line, raw in lines:
+    if isinstance(raw, bytes):
+      problems.append(InputProblem(line, None, "not valid UTF-8"))
+      continue
     try:
       record = json.loads(raw) if isinstance(raw, str) else raw
     except json.JSONDecodeError as e:
@@ -101,11 +114,11 @@ def _parse_record(record, line, encode, vocab_size, max_model_len, default_sampl
   if len(token_ids) >= max_model_len:
     raise ValueError(f"prompt has {len(token_ids)} tokens; the context (engine.max_model_len) is "
                      f"{max_model_len}, leaving no room for a new token")
-  sampling = _sampling(record, default_sampling)
+  sampling = _sampling(record, default_sampling, vocab_size)
   return JobRequest(str(record["id"]), list(token_ids), sampling, line)
 
 
-def _sampling(record: dict, default: SamplingParams) -> SamplingParams:
+def _sampling(record: dict, default: SamplingParams, vocab_size: int) -> SamplingParams:
   overrides = {k: record[k] for k in SAMPLING_FIELDS if k in record}
   if "stop" in overrides:
     stop = overrides["stop"]
@@ -118,8 +131,15 @@ def _sampling(record: dict, default: SamplingParams) -> SamplingParams:
         not isinstance(overrides[key], int) or isinstance(overrides[key], bool)):
       raise ValueError(f"'{key}' must be an integer")
   for key in ("temperature", "top_p"):
-    if key in overrides and not isinstance(overrides[key], (int, float)):
-      raise ValueError(f"'{key}' must be a number")
+    value = overrides.get(key, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      raise ValueError(f"'{key}' must be a finite number")
+  if "stop_token_ids" in overrides:
+    ids = overrides["stop_token_ids"]
+    if not isinstance(ids, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+      raise ValueError(f"'stop_token_ids' must be a list of ints in [0, {vocab_size})")
+    overrides["stop_token_ids"] = tuple(ids)
   if "ignore_eos" in overrides and not isinstance(overrides["ignore_eos"], bool):
     raise ValueError("'ignore_eos' must be true or false")
   return dataclasses.replace(default, **overrides)

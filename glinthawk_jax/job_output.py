@@ -24,23 +24,34 @@ def output_record(output: RequestOutput) -> dict:
   }
 
 
+class OutputFileError(ValueError):
+  """An existing output file has a bad line before its end: resuming would lose or repeat work."""
+
+
 def finished_ids(path: str) -> set[str]:
-  """Ids already in an existing output file; a torn last line (a killed run) is cut off and redone."""
+  """Ids already in an existing output file.
+
+  Blank lines are skipped. A torn last line (a killed run) is cut off, so its request runs again; a bad
+  line anywhere else is an OutputFileError naming it, and the file is left untouched.
+  """
   if not os.path.exists(path):
     return set()
-  ids, good_bytes = set(), 0
   with open(path, "rb") as f:
-    for raw in f:
+    lines = f.readlines()
+  ids, good_bytes = set(), 0
+  for number, raw in enumerate(lines, start=1):
+    if raw.strip():
       try:
-        record = json.loads(raw)
         if not raw.endswith(b"\n"):
           raise ValueError("no newline")
-        ids.add(str(record["id"]))
-      except (ValueError, KeyError, TypeError):
-        logging.warning("%s: dropping an incomplete last line at byte %d (its request will rerun)",
-                        path, good_bytes)
+        ids.add(str(json.loads(raw)["id"]))
+      except (ValueError, KeyError, TypeError) as e:
+        if number < len(lines):
+          raise OutputFileError(f"{path}: line {number} is not a finished request ({e}); fix or "
+                                "remove it before resuming") from e
+        logging.warning("%s: dropping the incomplete last line %d (its request will rerun)", path, number)
         break
-      good_bytes += len(raw)
+    good_bytes += len(raw)
   if good_bytes != os.path.getsize(path):
     with open(path, "r+b") as f:
       f.truncate(good_bytes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 FINISH_STOP = "stop"  # EOS or a stop string
 FINISH_LENGTH = "length"  # max_tokens or the context length reached
@@ -22,10 +23,16 @@ class SamplingParams:
   ignore_eos: bool = False
 
   def __post_init__(self):
+    if isinstance(self.stop, str):  # a single stop string, not its characters
+      object.__setattr__(self, "stop", (self.stop,))
+    object.__setattr__(self, "stop", tuple(self.stop))
+    object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+    if any(not isinstance(s, str) or not s for s in self.stop):
+      raise ValueError(f"stop={self.stop!r}: stop strings must be non-empty strings")
     if self.max_tokens < 1:
       raise ValueError(f"max_tokens={self.max_tokens}: expected >= 1")
-    if self.temperature < 0:
-      raise ValueError(f"temperature={self.temperature}: expected >= 0")
+    if not math.isfinite(self.temperature) or self.temperature < 0:
+      raise ValueError(f"temperature={self.temperature}: expected a finite value >= 0")
     if self.top_k < 0:
       raise ValueError(f"top_k={self.top_k}: expected >= 0")
     if not 0.0 < self.top_p <= 1.0:

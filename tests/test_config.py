@@ -37,3 +37,10 @@ def test_bad_model_dimensions_are_a_config_error():
   config.model.num_kv_heads = 3
   with pytest.raises(ConfigError, match="num_kv_heads=3"):
     model_config(config)
+
+
+def test_context_longer_than_the_model_allows_is_a_config_error():
+  config = tiny.get_config()
+  config.engine.max_model_len = config.model.max_position_embeddings + 1
+  with pytest.raises(ConfigError, match="max_position_embeddings"):
+    model_config(config)

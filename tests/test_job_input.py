@@ -44,6 +44,9 @@ def test_good_lines_become_requests_with_sampling_overrides():
     ('{"id": "a", "prompt": "hi", "top_p": 0}', "top_p"),
     ('{"id": "a", "prompt": "hi", "max_tokens": "3"}', "max_tokens"),
     ('{"id": "a", "prompt": "hi", "stop": [""]}', "stop"),
+    ('{"id": "a", "prompt": "hi", "temperature": NaN}', "finite"),
+    ('{"id": "a", "prompt": "hi", "stop_token_ids": "ab"}', "stop_token_ids"),
+    ('{"id": "a", "prompt": "hi", "stop_token_ids": [100]}', "stop_token_ids"),
 ])
 def test_each_bad_line_is_reported_with_its_line_number(line, message):
   requests, problems = parse([json.dumps({"id": "ok", "prompt": "hi"}), line])
@@ -64,6 +67,22 @@ def test_read_jsonl_skips_blank_lines_and_keeps_numbers(tmp_path):
   path = tmp_path / "in.jsonl"
   path.write_text('{"id": 1, "prompt": "a"}\n\n{"id": 2, "prompt": "b"}\n')
   assert [n for n, _ in read_jsonl(str(path))] == [1, 3]
+
+
+def test_a_line_that_is_not_utf8_is_a_problem_not_a_crash(tmp_path):
+  path = tmp_path / "in.jsonl"
+  path.write_bytes(b'{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": "\xff"}\n')
+  requests, problems = parse_requests(read_jsonl(str(path)), encode, 100, 16, DEFAULT)
+  assert [r.request_id for r in requests] == ["1"]
+  assert str(problems[0]) == "line 2: not valid UTF-8"
+
+
+def test_sampling_params_take_one_stop_string_whole():
+  assert SamplingParams(stop="zQQ").stop == ("zQQ",)
+  with pytest.raises(ValueError, match="non-empty"):
+    SamplingParams(stop=("",))
+  with pytest.raises(ValueError, match="finite"):
+    SamplingParams(temperature=float("nan"))
 
 
 def test_input_error_is_a_value_error():

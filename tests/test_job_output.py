@@ -2,7 +2,9 @@
 
 import json
 
-from glinthawk_jax.job_output import OutputWriter, finished_ids
+import pytest
+
+from glinthawk_jax.job_output import OutputFileError, OutputWriter, finished_ids
 from glinthawk_jax.requests import RequestOutput
 
 
@@ -33,3 +35,14 @@ def test_finished_ids_drops_a_torn_last_line(tmp_path):
 
 def test_finished_ids_of_a_missing_file_is_empty(tmp_path):
   assert finished_ids(str(tmp_path / "none.jsonl")) == set()
+
+
+def test_blank_lines_are_kept_and_a_bad_middle_line_is_an_error(tmp_path):
+  path = tmp_path / "out.jsonl"
+  path.write_text('{"id": "a"}\n\n{"id": "b"}\n')
+  assert finished_ids(str(path)) == {"a", "b"}
+  assert path.read_text() == '{"id": "a"}\n\n{"id": "b"}\n'
+  path.write_text('{"id": "a"}\nedited by hand\n{"id": "b"}\n')
+  with pytest.raises(OutputFileError, match="line 2"):
+    finished_ids(str(path))
+  assert path.read_text() == '{"id": "a"}\nedited by hand\n{"id": "b"}\n'  # nothing cut

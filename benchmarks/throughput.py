@@ -33,7 +33,7 @@ def parse_args(argv=None):
   p.add_argument("--output_len", type=int, default=None, help="default 128 (small: 16)")
   p.add_argument("--decode_steps", type=int, default=8, help="engine.decode_steps_per_call")
   p.add_argument("--page_size", type=int, default=16, help="engine.page_size")
-  p.add_argument("--layer_loop", default="scan", choices=("scan", "unrolled"),
+  p.add_argument("--layer_loop", default="unrolled", choices=("scan", "unrolled"),
                  help="engine.layer_loop: scan over stacked weights, or unrolled per-layer weights")
   p.add_argument("--hbm_tbps", type=float, default=2.8, help="memory bandwidth for the floor (FACTS.md)")
   p.add_argument("--hf_only", action="store_true", help=argparse.SUPPRESS)  # the HF subprocess

@@ -3,6 +3,7 @@ each pinned to one core and single-threaded, beside the host's copy bandwidth in
 
   python benchmarks/tier2.py --out tier2.json            # full run (about 2 minutes on 16 cores)
   python benchmarks/tier2.py --tiny --out /tmp/t2.json   # seconds, smoke test
+  python benchmarks/tier2.py --skip_rpc --kinds float32,bfloat16,int8 --seconds 1  # kernel only
 
 Rows: `copy` (numpy copyto, read+write bytes), `float32` / `bfloat16` / `int8` (KVPool.attend,
 C++ kernel via the XLA FFI; bytes = stored K,V (+scales) read), and `float32_xla` (the same decode
@@ -31,7 +32,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-KINDS = ("copy", "float32", "float32_xla", "bfloat16", "int8")
+KINDS = ("copy", "float32", "float32_xla", "float32_xla_dense", "bfloat16", "int8")
 
 
 def _timed(fn, seconds: float) -> tuple[int, float]:
@@ -94,6 +95,21 @@ def _xla_case(cfg):
   return (lambda: attend(k_pool, v_pool, q, tables, pos).block_until_ready()), 2 * k_pool.nbytes
 
 
+def _xla_dense_case(cfg):
+  """Decode attention in XLA over contiguous fp32 K,V [batch, context, kv, dim] (no pages): the
+  formulation FACTS.md measured, as the reference for the paged kernels."""
+  import jax
+  from models.attention import grouped_attention
+  b, ctx, kv, h, d = cfg["batch"], cfg["context"], cfg["kv_heads"], cfg["heads"], cfg["head_dim"]
+  rng = np.random.default_rng(0)
+  k = jax.device_put(rng.standard_normal((b, ctx, kv, d), np.float32))
+  v = k + 1
+  mask = np.ones((b, 1, ctx), bool)
+  attend = jax.jit(lambda q, k, v: grouped_attention(q[:, None], k, v, mask)[:, 0])
+  q = rng.standard_normal((b, h, d), np.float32)
+  return (lambda: attend(q, k, v).block_until_ready()), 2 * k.nbytes
+
+
 def _worker(core, cfg, barrier, results):
   os.sched_setaffinity(0, {core})  # before jax loads: XLA sizes its thread pool from affinity
   for kind in cfg["kinds"]:
@@ -101,6 +117,8 @@ def _worker(core, cfg, barrier, results):
       fn, nbytes = _copy_case(cfg)
     elif kind == "float32_xla":
       fn, nbytes = _xla_case(cfg)
+    elif kind == "float32_xla_dense":
+      fn, nbytes = _xla_dense_case(cfg)
     else:
       fn, nbytes = _pool_case(cfg, kind)
     barrier.wait()
@@ -158,6 +176,7 @@ def main() -> None:
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--page-size", type=int, default=16)
   parser.add_argument("--kinds", default=",".join(KINDS), help=f"subset of {KINDS}")
+  parser.add_argument("--skip_rpc", action="store_true", help="kernel rows only, no RPC rows")
   args = parser.parse_args()
   cfg = {"batch": args.batch, "context": args.context, "heads": args.heads,
          "kv_heads": args.kv_heads, "head_dim": args.head_dim, "page_size": args.page_size,
@@ -170,6 +189,8 @@ def main() -> None:
   try:
     from tier2_cpu.rpc_bench import rpc_rows  # B1's RPC round-trip rows, when present
   except ImportError:
+    rpc_rows = None
+  if args.skip_rpc:
     rpc_rows = None
   extra = rpc_rows(tiny=args.tiny) if rpc_rows else []
 

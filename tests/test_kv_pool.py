@@ -71,8 +71,18 @@ def test_attend_matches_float64(storage, heads, kv_heads):
 
 
 @pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("page_size,heads,kv_heads", [(16, 8, 2), (32, 32, 2)],
+                         ids=["page16-gqa4", "page32-gqa16"])
+def test_vector_page_path(storage, page_size, heads, kv_heads):
+  """Pages a multiple of the vector width (8 or 16 lanes) take the kernel's vectorized scores."""
+  err, _ = run_case(storage, heads, kv_heads, lengths=[1, 16, 40, 97], seed=11,
+                    page_size=page_size)
+  assert err < BOUNDS[storage], f"{storage} page {page_size}: error {err:.2e}"
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
 def test_head_dim_off_the_vector_width(storage):
-  """head_dim 12 takes the kernel's scalar path (the vector path needs a multiple of 8 or 16)."""
+  """head_dim 12 takes the kernel's scalar V path (the vector path needs a multiple of 8 or 16)."""
   err, _ = run_case(storage, 6, 2, lengths=[5, 40], seed=7, dim=12)
   assert err < BOUNDS[storage], f"{storage}: error {err:.2e}"
 

@@ -1,8 +1,9 @@
 """Tier 2's paged KV pool: K,V for many sequences over a range of layers, stored on JAX's CPU device
 as float32, bfloat16 or int8, with attention computed by a C++ kernel through the XLA FFI.
 
-Layout per layer: [num_pages, kv_heads, page_size, head_dim] (int8 adds float32 scales
-[num_pages, kv_heads, page_size], one per token and KV head). A slot is
+Layout per layer: K [num_pages, kv_heads, head_dim, page_size] (pages transposed: the kernel scores
+a page's keys in vector lanes), V [num_pages, kv_heads, page_size, head_dim] (int8 adds float32
+scales [num_pages, kv_heads, page_size], one per token and KV head). A slot is
 page * page_size + offset_in_page. Appends are jitted scatters into donated buffers (in place);
 attention never runs XLA's half-precision CPU dot (50x slower than fp32, FACTS.md).
 """
@@ -52,18 +53,18 @@ def _write(arrays, page, offset, k, v, *, storage):
   if storage == "int8":
     k_pool, v_pool, k_scale, v_scale = arrays
     out = []
-    for pool, scales, x in ((k_pool, k_scale, k), (v_pool, v_scale, v)):
+    k_at, v_at = k_pool.at[page, :, :, offset], v_pool.at[page, :, offset]  # K pages transposed
+    for at, scales, x in ((k_at, k_scale, k), (v_at, v_scale, v)):
       amax = jnp.max(jnp.abs(x), axis=-1)
       scale = jnp.where(amax > 0, amax / 127.0, 1.0)
       qx = jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8)
-      out.append((pool.at[page, :, offset].set(qx, mode="drop"),
-                  scales.at[page, :, offset].set(scale, mode="drop")))
+      out.append((at.set(qx, mode="drop"), scales.at[page, :, offset].set(scale, mode="drop")))
     (k_pool, k_scale), (v_pool, v_scale) = out
     return k_pool, v_pool, k_scale, v_scale
   if storage == "bfloat16":
     k, v = (jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16) for x in (k, v))
   k_pool, v_pool = arrays
-  return (k_pool.at[page, :, offset].set(k, mode="drop"),
+  return (k_pool.at[page, :, :, offset].set(k, mode="drop"),  # K pages transposed
           v_pool.at[page, :, offset].set(v, mode="drop"))
 
 
@@ -93,13 +94,14 @@ class KVPool:
     self.num_kv_heads, self.head_dim, self.storage = num_kv_heads, head_dim, storage
     _register_kernels()
     self._device = jax.devices("cpu")[0]
-    shape = (num_pages, num_kv_heads, page_size, head_dim)
+    v_shape = (num_pages, num_kv_heads, page_size, head_dim)
+    k_shape = (num_pages, num_kv_heads, head_dim, page_size)
     dtype = _DTYPES[storage]
     self._layers = []
     for _ in range(num_layers):
-      arrays = [jnp.zeros(shape, dtype, device=self._device) for _ in range(2)]
+      arrays = [jnp.zeros(shape, dtype, device=self._device) for shape in (k_shape, v_shape)]
       if storage == "int8":
-        arrays += [jnp.ones(shape[:3], jnp.float32, device=self._device) for _ in range(2)]
+        arrays += [jnp.ones(v_shape[:3], jnp.float32, device=self._device) for _ in range(2)]
       self._layers.append(tuple(arrays))
 
   @property

@@ -23,7 +23,7 @@ from glinthawk_jax.model_runner import LocalPagedAttention, ModelRunner
 from glinthawk_jax.paged_cache import GIB, PageAllocator, num_pages_for, pages_per_sequence
 from glinthawk_jax.requests import FINISH_LENGTH, FINISH_STOP, RequestOutput, SamplingParams
 from glinthawk_jax.scheduler import Scheduler, Sequence
-from glinthawk_jax.tier2_client import Tier2Error
+from glinthawk_jax.tier2_client import ShardUnavailableError, Tier2Error
 from glinthawk_jax.tier2_launch import Tier2Servers
 from glinthawk_jax.tokenizer import load_tokenizer
 
@@ -47,6 +47,7 @@ class EngineStats:
   prefill_time_s: float = 0.0
   decode_time_s: float = 0.0
   num_compilations: int = 0  # distinct jitted shapes run (each compiled once)
+  num_tier2_failovers: int = 0  # tier-2 shards lost mid-run (their sequences re-prefilled elsewhere)
 
 
 class Engine:
@@ -79,8 +80,9 @@ class Engine:
         self.close()
         raise
     del model  # with layer_loop="unrolled" the runner holds per-layer copies; let the stacked ones go
-    self.stats = EngineStats(num_pages=self.num_pages, page_size=ec.page_size,
-                             kv_pool_gib=self.num_pages * ec.page_size * self.model_config.kv_bytes_per_token / GIB)
+    kv_bytes = (self.num_pages * ec.page_size * self.model_config.kv_bytes_per_token if self.tier2 is None else
+                sum(row["kv_bytes_capacity"] for row in self.tier2.client.stats()))  # tier 2's pools
+    self.stats = EngineStats(num_pages=self.num_pages, page_size=ec.page_size, kv_pool_gib=kv_bytes / GIB)
 
   def _two_tier_runner(self, model):
     from glinthawk_jax.placements.callback import CallbackAttention  # noqa: PLC0415
@@ -145,10 +147,14 @@ class Engine:
                                         f"and nothing schedulable with {scheduler.allocator.num_free} free pages")
           continue
         t = time.perf_counter()
-        tokens = self.runner.decode(batch.tokens, batch.positions, batch.block_tables, batch.token_index,
-                                    batch.temperature, batch.top_k, batch.top_p, batch.seeds,
-                                    batch.greedy_only, self._tier2_rows(batch.seqs, len(batch.tokens)))
-        self._check_tier2()
+        try:
+          tokens = self.runner.decode(batch.tokens, batch.positions, batch.block_tables, batch.token_index,
+                                      batch.temperature, batch.top_k, batch.top_p, batch.seeds,
+                                      batch.greedy_only, self._tier2_rows(batch.seqs, len(batch.tokens)))
+          self._check_tier2()
+        except ShardUnavailableError as e:
+          self._fail_over(scheduler, e)
+          continue
         now = time.perf_counter()
         self.stats.decode_time_s += now - t
         self.stats.num_decode_calls += 1
@@ -173,10 +179,14 @@ class Engine:
       t = time.perf_counter()
       if self.tier2 is not None:  # a row starting at 0 is new or was preempted: fresh KV on tier 2
         self._release_tier2([seq for seq, _ in batch.rows if seq.num_computed == 0])
-      seq_ids = self._tier2_rows([seq for seq, _ in batch.rows], len(batch.tokens))
-      self.runner.prefill(batch.tokens, batch.positions, batch.page_ids, batch.offsets, batch.block_tables,
-                          batch.context_lens, seq_ids)
-      self._check_tier2()
+      try:
+        seq_ids = self._tier2_rows([seq for seq, _ in batch.rows], len(batch.tokens))
+        self.runner.prefill(batch.tokens, batch.positions, batch.page_ids, batch.offsets, batch.block_tables,
+                            batch.context_lens, seq_ids)
+        self._check_tier2()
+      except ShardUnavailableError as e:
+        self._fail_over(scheduler, e)
+        continue
       batch.commit()
       self.stats.prefill_time_s += time.perf_counter() - t
       self.stats.num_prefill_calls += 1
@@ -202,10 +212,27 @@ class Engine:
       return
     try:
       self.tier2.client.release([self._tier2_ids.pop(s) for s in held])
-    except Tier2Error as e:
-      if not best_effort:
+    except Tier2Error as e:  # an unreachable shard is failed over at its next tensor call
+      if not (best_effort or isinstance(e, ShardUnavailableError)):
         raise
       logging.warning("releasing %d sequences on tier 2 failed: %s", len(held), e)
+
+  def _fail_over(self, scheduler: Scheduler, error: ShardUnavailableError) -> None:
+    """A shard is gone: its sequences wait to be prefilled again on the others; the failed step's
+    other sequences simply rerun it (tier 2 overwrites the positions they had reached)."""
+    client = self.tier2.client
+    if error.address not in client.addresses or client.num_alive == 0:
+      raise error
+    lost = set(client.mark_dead(error.address))
+    self.stats.num_tier2_failovers += 1
+    logging.warning("tier-2 shard %s lost (%s): re-prefilling its %d sequences on %d remaining shard(s)",
+                    error.address, error, len(lost), client.num_alive)
+    if client.num_alive == 0:
+      raise Tier2Error(error.address, error.code, "no tier-2 shard left; finished outputs were delivered")
+    for seq in [s for s, i in self._tier2_ids.items() if i in lost]:
+      del self._tier2_ids[seq]
+      if seq in scheduler.running:
+        scheduler.requeue(seq)
 
   def _check_tier2(self) -> None:
     check = getattr(getattr(self.runner, "backend", None), "raise_error", None)

@@ -51,9 +51,8 @@ def run_offline_job(config: ml_collections.ConfigDict, input_path: str | None, o
     logging.info("resuming: %d of %d requests already in %s", len(requests) - len(pending),
                  len(requests), output_path)
 
-  engine = Engine(config, tokenizer=tokenizer)
   start = time.perf_counter()
-  with OutputWriter(output_path) as writer:
+  with Engine(config, tokenizer=tokenizer) as engine, OutputWriter(output_path) as writer:
     outputs = engine.generate([r.prompt_token_ids for r in pending], [r.sampling for r in pending],
                               request_ids=[r.request_id for r in pending], on_output=writer.write,
                               progress=progress) if pending else []

@@ -130,6 +130,11 @@ class Scheduler:
     self.allocator.free(seq.pages)
     seq.pages = []
 
+  def requeue(self, seq: Sequence) -> None:
+    """Sends a running sequence back to waiting to be prefilled anew (its KV was lost); outputs kept."""
+    self._preempt(seq)
+    self.num_preemptions -= 1
+
   def _pages_for(self, seq: Sequence, num_cached: int) -> int:
     return max(0, math.ceil(num_cached / self.page_size) - len(seq.pages))
 

@@ -68,6 +68,7 @@ class _Shard:
     self.metadata = metadata
     self.timeout_s = timeout_s
     self.free_pages = 0
+    self.dead = False  # set by mark_dead: no new sequences, its sequences' KV is gone
     self.page_size = 1
     self.shm: ShmSession | None = None
 
@@ -184,9 +185,12 @@ class Tier2Client:
       if taken or len(set(seq_ids)) != len(seq_ids):
         raise ValueError(f"sequence {taken[0] if taken else seq_ids} is already allocated")
       free = [shard.free_pages for shard in self.shards]
+      alive = [i for i, shard in enumerate(self.shards) if not shard.dead]
+      if not alive:
+        raise ShardUnavailableError(",".join(self.addresses), None, "no tier-2 shard left")
       chosen = []
       for _ in seq_ids:
-        i = max(range(len(free)), key=lambda j: free[j])
+        i = max(alive, key=lambda j: free[j])
         free[i] -= -(-expected_tokens // self.shards[i].page_size)
         chosen.append(i)
       for i, shard in enumerate(self.shards):
@@ -203,9 +207,31 @@ class Tier2Client:
       by_shard = self._split_known(seq_ids)
       for i, mine in by_shard.items():
         shard = self.shards[i]
+        if shard.dead:
+          for s in mine:
+            del self._placement[s]
+          continue
         shard.free_pages = shard.call("Release", tier2_pb2.ReleaseRequest(seq_ids=mine)).free_pages
         for s in mine:
           del self._placement[s]
+
+  @property
+  def addresses(self) -> list[str]:
+    return [shard.address for shard in self.shards]
+
+  @property
+  def num_alive(self) -> int:
+    return sum(not shard.dead for shard in self.shards)
+
+  def mark_dead(self, address: str) -> list[int]:
+    """Stops using the shard at `address`; forgets and returns the sequences it held (their KV is lost)."""
+    with self._lock:
+      index = self.addresses.index(address)
+      self.shards[index].dead = True
+      lost = [s for s, i in self._placement.items() if i == index]
+      for s in lost:
+        del self._placement[s]
+      return lost
 
   def shard_of(self, seq_id: int) -> int:
     return self._placement[int(seq_id)]
@@ -248,7 +274,7 @@ class Tier2Client:
     out = np.empty((n, self.num_heads, self.head_dim), k.dtype)
     parts = [(i, np.flatnonzero(shard_of_token == i)) for i in np.unique(shard_of_token).tolist()]
     if not parts:
-      result.set_result(out)
+      result.set_result(None if append_only else out)
       return result
     pending = [len(parts)]
     lock = threading.Lock()
@@ -298,9 +324,9 @@ class Tier2Client:
     return self.attend_async(layer, seq_ids, positions, q, k, v, timeout_s).result()
 
   def stats(self) -> list[dict]:
-    """Each shard's counters (address, sequences, pages, KV bytes, requests and tokens served)."""
+    """Each live shard's counters (address, sequences, pages, KV bytes, requests and tokens served)."""
     rows = []
-    for shard in self.shards:
+    for shard in (s for s in self.shards if not s.dead):
       reply = shard.call("Stats", tier2_pb2.StatsRequest())
       rows.append({"address": shard.address, **{f.name: getattr(reply, f.name)
                                                for f in reply.DESCRIPTOR.fields}})

@@ -7,6 +7,7 @@ and an atexit hook does so too when the caller never gets to (Ctrl-C unwinding p
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 
 import ml_collections
@@ -43,30 +44,35 @@ def core_lists(spec: str, count: int) -> list[str]:
 class Tier2Servers:
   """The servers a run uses and a connected Tier2Client; owns the processes it spawned."""
 
-  def __init__(self, config: ml_collections.ConfigDict, model: ModelConfig):
-    from tier2_cpu.process import start_servers  # noqa: PLC0415 (only when spawning)
+  def __init__(self, config: ml_collections.ConfigDict, model: ModelConfig, ready_timeout_s: float = 120.0):
+    from tier2_cpu.process import ServerProcess  # noqa: PLC0415 (only when spawning)
 
     t = config.tier2
+    self.client = None
     self.processes = []
     addresses = [a.strip() for a in t.addresses.split(",") if a.strip()]
-    if not addresses:
-      cpus = core_lists(t.cpus, t.spawn)
-      self.processes = start_servers([server_args(config, model, c) for c in cpus])
-      atexit.register(self.close)
-      addresses = [p.address for p in self.processes]
-    self.addresses = addresses
     try:
+      if not addresses:
+        atexit.register(self.close)  # before the first child exists: Ctrl-C while they start
+        for cpus in core_lists(t.cpus, t.spawn):
+          self.processes.append(ServerProcess(server_args(config, model, cpus)))
+        addresses = [p.wait_ready(ready_timeout_s) for p in self.processes]
+        logging.info("spawned %d tier-2 servers: %s", len(addresses), ", ".join(addresses))
+      self.addresses = addresses
       self.client = Tier2Client.for_model(addresses, model, timeout_s=t.timeout_s, transport=t.transport)
-    except Exception:
+    except BaseException:
       self.close()
       raise
+
+  @property
+  def pids(self) -> list[int]:
+    return [p.process.pid for p in self.processes]
 
   def close(self) -> None:
     from tier2_cpu.process import stop_servers  # noqa: PLC0415
 
-    client = getattr(self, "client", None)
-    if client is not None:
-      client.close()
+    if self.client is not None:
+      self.client.close()
       self.client = None
     if self.processes:
       stop_servers(self.processes)

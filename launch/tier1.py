@@ -1,11 +1,16 @@
 """Tier-1 launcher: runs the offline batch job.
 
-  python launch/tier1.py --config=configs/tiny.py [--config.placement=local] \
+  python launch/tier1.py --config=configs/tiny.py [--config.placement=local|callback|pipelined] \
+      [--config.tier2.spawn=2 | --config.tier2.addresses=host:port,...] \
       [--input=prompts.jsonl] [--output=out/outputs.jsonl] [--on_bad_input=fail|skip]
+
+Two-tier placements start config.tier2.spawn local tier-2 servers unless tier2.addresses is set, and
+stop them on exit (Ctrl-C and SIGTERM included).
 """
 
 import json
 import os
+import signal
 import sys
 
 # The repo root replaces launch/ on the path, so launch/profile.py cannot shadow the stdlib's profile.
@@ -16,6 +21,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from glinthawk_jax.config import ConfigError  # noqa: E402
 from glinthawk_jax.job_input import InputError  # noqa: E402
+from glinthawk_jax.job_output import OutputFileError  # noqa: E402
 from glinthawk_jax.offline_job import ON_BAD_INPUT, run_offline_job  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file (get_config()).")
@@ -31,10 +37,11 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar on stderr."
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # unwind: stop tier-2 children
   try:
     summary = run_offline_job(_CONFIG.value, _INPUT.value, _OUTPUT.value, _SUMMARY.value,
                               _ON_BAD_INPUT.value, _PROGRESS.value)
-  except (ConfigError, InputError, FileNotFoundError) as e:
+  except (ConfigError, InputError, OutputFileError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   print(json.dumps(summary, indent=2))
 

@@ -5,20 +5,30 @@ Steps (each compiled once per shape and reused for every layer; layer weights ar
   first:  embed + pre-attention of layer 0                    -> x, q, k, v
   middle: post-attention of layer L + pre-attention of L + 1  -> x, q, k, v
   last:   post-attention of the last layer + logits + sampling -> tokens
+  bulk:   a whole layer over a prompt's first chunk, attention local (causal) -> x, k, v
 After a step, q, k, v go to the host (`copy_to_host_async`) and to tier 2 (`attend_async`, which
 appends K, V and returns the attention output). A batch is split into up to `in_flight` micro-batches;
-whenever tier 1 is free it advances the ready micro-batch that is furthest along (the furthest layer),
-else starts a new one, else waits for the first tier-2 reply.
+whenever tier 1 is free it advances the ready micro-batch that is furthest along (step, then layer),
+else starts a new one, else waits for the first tier-2 reply. With engine.decode_steps_per_call > 1 a
+micro-batch that sampled its tokens starts its next step at once, so micro-batches drift apart instead
+of meeting at every step; the host scheduler (admission, stop rules) runs between decode calls.
+
+Prefill: a prompt's first chunk runs on tier 1 alone (`bulk`, attention over the chunk itself) and
+each layer's K, V goes to tier 2 with an append-only request while the next layer computes. Later
+chunks of prompts longer than engine.max_prefill_tokens attend through tier 2 like decode (tier 2
+holds the earlier chunks' keys).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from concurrent import futures
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -27,6 +37,7 @@ from glinthawk_jax.placements.tokens import valid_tokens
 from glinthawk_jax.sampling import sample
 from glinthawk_jax.scheduler import pow2_at_least
 from glinthawk_jax.tier2_client import Tier2Client
+from models.attention import causal_mask, grouped_attention
 
 
 @dataclasses.dataclass
@@ -45,7 +56,7 @@ class _Micro:
   sent_at: float = 0.0
   q_shape: tuple = ()  # the padded q [R', T, H, D] of the last step
   index: tuple = ()  # (rows, cols) of the real tokens in it
-  result: np.ndarray | None = None  # sampled tokens [R] once done
+  results: list = dataclasses.field(default_factory=list)  # sampled tokens [R] of each decode step
 
 
 @dataclasses.dataclass
@@ -69,6 +80,7 @@ class PipelinedRunner:
     self.timeout_s = timeout_s
     self.depth = in_flight  # 0 until measured
     self.num_layers = model.config.num_layers
+    self.sliding_window = model.config.sliding_window
     self.page_size = 1
     self.graphdef, params = nnx.split(model)
     self.layer_graphdef = nnx.split(model.layers)[0]
@@ -79,6 +91,8 @@ class PipelinedRunner:
     self._first = jax.jit(self._first_fn)
     self._middle = jax.jit(self._middle_fn)
     self._last = jax.jit(self._last_fn, static_argnames=("greedy_only",))
+    self._embed = jax.jit(lambda outer, tokens: nnx.merge(self.graphdef, outer).embed(tokens))
+    self._bulk = jax.jit(self._bulk_fn)
     self.stats = PipelineStats()
     self.compiled_shapes: set[tuple] = set()
 
@@ -103,30 +117,70 @@ class PipelinedRunner:
     logits = nnx.merge(self.graphdef, outer).logits(x[:, -1])
     return sample(logits, temperature, top_k, top_p, seeds, token_index, greedy_only)
 
+  def _bulk_fn(self, layer, x, positions, counts):
+    layer = nnx.merge(self.layer_graphdef, layer)
+    q, k, v = layer.pre_attention(x, positions)
+    real_keys = jnp.arange(x.shape[1])[None, None, :] < counts[:, None, None]  # padding is no key
+    mask = causal_mask(positions, positions, self.sliding_window) & real_keys
+    return layer.post_attention(x, grouped_attention(q, k, v, mask)), k, v
+
   # The ModelRunner interface.
 
   def prefill(self, tokens, positions, page_ids, offsets, block_tables, context_lens, seq_ids) -> None:
-    """Sends every layer's K, V of tokens: [B, T] to tier 2 (attention of the chunk through tier 2)."""
+    """Puts every layer's K, V of tokens: [B, T] on tier 2: first chunks computed on tier 1 and
+    appended in bulk, later chunks with attention through tier 2."""
     del page_ids, offsets, block_tables
-    micros = [_Micro(rows, tokens[rows], positions[rows], context_lens[rows], seq_ids[rows], None)
-              for rows in self._split(len(tokens), seq_ids)]
-    self._run(micros, greedy_only=True, measure=False)
+    real = seq_ids >= 0
+    first = real & (positions[:, 0] == 0)
+    if first.any():
+      self._bulk_prefill(tokens[first], positions[first], context_lens[first], seq_ids[first])
+    later = np.flatnonzero(real & ~first)
+    if later.size:
+      micros = [_Micro(rows, tokens[later][rows], positions[later][rows], context_lens[later][rows],
+                       seq_ids[later][rows], None) for rows in self._split(len(later), seq_ids[later])]
+      self._run(micros, greedy_only=True, measure=False)
+
+  def _bulk_prefill(self, tokens, positions, context_lens, seq_ids) -> None:
+    """Layer by layer on tier 1; layer L's K, V are appended while layer L + 1 computes."""
+    tokens, positions = _pad(tokens), _pad(positions)
+    counts = _pad(context_lens - positions[:len(context_lens), 0], 0)
+    rows, cols = valid_tokens(_pad(seq_ids, -1), positions, _pad(context_lens, 1))
+    ids, pos = seq_ids[rows], positions[rows, cols]
+    self.compiled_shapes.add(("bulk", tokens.shape))
+    t = time.perf_counter()
+    x = self._embed(self.outer, tokens)
+    sent, previous = [], None
+    for layer in range(self.num_layers):
+      x, k, v = self._bulk(self.layers[layer], x, positions, counts)
+      k.copy_to_host_async()
+      v.copy_to_host_async()
+      if previous is not None:
+        sent.append(self._append(layer - 1, ids, pos, *previous, rows, cols))
+      previous = (k, v)
+    sent.append(self._append(self.num_layers - 1, ids, pos, *previous, rows, cols))
+    self.stats.tier1_s += time.perf_counter() - t
+    t = time.perf_counter()
+    for future in sent:
+      future.result()
+    self.stats.wait_s += time.perf_counter() - t
+
+  def _append(self, layer, ids, pos, k, v, rows, cols) -> futures.Future:
+    k, v = np.asarray(k)[rows, cols], np.asarray(v)[rows, cols]
+    self.stats.tier2_bytes += k.nbytes + v.nbytes
+    return self.client.append_async(layer, ids, pos, k, v, timeout_s=self.timeout_s)
 
   def decode(self, tokens, positions, block_tables, token_index, temperature, top_k, top_p, seeds,
              greedy_only, seq_ids) -> np.ndarray:
     """`decode_steps` steps from tokens: [B] at positions: [B]; returns sampled tokens [steps, B]."""
     del block_tables
-    out = np.zeros((self.decode_steps, len(tokens)), np.int32)
     tokens = np.asarray(tokens, np.int32)
-    for step in range(self.decode_steps):
-      pos = positions + step
-      micros = [_Micro(rows, tokens[rows, None], pos[rows, None], pos[rows] + 1, seq_ids[rows],
-                       (temperature[rows], top_k[rows], top_p[rows], seeds[rows], token_index[rows] + step))
-                for rows in self._split(len(tokens), seq_ids)]
-      self._run(micros, greedy_only, measure=self.depth == 0)
-      for m in micros:
-        out[step, m.rows] = m.result
-      tokens = out[step]
+    micros = [_Micro(rows, tokens[rows, None], positions[rows, None], positions[rows] + 1, seq_ids[rows],
+                     (temperature[rows], top_k[rows], top_p[rows], seeds[rows], token_index[rows]))
+              for rows in self._split(len(tokens), seq_ids)]
+    self._run(micros, greedy_only, measure=self.depth == 0)
+    out = np.zeros((self.decode_steps, len(tokens)), np.int32)
+    for m in micros:
+      out[:, m.rows] = np.stack(m.results)
     return out
 
   # The pipeline.
@@ -140,31 +194,27 @@ class PipelinedRunner:
 
   def _run(self, micros: list[_Micro], greedy_only: bool, measure: bool) -> None:
     """Runs the micro-batches through every layer. With `measure` (in_flight = 0, depth not yet known)
-    they run one at a time and, if nothing compiled meanwhile, the timings set the depth."""
+    they run one at a time and, if nothing compiled meanwhile, the timings set the depth.
+
+    All ready micro-batches are dispatched (furthest along first) before the host blocks on any of
+    their q, k, v, so the accelerator's queue holds the next step while the host sends the last."""
     waiting = list(micros)  # not started yet
     active: list[_Micro] = []
     before = (dataclasses.replace(self.stats), len(self.compiled_shapes))
     while waiting or active:
-      ready = [m for m in active if m.pending.done()]
+      ready = sorted((m for m in active if m.pending.done()), key=lambda m: (len(m.results), m.layer),
+                     reverse=True)
       if ready:
-        m = max(ready, key=lambda m: m.layer)
-        attn = self._reply(m)
-        if m.layer == self.num_layers - 1:
-          active.remove(m)
-          if m.sampling is not None:
-            t = time.perf_counter()
-            m.result = np.asarray(self._last(self.outer, self.layers[-1], m.x, attn, *m.sampling,
-                                             greedy_only=greedy_only))[:_pad_rows(m)]
-            self.stats.tier1_s += time.perf_counter() - t
-          continue
-        self._send(m, *self._step(self._middle, ("middle",), self.layers[m.layer], self.layers[m.layer + 1],
-                                  m.x, attn, m.positions), m.layer + 1)
+        launched = [(m, self._dispatch(m, self._reply(m), greedy_only)) for m in ready]
+        for m, step in launched:
+          if not self._complete(m, step):
+            active.remove(m)
       elif waiting and len(active) < max(self.depth, 1):
         m = waiting.pop(0)
         m.tokens, m.positions = _pad(m.tokens), _pad(m.positions)
         if m.sampling is not None:
           m.sampling = tuple(_pad(a) for a in m.sampling)
-        self._send(m, *self._step(self._first, ("first",), self.outer, self.layers[0], m.tokens, m.positions), 0)
+        self._complete(m, self._dispatch_first(m))
         active.append(m)
       else:
         t = time.perf_counter()
@@ -175,17 +225,52 @@ class PipelinedRunner:
       self.depth = auto_depth((s.tier1_s - b.tier1_s) / max(s.num_steps - b.num_steps, 1),
                               (s.rtt_s - b.rtt_s) / max(s.num_round_trips - b.num_round_trips, 1))
 
-  def _step(self, fn, name, *args):
-    """Runs a jitted step; returns x and q, k, v on the host."""
-    self.compiled_shapes.add(name + tuple(a.shape for a in args[2:]))
+  def _dispatch_first(self, m: _Micro):
+    return self._launch("first", self._first, self.outer, self.layers[0], m.tokens, m.positions)
+
+  def _dispatch(self, m: _Micro, attn: np.ndarray, greedy_only: bool):
+    """Enqueues m's next tier-1 step after the attention of m.layer: (kind, device outputs), or None
+    when m is done (a prefill past its last layer)."""
+    if m.layer < self.num_layers - 1:
+      return self._launch("middle", self._middle, self.layers[m.layer], self.layers[m.layer + 1], m.x, attn,
+                          m.positions)
+    if m.sampling is None:
+      return None
+    return self._launch("last", functools.partial(self._last, greedy_only=greedy_only), self.outer,
+                        self.layers[-1], m.x, attn, *m.sampling, tag=(greedy_only,))
+
+  def _launch(self, kind: str, fn, *args, tag=()):
+    """Dispatches a jitted step (no waiting) and starts copying what the host needs: q, k, v or tokens."""
+    self.compiled_shapes.add((kind, *tag) + tuple(a.shape for a in args[2:]))
     t = time.perf_counter()
-    x, *qkv = fn(*args)
-    for a in qkv:
+    out = fn(*args)
+    for a in ((out,) if kind == "last" else out[1:]):
       a.copy_to_host_async()
-    qkv = [np.asarray(a) for a in qkv]
     self.stats.tier1_s += time.perf_counter() - t
     self.stats.num_steps += 1
-    return x, qkv
+    return kind, out
+
+  def _complete(self, m: _Micro, step) -> bool:
+    """Waits for a dispatched step and sends its q, k, v to tier 2; False when m has finished."""
+    if step is None:
+      return False
+    kind, out = step
+    t = time.perf_counter()
+    if kind == "last":
+      tokens = np.asarray(out)
+      self.stats.tier1_s += time.perf_counter() - t
+      m.results.append(tokens[:len(m.seq_ids)])
+      if len(m.results) == self.decode_steps:
+        return False
+      # The next decode step of this micro-batch starts at once, without waiting for the others.
+      m.tokens, m.positions, m.context_lens = tokens[:, None], m.positions + 1, m.context_lens + 1
+      m.sampling = m.sampling[:4] + (m.sampling[4] + 1,)
+      return self._complete(m, self._dispatch_first(m))
+    x, *qkv = out
+    qkv = [np.asarray(a) for a in qkv]
+    self.stats.tier1_s += time.perf_counter() - t
+    self._send(m, x, qkv, 0 if kind == "first" else m.layer + 1)
+    return True
 
   def _send(self, m: _Micro, x, qkv, layer: int) -> None:
     q, k, v = qkv
@@ -209,10 +294,6 @@ class PipelinedRunner:
 def auto_depth(t1_s: float, rtt_s: float) -> int:
   """Micro-batches that keep tier 1 busy: ceil((t1 + rtt) / t1), clamped to [1, MAX_IN_FLIGHT]."""
   return int(min(max(math.ceil((t1_s + rtt_s) / max(t1_s, 1e-6)), 1), MAX_IN_FLIGHT))
-
-
-def _pad_rows(m: _Micro) -> int:
-  return len(m.seq_ids)
 
 
 def _pad(a: np.ndarray, fill=0) -> np.ndarray:

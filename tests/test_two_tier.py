@@ -1,0 +1,155 @@
+"""Two-tier generation against real tier-2 processes on loopback (tiny GQA model, fp32 KV, 3 shards):
+the callback and pipelined placements give the local engine's greedy tokens; append-only requests."""
+
+import re
+
+import grpc
+import numpy as np
+import pytest
+
+from configs import tiny
+from glinthawk_jax.config import ConfigError, model_config, validate
+from glinthawk_jax.engine import Engine
+from glinthawk_jax.placements.pipelined import auto_depth
+from glinthawk_jax.requests import SamplingParams
+from glinthawk_jax.tier2_client import Tier2Client, Tier2Error
+from glinthawk_jax.tier2_launch import server_args
+from tests.tier2_reference import ReferenceKV
+from tier2_cpu.process import start_servers, stop_servers
+
+# 7 prompts for 4 slots; 23, 30 and 40 exceed max_prefill_tokens=16 (later chunks attend via tier 2).
+PROMPT_LENGTHS = (5, 23, 1, 12, 30, 16, 40)
+GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
+
+
+def _config(placement="local", addresses="", **tier2):
+  c = tiny.get_config()
+  c.placement = placement
+  c.engine.update(dict(max_num_seqs=4, page_size=4, kv_cache_gb=0.0, max_model_len=64, max_prefill_tokens=16,
+                       decode_steps_per_call=2))
+  c.tier2.addresses = addresses
+  c.tier2.update(tier2)
+  return c
+
+
+@pytest.fixture(scope="module")
+def servers():
+  c = _config()
+  procs = start_servers([server_args(c, model_config(c), "")] * 3)
+  yield ",".join(p.address for p in procs)
+  stop_servers(procs)
+
+
+@pytest.fixture(scope="module")
+def local_tokens():
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(3, 500, n).tolist() for n in PROMPT_LENGTHS]
+  return prompts, [o.token_ids for o in Engine(_config()).generate(prompts, GREEDY)]
+
+
+def _pages_in_use(addresses):
+  with Tier2Client.for_model(addresses.split(","), model_config(_config())) as client:
+    return [row["pages_in_use"] for row in client.stats()]
+
+
+@pytest.mark.parametrize("placement,in_flight", [("callback", 0), ("pipelined", 2)])
+def test_two_tier_greedy_tokens_match_local(servers, local_tokens, placement, in_flight):
+  prompts, want = local_tokens
+  with Engine(_config(placement, servers, in_flight=in_flight)) as engine:
+    got = [o.token_ids for o in engine.generate(prompts, GREEDY)]
+    assert got == want
+    if placement == "pipelined":
+      stats = engine.runner.stats
+      assert stats.num_round_trips > 0 and stats.tier2_bytes > 0
+  assert _pages_in_use(servers) == [0, 0, 0]  # finished sequences released their tier-2 KV
+
+
+def test_pipelined_auto_in_flight_measures_a_depth(servers, local_tokens):
+  prompts, want = local_tokens
+  c = _config("pipelined", servers, in_flight=0)
+  c.engine.decode_steps_per_call = 1
+  with Engine(c) as engine:
+    assert [o.token_ids for o in engine.generate(prompts[:3], GREEDY)] == want[:3]
+    assert 1 <= engine.runner.depth <= 8
+
+
+def test_auto_depth_formula():
+  assert auto_depth(0.010, 0.0) == 1
+  assert auto_depth(0.010, 0.025) == 4  # ceil(35 / 10)
+  assert auto_depth(0.001, 1.0) == 8  # clamped
+
+
+def test_append_only_then_attend_matches_float64_reference(servers):
+  cfg = model_config(_config())
+  rng = np.random.default_rng(1)
+  h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  with Tier2Client.for_model(servers.split(","), cfg, transport="grpc") as client:
+    client.allocate([501, 502])
+    ref = ReferenceKV()
+    ids, pos = [501] * 6 + [502] * 3, list(range(6)) + list(range(3))
+    k, v = (rng.standard_normal((9, kv, d)).astype(np.float32) for _ in range(2))
+    assert client.append_async(1, ids, pos, k, v).result() is None
+    ref.attend(1, ids, pos, np.zeros((9, h, d)), k, v)
+    q, k2, v2 = (rng.standard_normal((2, n, d)).astype(np.float32) for n in (h, kv, kv))
+    out = client.attend(1, [501, 502], [6, 3], q, k2, v2)
+    np.testing.assert_allclose(out, ref.attend(1, [501, 502], [6, 3], q, k2, v2), rtol=1e-5, atol=1e-6)
+    with pytest.raises(Tier2Error, match="leaves a gap") as e:
+      client.append_async(1, [502], [9], k[:1], v[:1]).result()
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    client.release([501, 502])
+
+
+@pytest.fixture
+def own_servers():
+  c = _config()
+  procs = start_servers([server_args(c, model_config(c), "")] * 2)
+  yield procs
+  stop_servers(procs)
+
+
+@pytest.mark.parametrize("placement", ["pipelined", pytest.param("callback", marks=pytest.mark.slow)])
+def test_a_dead_shard_loses_only_its_kv(own_servers, local_tokens, placement):
+  prompts, want = local_tokens
+  addresses = ",".join(p.address for p in own_servers)
+  finished = []
+
+  def kill_one_at_first_output(out):
+    finished.append(out.request_id)
+    if len(finished) == 1:
+      own_servers[1].process.kill()
+      own_servers[1].process.wait()
+
+  with Engine(_config(placement, addresses, in_flight=2)) as engine:
+    got = engine.generate(prompts, GREEDY, on_output=kill_one_at_first_output)
+    assert [o.token_ids for o in got] == want
+    assert engine.stats.num_tier2_failovers == 1 and len(finished) == len(prompts)
+
+
+def test_no_shard_left_is_a_clear_error_and_keeps_finished_outputs(own_servers, local_tokens):
+  prompts, want = local_tokens
+  finished = []
+
+  def kill_all_at_first_output(out):
+    finished.append(out)
+    if len(finished) == 1:
+      for p in own_servers:
+        p.process.kill()
+        p.process.wait()
+
+  with Engine(_config("pipelined", ",".join(p.address for p in own_servers), in_flight=2)) as engine:
+    with pytest.raises(Tier2Error, match="no tier-2 shard left"):
+      engine.generate(prompts, GREEDY, on_output=kill_all_at_first_output)
+  assert 1 <= len(finished) < len(prompts)  # those finished in the step before the kill, all kept
+  assert all(o.token_ids == want[int(o.request_id)] for o in finished)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("spawn", -1, "tier2.spawn=-1"), ("addresses", "nohost", "tier2.addresses: 'nohost'"),
+    ("kv_dtype", "int4", "tier2.kv_dtype='int4'"), ("cpus", "0-3", "tier2.cpus='0-3': 1 core lists"),
+    ("transport", "udp", "tier2.transport='udp'"), ("in_flight", 9, "tier2.in_flight=9"),
+    ("timeout_s", 0.0, "tier2.timeout_s=0.0"), ("inject_delay_ms", -1.0, "tier2.inject_delay_ms=-1.0")])
+def test_tier2_config_errors_name_the_key(key, value, message):
+  c = _config("pipelined")
+  c.tier2[key] = value
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    validate(c)

@@ -1,0 +1,81 @@
+"""launch/tier1.py with placement=pipelined spawns its tier-2 servers and stops them: at a normal exit
+and on SIGINT (the launcher in a real process; its children found through /proc)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _children(pid: int) -> list[int]:
+  """Live (non-zombie) child processes of pid running launch/tier2.py."""
+  found = []
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        cmdline = f.read()
+    except OSError:
+      continue
+    if int(fields[1]) == pid and fields[0] != "Z" and b"launch/tier2.py" in cmdline:
+      found.append(int(entry))
+  return found
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+def _launch(tmp_path, max_tokens):
+  input_path = tmp_path / "in.jsonl"
+  input_path.write_text("".join(json.dumps({"id": f"r{i}", "prompt_token_ids": list(range(3, 3 + n)),
+                                            "max_tokens": max_tokens, "ignore_eos": True}) + "\n"
+                                for i, n in enumerate((4, 9, 2))))
+  cmd = [sys.executable, os.path.join(REPO, "launch", "tier1.py"), "--config=configs/tiny.py",
+         "--config.placement=pipelined", "--config.tier2.spawn=2", f"--input={input_path}",
+         f"--output={tmp_path / 'out.jsonl'}", "--progress=false"]
+  return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_children(proc, count=2, timeout_s=60):
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline and proc.poll() is None:
+    pids = _children(proc.pid)
+    if len(pids) == count:
+      return pids
+    time.sleep(0.1)
+  raise AssertionError(f"no {count} tier-2 children (exit {proc.poll()}): {proc.stdout.read()[-2000:]}")
+
+
+def test_launcher_spawns_and_stops_tier2_at_exit(tmp_path):
+  proc = _launch(tmp_path, max_tokens=4)
+  pids = _wait_for_children(proc)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-3000:]
+  summary = json.loads(out[out.index("{\n"):])
+  assert summary["placement"] == "pipelined" and summary["num_requests"] == 3
+  assert [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+  assert not any(_alive(p) for p in pids)
+
+
+def test_sigint_stops_the_tier2_children(tmp_path):
+  proc = _launch(tmp_path, max_tokens=200)
+  pids = _wait_for_children(proc)
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode != 0
+  deadline = time.monotonic() + 10
+  while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not any(_alive(p) for p in pids), out[-2000:]

@@ -50,6 +50,7 @@ def model_shape(small: bool):
   from configs import llama2_7b, tiny
   config = tiny.get_config() if small else llama2_7b.get_config()
   config.dtype = "float32" if small else "bfloat16"
+  config.placement = "local"  # this benchmark measures the paged-attention baseline
   return config
 
 

@@ -1,4 +1,8 @@
-"""The built-in tiny model: random weights built in seconds, no download (README, tests, CI)."""
+"""The built-in tiny model: random weights built in seconds, no download (README, tests, CI).
+
+Its default placement is pipelined: the job starts two local tier-2 processes and stops them at exit.
+`--config.placement=local` keeps attention on tier 1.
+"""
 
 from glinthawk_jax.config import base_config
 
@@ -7,6 +11,7 @@ def get_config():
   c = base_config()
   c.name = "tiny"
   c.dtype = "float32"
+  c.placement = "pipelined"  # two tiers: tier 1 starts tier2.spawn local tier-2 servers itself
   c.engine.max_num_seqs = 8
   c.engine.kv_cache_gb = 0.01
   c.engine.max_model_len = 256

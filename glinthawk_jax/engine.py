@@ -158,9 +158,13 @@ class Engine:
         now = time.perf_counter()
         self.stats.decode_time_s += now - t
         self.stats.num_decode_calls += 1
+        steps = tokens.shape[0]
+        # A fused call's tokens reach the host together; spread their times evenly over the call, in
+        # the order the device produced them, so time-between-tokens stays meaningful.
+        step_times = [t - start + (now - t) * (step + 1) / steps for step in range(steps)]
         for i, seq in enumerate(batch.seqs):
-          for step in range(tokens.shape[0]):
-            if self._append(seq, int(tokens[step, i]), now - start):
+          for step in range(steps):
+            if self._append(seq, int(tokens[step, i]), step_times[step]):
               finish(seq)
               break
           else:

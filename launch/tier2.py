@@ -1,11 +1,13 @@
 """Starts one tier-2 server: python launch/tier2.py --config=configs/tiny.py --port=0 --cpus=0.
 
-Pins the process to --cpus and makes NumPy's BLAS single-threaded before JAX or NumPy load (XLA
-sizes its CPU thread pool from the affinity; BLAS otherwise starts a thread per core).
+Tier 2 runs JAX on the CPU device only (on a GPU host it would otherwise take the GPU). Pins the
+process to --cpus and makes NumPy's BLAS single-threaded before JAX or NumPy load (XLA sizes its CPU
+thread pool from the affinity; BLAS otherwise starts a thread per core).
 """
 
 import os
 
+os.environ["JAX_PLATFORMS"] = "cpu"
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
   os.environ[_var] = "1"
 
@@ -27,6 +29,8 @@ _LAYERS = flags.DEFINE_string("layers", "", "Layers held, inclusive, e.g. 0-31; 
 _AUTH_TOKEN = flags.DEFINE_string("auth_token", "", "Shared token clients must send; empty = none.")
 _INJECT_DELAY_MS = flags.DEFINE_float("inject_delay_ms", 0.0, "Delay added to each tensor RPC.")
 _SHM = flags.DEFINE_bool("shm", True, "Accept shared-memory tensor regions from same-host clients.")
+_EXIT_WITH_PARENT_PID = flags.DEFINE_integer(
+    "exit_with_parent_pid", 0, "Exit when this process (the tier 1 that spawned us) dies; 0 = never.")
 
 
 def _parse_range(text: str, name: str) -> list[int]:
@@ -45,6 +49,9 @@ def _parse_range(text: str, name: str) -> list[int]:
 
 def main(argv):
   del argv
+  if _EXIT_WITH_PARENT_PID.value:
+    from tier2_cpu.lifetime import exit_with_parent  # noqa: PLC0415 (no jax: safe before pinning)
+    exit_with_parent(_EXIT_WITH_PARENT_PID.value)
   if _CPUS.value:
     os.sched_setaffinity(0, _parse_range(_CPUS.value, "cpus"))
   from glinthawk_jax.config import model_config, validate  # noqa: PLC0415 (after pinning, see doc)

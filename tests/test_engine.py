@@ -23,6 +23,7 @@ EOS = 2
 
 def _config(path, **engine):
   c = tiny.get_config()
+  c.placement = "local"
   c.checkpoint = path
   c.dtype = "float32"
   c.engine.update(dict(max_num_seqs=4, page_size=4, kv_cache_gb=0.0, max_model_len=64, max_prefill_tokens=16,
@@ -70,6 +71,8 @@ def test_llama_greedy_continuous_batching_and_chunked_prefill(llama):
   for o in outs:
     assert o.finish_reason == FINISH_LENGTH and o.prompt_token_ids == prompts[int(o.request_id[1:])]
     assert len(o.token_times_s) == NEW_TOKENS and 0 < o.ttft_s == o.token_times_s[0]
+    # decode_steps_per_call=3: tokens of one call get distinct, increasing times (no zero gaps)
+    assert all(gap > 0 for gap in o.time_between_tokens_s)
     assert o.decode_time_s == pytest.approx(o.token_times_s[-1] - o.token_times_s[0])
 
 

@@ -35,3 +35,11 @@ def test_add_and_remove_name_the_bad_sequence():
   with pytest.raises(KeyError, match="sequence 9 is not allocated"):
     table.remove([1, 9])
   assert 1 in table and 2 not in table and table.num_sequences == 1
+
+
+def test_no_more_sequences_than_pages():
+  table = PageTable(num_pages=2, page_size=4, max_pages_per_seq=2)
+  table.add([1, 2])
+  with pytest.raises(PoolFullError, match="2 pages"):
+    table.add([3])
+  assert table.num_sequences == 2

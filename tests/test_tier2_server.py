@@ -181,6 +181,16 @@ def test_full_pool_is_resource_exhausted_and_release_frees(channel):
   stub.Release(tier2_pb2.ReleaseRequest(seq_ids=seqs[-1:]), timeout=10)
 
 
+def test_more_sequences_than_pages_is_resource_exhausted(channel):
+  stub = tier2_pb2_grpc.Tier2Stub(channel)
+  too_many = list(range(5000, 5000 + NUM_PAGES + 1))
+  assert _code(lambda: stub.Allocate(tier2_pb2.AllocateRequest(seq_ids=too_many), timeout=10)) == \
+      grpc.StatusCode.RESOURCE_EXHAUSTED
+  assert stub.Stats(tier2_pb2.StatsRequest(), timeout=10).num_sequences == 0  # nothing registered
+  stub.Allocate(tier2_pb2.AllocateRequest(seq_ids=too_many[:-1]), timeout=10)
+  stub.Release(tier2_pb2.ReleaseRequest(seq_ids=too_many[:-1]), timeout=10)
+
+
 def test_token_layer_range_and_injected_delay(servers):
   rng = np.random.default_rng(3)
   with grpc.insecure_channel(servers[1]) as ch:

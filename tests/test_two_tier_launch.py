@@ -79,3 +79,14 @@ def test_sigint_stops_the_tier2_children(tmp_path):
   while any(_alive(p) for p in pids) and time.monotonic() < deadline:
     time.sleep(0.1)
   assert not any(_alive(p) for p in pids), out[-2000:]
+
+
+def test_a_killed_launcher_leaves_no_tier2_server(tmp_path):
+  proc = _launch(tmp_path, max_tokens=200)
+  pids = _wait_for_children(proc)
+  proc.send_signal(signal.SIGKILL)  # no atexit, no handler: the kernel's parent-death signal must do it
+  proc.wait()
+  deadline = time.monotonic() + 15
+  while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not any(_alive(p) for p in pids)

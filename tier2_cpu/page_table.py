@@ -35,13 +35,17 @@ class PageTable:
     return seq_id in self._pages
 
   def add(self, seq_ids) -> None:
-    """Registers sequences with no pages; KeyError naming the first one already known."""
+    """Registers sequences with no pages yet; KeyError naming the first one already known;
+    PoolFullError when there would be more sequences than pages (each needs at least one)."""
     seq_ids = [int(s) for s in seq_ids]
     known = [s for s in seq_ids if s in self._pages]
     if known:
       raise KeyError(f"sequence {known[0]} is already allocated")
     if len(set(seq_ids)) != len(seq_ids):
       raise KeyError(f"sequence ids {seq_ids} repeat")
+    if len(self._pages) + len(seq_ids) > self.num_pages:
+      raise PoolFullError(f"{len(seq_ids)} more sequences would exceed the pool's {self.num_pages} pages "
+                          f"({len(self._pages)} sequences held)")
     for s in seq_ids:
       self._pages[s] = []
 

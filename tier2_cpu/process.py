@@ -1,6 +1,7 @@
 """Starts tier-2 servers as child processes (launch/tier2.py) and waits for their ready lines.
 
-Used by tests and benchmarks that need real servers on loopback.
+Used by the tier-1 launcher (tier2.spawn), tests and benchmarks. Each child is told this process's pid
+(--exit_with_parent_pid), so on Linux a tier 1 killed with SIGKILL leaves no server holding its KV pool.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ class ServerProcess:
   def __init__(self, args: list[str]):
     self.args = args
     self.log = tempfile.TemporaryFile(mode="w+")
-    self.process = subprocess.Popen([sys.executable, LAUNCHER, *args], cwd=REPO_ROOT,
-                                    stdout=self.log, stderr=subprocess.STDOUT, text=True)
+    self.process = subprocess.Popen(
+        [sys.executable, LAUNCHER, *args, f"--exit_with_parent_pid={os.getpid()}"], cwd=REPO_ROOT,
+        stdout=self.log, stderr=subprocess.STDOUT, text=True)
     self.address = ""
 
   def wait_ready(self, timeout_s: float) -> str:

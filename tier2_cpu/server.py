@@ -107,6 +107,8 @@ class Tier2Service:
         self.pages.add(request.seq_ids)
       except KeyError as e:
         context.abort(grpc.StatusCode.ALREADY_EXISTS, e.args[0])
+      except PoolFullError as e:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
       for s in request.seq_ids:
         self._lengths[s] = np.zeros(self.pool.num_layers, np.int64)
       return tier2_pb2.AllocateReply(free_pages=self.pages.num_free)

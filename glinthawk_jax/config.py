@@ -13,7 +13,7 @@ from models.model_config import ModelConfig
 PLACEMENTS = ("local", "callback", "pipelined")
 LAYER_LOOPS = ("scan", "unrolled")
 DTYPES = ("float32", "bfloat16", "float16")
-TIER2_KV_DTYPES = ("float32", "bfloat16")
+TIER2_KV_DTYPES = ("float32", "bfloat16", "int8")
 TIER2_TRANSPORTS = ("auto", "grpc", "shm")
 MAX_IN_FLIGHT = 8
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.tier2 = ml_collections.ConfigDict()  # tier-2 KV/attention servers (placements callback, pipelined)
   c.tier2.spawn = 2  # local servers tier 1 starts (and stops) itself when addresses is empty
   c.tier2.addresses = ""  # "host:port,..." of running servers; set = spawn nothing
-  c.tier2.kv_dtype = "bfloat16"  # KV storage dtype on tier 2: float32 or bfloat16
+  c.tier2.kv_dtype = "bfloat16"  # KV storage dtype on tier 2: float32, bfloat16 or int8
   c.tier2.kv_cache_gb = 1.0  # KV pool of each spawned server, GiB
   c.tier2.cpus = "auto"  # cores of spawned servers: "auto" (split this host's cores) or "0-3;4-7" per server
   c.tier2.timeout_s = 60.0  # deadline of every tier-2 call

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from glinthawk_jax import paged_attention, paged_cache
+from glinthawk_jax.config import LAYER_LOOPS
 from glinthawk_jax.sampling import sample
 from models.llama import Llama
 from models.model_config import ModelConfig
@@ -66,7 +67,6 @@ class LocalPagedAttention:
     return attend
 
 
-LAYER_LOOPS = ("scan", "unrolled")
 
 
 class ModelRunner:

@@ -20,10 +20,10 @@ import tqdm
 from glinthawk_jax import config as config_lib
 from glinthawk_jax.checkpoint import load_model
 from glinthawk_jax.model_runner import LocalPagedAttention, ModelRunner
-from glinthawk_jax.paged_cache import GIB, PageAllocator, num_pages_for, pages_per_sequence
+from glinthawk_jax.paged_cache import GIB, KVCacheTooSmallError, PageAllocator, num_pages_for, pages_per_sequence
 from glinthawk_jax.requests import FINISH_LENGTH, FINISH_STOP, RequestOutput, SamplingParams
 from glinthawk_jax.scheduler import Scheduler, Sequence
-from glinthawk_jax.tier2_client import ShardUnavailableError, Tier2Error
+from glinthawk_jax.tier2_client import KVCacheFullError, ShardUnavailableError, Tier2Error
 from glinthawk_jax.tier2_launch import Tier2Servers
 from glinthawk_jax.tokenizer import load_tokenizer
 
@@ -72,9 +72,8 @@ class Engine:
                                 ec.decode_steps_per_call, ec.layer_loop)
     else:
       self.tier2 = Tier2Servers(config, self.model_config)
-      # Tier 2 owns the KV: the scheduler's pages are bookkeeping, as many as every slot at full length.
-      self.num_pages = ec.max_num_seqs * pages_per_sequence(ec.max_model_len, ec.page_size) + 1
       try:
+        self.num_pages = self._tier2_pages()
         self.runner = self._two_tier_runner(model)
       except Exception:
         self.close()
@@ -83,6 +82,17 @@ class Engine:
     kv_bytes = (self.num_pages * ec.page_size * self.model_config.kv_bytes_per_token if self.tier2 is None else
                 sum(row["kv_bytes_capacity"] for row in self.tier2.client.stats()))  # tier 2's pools
     self.stats = EngineStats(num_pages=self.num_pages, page_size=ec.page_size, kv_pool_gib=kv_bytes / GIB)
+
+  def _tier2_pages(self) -> int:
+    """Scheduler pages of a two-tier placement (scratch page included): tier 2's capacity in
+    engine.page_size pages, at most every slot at full length, so preemption follows tier 2's room."""
+    ec = self.config.engine
+    tokens = [row["num_pages"] * row["page_size"] for row in self.tier2.client.stats()]
+    if max(tokens) < ec.max_model_len:
+      raise KVCacheTooSmallError(f"tier2.kv_cache_gb={self.config.tier2.kv_cache_gb}: the largest tier-2 pool "
+                                 f"holds {max(tokens)} tokens, less than engine.max_model_len={ec.max_model_len}")
+    full = ec.max_num_seqs * pages_per_sequence(ec.max_model_len, ec.page_size)
+    return min(full, sum(t // ec.page_size for t in tokens)) + 1
 
   def _two_tier_runner(self, model):
     from glinthawk_jax.placements.callback import CallbackAttention  # noqa: PLC0415
@@ -141,6 +151,7 @@ class Engine:
       while scheduler.has_unfinished():
         ran_prefill = self._prefill_all(scheduler)
         batch = scheduler.schedule_decode()
+        self._release_tier2(scheduler.take_preempted())
         if batch is None:
           if not ran_prefill:
             raise SchedulerStalledError(f"{len(scheduler.waiting)} waiting, {len(scheduler.running)} running "
@@ -154,6 +165,9 @@ class Engine:
           self._check_tier2()
         except ShardUnavailableError as e:
           self._fail_over(scheduler, e)
+          continue
+        except KVCacheFullError as e:
+          self._make_room(scheduler, e)
           continue
         now = time.perf_counter()
         self.stats.decode_time_s += now - t
@@ -182,7 +196,7 @@ class Engine:
     while (batch := scheduler.schedule_prefill()) is not None:
       t = time.perf_counter()
       if self.tier2 is not None:  # a row starting at 0 is new or was preempted: fresh KV on tier 2
-        self._release_tier2([seq for seq, _ in batch.rows if seq.num_computed == 0])
+        self._release_tier2(scheduler.take_preempted() + [seq for seq, _ in batch.rows if seq.num_computed == 0])
       try:
         seq_ids = self._tier2_rows([seq for seq, _ in batch.rows], len(batch.tokens))
         self.runner.prefill(batch.tokens, batch.positions, batch.page_ids, batch.offsets, batch.block_tables,
@@ -190,6 +204,9 @@ class Engine:
         self._check_tier2()
       except ShardUnavailableError as e:
         self._fail_over(scheduler, e)
+        continue
+      except KVCacheFullError as e:
+        self._make_room(scheduler, e)
         continue
       batch.commit()
       self.stats.prefill_time_s += time.perf_counter() - t
@@ -211,7 +228,7 @@ class Engine:
     return out
 
   def _release_tier2(self, seqs: list[Sequence], best_effort: bool = False) -> None:
-    held = [s for s in seqs if s in self._tier2_ids]
+    held = list(dict.fromkeys(s for s in seqs if s in self._tier2_ids))
     if not held:
       return
     try:
@@ -237,6 +254,18 @@ class Engine:
       del self._tier2_ids[seq]
       if seq in scheduler.running:
         scheduler.requeue(seq)
+
+  def _make_room(self, scheduler: Scheduler, error: KVCacheFullError) -> None:
+    """A shard's pool is full (sequences grew unevenly across shards): preempts the newest running
+    sequence on it and frees its KV there; the failed step reruns (like _fail_over)."""
+    client = self.tier2.client
+    shard = client.addresses.index(error.address) if error.address in client.addresses else -1
+    on_shard = [s for s in scheduler.running if s in self._tier2_ids
+                and client.shard_of(self._tier2_ids[s]) == shard]
+    if not on_shard:
+      raise error
+    scheduler.preempt(on_shard[-1])
+    self._release_tier2(scheduler.take_preempted())
 
   def _check_tier2(self) -> None:
     check = getattr(getattr(self.runner, "backend", None), "raise_error", None)

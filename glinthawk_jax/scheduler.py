@@ -117,6 +117,7 @@ class Scheduler:
     self.waiting: list[Sequence] = []  # sorted by index
     self.running: list[Sequence] = []  # in admission order
     self.num_preemptions = 0
+    self.preempted: list[Sequence] = []  # sent back to waiting since the last take_preempted()
 
   def add(self, seq: Sequence) -> None:
     bisect.insort(self.waiting, seq, key=lambda s: s.index)
@@ -135,6 +136,15 @@ class Scheduler:
     self._preempt(seq)
     self.num_preemptions -= 1
 
+  def preempt(self, seq: Sequence) -> None:
+    """Preempts a running sequence by recompute (a KV store outside the scheduler ran out of room)."""
+    self._preempt(seq)
+
+  def take_preempted(self) -> list[Sequence]:
+    """The sequences preempted or requeued since the last call (their KV elsewhere can go)."""
+    taken, self.preempted = self.preempted, []
+    return taken
+
   def _pages_for(self, seq: Sequence, num_cached: int) -> int:
     return max(0, math.ceil(num_cached / self.page_size) - len(seq.pages))
 
@@ -144,6 +154,7 @@ class Scheduler:
     seq.pages = []
     seq.num_computed = 0
     self.num_preemptions += 1
+    self.preempted.append(seq)
     self.add(seq)
 
   def _reserve(self, seq: Sequence, need: int) -> bool:
@@ -175,7 +186,10 @@ class Scheduler:
         break
       need = self._pages_for(seq, seq.num_computed + chunk)
       reserve = len(self.running) * math.ceil(self.decode_steps / self.page_size)
-      if need + reserve > self.allocator.num_free:
+      # Admitted only if its whole prompt and first decode call fit: else its later chunks would
+      # preempt it (it is the newest) and it would be admitted again, forever, while nothing decodes.
+      whole = self._pages_for(seq, min(seq.num_tokens - 1 + self.decode_steps, self.max_model_len))
+      if max(need, whole) + reserve > self.allocator.num_free:
         break
       self.waiting.pop(0)
       self.running.append(seq)

@@ -94,3 +94,17 @@ def test_out_of_pages_preempts_the_newest_and_it_resumes_first_with_its_outputs(
   victim = s.waiting[0]
   assert victim.index == 2 and victim.num_computed == 0 and victim.pages == [] and len(victim.output_ids) == 8
   assert s.allocator.num_free + sum(len(q.pages) for q in s.running) == 17
+  assert s.take_preempted() == [victim] and s.take_preempted() == []
+
+
+def test_a_prompt_is_admitted_only_when_all_its_chunks_fit():
+  """Admitting on the first chunk alone let a long prompt preempt itself at a later chunk and be
+  admitted again, forever, while the running sequences never decoded."""
+  s = _scheduler(num_pages=1 + 12, max_prefill_tokens=16)
+  s.add(_seq(0, 16))  # 4 pages
+  s.add(_seq(1, 40))  # 10 pages: only 8 left
+  _run_prefills(s)
+  assert [q.index for q in s.running] == [0] and [q.index for q in s.waiting] == [1]
+  s.finish(s.running[0])
+  _run_prefills(s)
+  assert [q.index for q in s.running] == [1] and s.running[0].decode_ready and s.num_preemptions == 0

@@ -153,3 +153,22 @@ def test_tier2_config_errors_name_the_key(key, value, message):
   c.tier2[key] = value
   with pytest.raises(ConfigError, match=re.escape(message)):
     validate(c)
+
+
+@pytest.mark.parametrize("placement", ["pipelined", "callback"])
+def test_a_tier2_pool_smaller_than_every_slot_at_full_length_preempts(local_tokens, placement):
+  """One server of 26 pages of 4 tokens (all 4 slots at 64 tokens need 64): the scheduler's budget is
+  tier 2's room, so sequences are preempted (their tier-2 KV released) instead of the pool overflowing."""
+  prompts, want = local_tokens
+  c = _config()
+  c.tier2.kv_cache_gb = 5e-5
+  procs = start_servers([server_args(c, model_config(c), "")])
+  try:
+    with Engine(_config(placement, procs[0].address, in_flight=2)) as engine:
+      assert engine.num_pages == 26 + 1
+      got = [o.token_ids for o in engine.generate(prompts, GREEDY)]
+      assert engine.stats.num_preemptions > 0
+    assert got == want
+    assert _pages_in_use(procs[0].address) == [0]
+  finally:
+    stop_servers(procs)

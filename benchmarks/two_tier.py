@@ -1,15 +1,24 @@
-"""Two-tier throughput: placements local, callback and pipelined, and pipelined under injected tier-2 delay.
+"""Two-tier throughput against each tier's floor: placements local, callback and pipelined, and
+pipelined under injected tier-2 delay. One command, a table last, every number in JSON, a PNG plot.
 
-Llama-2-7B and Llama-3-8B shapes, random weights, bf16, one GPU for tier 1 and --spawn tier-2 server
-processes sharing this host's cores (config.tier2.cpus = auto). Each (model, placement) runs the batch
-twice, the first run compiling; the second is timed. For pipelined it reports tier 1's busy fraction
-(time in tier-1 steps / wall), tier-2 traffic in GB/s (q, k, v out, attention back) and the pipeline
-efficiency (tier-1 step time / (step time + time tier 1 waited for tier 2)). The delay sweep reruns
-pipelined on servers started with config.tier2.inject_delay_ms, at the in-flight depth the run chose,
-for the first model only and with --sweep_output_len tokens (each token costs layers x delay / depth).
+  python benchmarks/two_tier.py --out two_tier.json     # 1-2 GPUs + 16-32 host cores, about 8 minutes
+  python benchmarks/two_tier.py --smoke --out /tmp/t.json  # tiny model on the CPU, about a minute
 
-  python benchmarks/two_tier.py --out two_tier.json                # H100 + 16 cores, about 4 minutes
-  python benchmarks/two_tier.py --small --out /tmp/two_tier.json   # CPU smoke test (tiny model)
+Per model (Llama-2-7B and Llama-3-8B shapes, random weights, bf16 weights and tier-2 KV) it runs two
+shapes: `short` (batch 64, prompt 128: tier 1 dominates) and `long` (batch 256, context ~1024 for GQA,
+~512 for MHA, so the tier-2 pools fit 128 GiB of host RAM: tier 2 dominates, Glinthawk's regime).
+
+Floors, both measured in this run before any server starts:
+  tier 1: one decode step reads the weights once: weight bytes / the device's copy bandwidth
+          (jitted a + 1 over 1 GiB, read + write bytes / time);
+  tier 2: one decode step reads every sequence's KV: KV bytes / the host's attention bandwidth, measured
+          with benchmarks/tier2.py's kernel (KVPool.attend in --spawn pinned processes, the model's
+          heads and the run's KV dtype).
+Pipeline efficiency = decode tokens/s / (batch / max(tier-1 floor, tier-2 floor)); decode tokens/s
+counts the decode calls only (prefill excluded). tier-1 busy = time in tier-1 steps / wall;
+wire B/tok/layer = q, k, v out plus the attention output back, per token and layer; tier-2 GB/s = KV
+bytes read by the attention kernels / decode time. The delay sweep reruns pipelined (short shape, first
+model) on servers started with tier2.inject_delay_ms and reports the in-flight depth it chose.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib
 import json
 import os
 import sys
@@ -25,117 +35,248 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PLACEMENTS = ("local", "callback", "pipelined")
+GIB = 2**30
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--out", default="two_tier.json", help="JSON file of every number")
-  p.add_argument("--small", action="store_true", help="tiny model, CPU, seconds (smoke test)")
-  p.add_argument("--models", default=None, help="config modules (default llama2_7b,llama3_8b; small: tiny)")
+  p.add_argument("--out", default="two_tier.json", help="JSON file of every number (the plot beside it)")
+  p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, end to end in about a minute")
+  p.add_argument("--models", default=None, help="config modules (default llama2_7b,llama3_8b; smoke: tiny)")
+  p.add_argument("--shapes", default="short,long", help="short (batch 64, prompt 128) and/or long")
   p.add_argument("--placements", default=",".join(PLACEMENTS))
-  p.add_argument("--batch", type=int, default=None, help="prompts = decode slots (default 64; small: 8)")
-  p.add_argument("--prompt_len", type=int, default=None, help="default 128 (small: 16)")
-  p.add_argument("--output_len", type=int, default=None, help="default 32 (small: 8)")
-  p.add_argument("--spawn", type=int, default=None, help="tier-2 servers (default 4; small: 2)")
-  p.add_argument("--kv_cache_gb", type=float, default=None, help="KV pool per server (default 4; small 0.01)")
+  p.add_argument("--spawn", type=int, default=None, help="tier-2 servers (default host cores - 2; smoke: 2)")
+  p.add_argument("--output_len", type=int, default=None, help="new tokens per request (default 32; smoke 8)")
+  p.add_argument("--callback_output_len", type=int, default=None, help="callback is slow (default 4)")
   p.add_argument("--in_flight", type=int, default=0, help="config.tier2.in_flight (0 = auto)")
-  p.add_argument("--delays", default=None, help="ms for the sweep (default 0,5,20,50,100,200; small: 0,5)")
-  p.add_argument("--decode_steps", type=int, default=4, help="engine.decode_steps_per_call")
+  p.add_argument("--delays", default=None, help="ms for the sweep (default 0,5,20,50,100,200; smoke 0,20)")
   p.add_argument("--sweep_output_len", type=int, default=4, help="new tokens per request in the delay sweep")
+  p.add_argument("--decode_steps", type=int, default=4, help="engine.decode_steps_per_call")
+  p.add_argument("--host_ram_gb", type=float, default=110.0, help="cap on all tier-2 pools together")
   args = p.parse_args(argv)
-  args.models = (args.models or ("tiny" if args.small else "llama2_7b,llama3_8b")).split(",")
+  args.models = (args.models or ("tiny" if args.smoke else "llama2_7b,llama3_8b")).split(",")
+  args.shapes = [s for s in args.shapes.split(",") if s]
   args.placements = [x for x in args.placements.split(",") if x]
-  args.batch = args.batch or (8 if args.small else 64)
-  args.prompt_len = args.prompt_len or (16 if args.small else 128)
-  args.output_len = args.output_len or (8 if args.small else 32)
-  args.spawn = args.spawn or (2 if args.small else 4)
-  args.kv_cache_gb = args.kv_cache_gb or (0.01 if args.small else 4.0)
-  delays = args.delays if args.delays is not None else ("0,5" if args.small else "0,5,20,50,100,200")
+  cores = len(os.sched_getaffinity(0))
+  args.spawn = args.spawn or (2 if args.smoke else max(1, cores - 2))
+  args.output_len = args.output_len or (8 if args.smoke else 32)
+  args.callback_output_len = args.callback_output_len or (4 if not args.smoke else 8)
+  delays = args.delays if args.delays is not None else ("0,20" if args.smoke else "0,5,20,50,100,200")
   args.delays = [float(d) for d in delays.split(",") if d]
   return args
 
 
-def make_config(args, model: str, placement: str, delay_ms: float = 0.0, in_flight: int | None = None):
-  import importlib
+def shape(args, name: str, model) -> dict:
+  """batch, prompt and output lengths of a shape for this model."""
+  if args.smoke:
+    return {"short": dict(batch=8, prompt=16), "long": dict(batch=32, prompt=48)}[name] | \
+        dict(output=args.output_len)
+  if name == "short":
+    return dict(batch=64, prompt=128, output=args.output_len)
+  context = 1024 if model.num_kv_heads < model.num_heads else 512  # MHA KV is 4x GQA's: fit host RAM
+  return dict(batch=256, prompt=context - args.output_len, output=args.output_len)
 
-  c = importlib.import_module(f"configs.{model}").get_config()
-  c.dtype = "float32" if args.small else "bfloat16"
+
+def make_config(args, model_name: str, placement: str, s: dict, delay_ms: float = 0.0,
+                in_flight: int | None = None):
+  from glinthawk_jax.config import model_config
+
+  c = importlib.import_module(f"configs.{model_name}").get_config()
+  c.dtype = "float32" if args.smoke else "bfloat16"
   c.placement = placement
-  c.engine.max_num_seqs = args.batch
-  c.engine.max_model_len = args.prompt_len + args.output_len + 8
-  c.engine.max_prefill_tokens = max(args.prompt_len, 16) * min(args.batch, 16)
+  c.engine.max_num_seqs = s["batch"]
+  c.engine.max_model_len = s["prompt"] + s["output"] + 16
+  c.engine.max_prefill_tokens = 4096 if not args.smoke else 256
   c.engine.decode_steps_per_call = args.decode_steps
-  c.engine.kv_cache_gb = 0.0 if not args.small else 0.01
+  c.engine.kv_cache_gb = 0.0 if not args.smoke else 0.05
   c.tier2.spawn = args.spawn
-  c.tier2.kv_dtype = "float32" if args.small else "bfloat16"
-  c.tier2.kv_cache_gb = args.kv_cache_gb
+  c.tier2.kv_dtype = "float32" if args.smoke else "bfloat16"
+  kv = kv_bytes_per_token(model_config(c), c.tier2.kv_dtype)
+  need = s["batch"] * c.engine.max_model_len * kv * 1.15 / GIB  # all slots at full length, + pages
+  c.tier2.kv_cache_gb = min(need, args.host_ram_gb) / args.spawn + 0.01
   c.tier2.inject_delay_ms = delay_ms
   c.tier2.in_flight = args.in_flight if in_flight is None else in_flight
   return c
 
 
-def run_one(args, config, output_len: int) -> dict:
-  """Builds the engine, runs the batch twice (compile, then timed); returns the timed run's numbers."""
+def kv_bytes_per_token(model, kv_dtype: str) -> int:
+  """Tier-2 K, V bytes of one token over all layers."""
+  return 2 * model.num_layers * model.num_kv_heads * model.head_dim * _DTYPE_BYTES[kv_dtype]
+
+
+def wire_bytes_per_token_layer(model, dtype: str) -> int:
+  """q, k, v out and the attention output back, per token and layer."""
+  return (2 * model.num_heads + 2 * model.num_kv_heads) * model.head_dim * _DTYPE_BYTES[dtype]
+
+
+def device_copy_gb_s(smoke: bool) -> float:
+  """Read + write bytes per second of a jitted a + 1 over a large array on the default device."""
+  import jax
+  import jax.numpy as jnp
+
+  n = (64 if smoke else 1024) * 2**20 // 2
+  x = jnp.ones((n,), jnp.bfloat16)
+  f = jax.jit(lambda a: a + 1)
+  f(x).block_until_ready()
+  best = float("inf")
+  for _ in range(5 if smoke else 20):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * x.nbytes / best / 1e9
+
+
+def host_attention_gb_s(args, model, s: dict, kv_dtype: str) -> float:
+  """The tier-2 kernel's KV-read GB/s summed over `spawn` pinned processes (benchmarks/tier2.py)."""
+  from benchmarks.tier2 import kernel_rows
+
+  context = s["prompt"] + s["output"] // 2
+  cfg = {"batch": max(1, min(s["batch"] // args.spawn, 16)), "context": max(16, context // 16 * 16),
+         "heads": model.num_heads, "kv_heads": model.num_kv_heads, "head_dim": model.head_dim,
+         "page_size": 16, "seconds": 0.3 if args.smoke else 1.0, "copy_bytes": 16 << 20, "kinds": [kv_dtype]}
+  procs = min(args.spawn, len(os.sched_getaffinity(0)))
+  return kernel_rows(cfg, [procs])[0]["gb_per_s"]
+
+
+def run_one(args, config, s: dict, output_len: int) -> dict:
+  """Builds the engine, warms it (compiles; measures the auto depth), then one timed run."""
   import numpy as np
 
   from glinthawk_jax.engine import Engine
   from glinthawk_jax.requests import SamplingParams
 
   rng = np.random.default_rng(0)
-  vocab = config.model.vocab_size
-  prompts = [rng.integers(3, vocab, args.prompt_len).tolist() for _ in range(args.batch)]
-  params = SamplingParams(max_tokens=output_len, ignore_eos=True)
-  warm = SamplingParams(max_tokens=min(2, output_len), ignore_eos=True)  # one decode call: same shapes
+  prompts = [rng.integers(3, config.model.vocab_size, s["prompt"]).tolist() for _ in range(s["batch"])]
+  warm = SamplingParams(max_tokens=min(args.decode_steps + 1, output_len), ignore_eos=True)
   with Engine(config) as engine:
     runner = engine.runner
     engine.generate(prompts, warm)
-    for _ in range(2):  # an auto depth is measured on a compiled run; then its own shapes compile
-      depth = getattr(runner, "depth", None)
-      if depth is None or config.tier2.in_flight:
-        break
-      engine.generate(prompts, warm)
+    if getattr(runner, "depth", None) is not None and not config.tier2.in_flight:
+      engine.generate(prompts, warm)  # the measured depth's own shapes compile here
     before = dict(vars(runner.stats)) if hasattr(runner, "stats") else None
+    decode_before = engine.stats.decode_time_s
     start = time.perf_counter()
-    outs = engine.generate(prompts, params)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=output_len, ignore_eos=True))
     wall = time.perf_counter() - start
-    row = {"placement": config.placement, "delay_ms": config.tier2.inject_delay_ms,
-           "output_tok_s": sum(len(o.token_ids) for o in outs) / wall, "wall_s": wall}
+    decode_s = engine.stats.decode_time_s - decode_before
+    tokens = sum(len(o.token_ids) for o in outs)
+    decode_tokens = tokens - len(outs)  # each request's first token comes from its first decode call too
+    row = {"placement": config.placement, "delay_ms": config.tier2.inject_delay_ms, "batch": s["batch"],
+           "prompt": s["prompt"], "output": output_len, "output_tok_s": tokens / wall, "wall_s": wall,
+           "decode_s": decode_s, "decode_tok_s": max(decode_tokens, 1) / max(decode_s, 1e-9)}
     if before is not None:
-      s = {k: v - before[k] for k, v in vars(runner.stats).items()}
-      row.update(in_flight=runner.depth, tier1_busy_fraction=s["tier1_s"] / wall,
-                 tier2_gb_s=s["tier2_bytes"] / wall / 1e9,
-                 pipeline_efficiency=s["tier1_s"] / max(s["tier1_s"] + s["wait_s"], 1e-9),
-                 mean_rtt_ms=1e3 * s["rtt_s"] / max(s["num_round_trips"], 1))
+      d = {k: v - before[k] for k, v in vars(runner.stats).items()}
+      row.update(in_flight=runner.depth, tier1_busy_fraction=d["tier1_s"] / wall,
+                 wire_gb_s=d["tier2_bytes"] / wall / 1e9,
+                 mean_rtt_ms=1e3 * d["rtt_s"] / max(d["num_round_trips"], 1))
   gc.collect()
   return row
 
 
+def add_floors(row: dict, model, s: dict, floors: dict, dtype: str, kv_dtype: str) -> None:
+  """Tier floors (seconds per decode step) and the efficiency against the slower one."""
+  context = s["prompt"] + row["output"] / 2
+  kv_step = s["batch"] * context * kv_bytes_per_token(model, kv_dtype)
+  t1 = model.param_count() * _DTYPE_BYTES[dtype] / (floors["device_copy_gb_s"] * 1e9)
+  t2 = kv_step / (floors["host_attention_gb_s"] * 1e9)
+  two_tier = row["placement"] != "local"
+  floor_s = max(t1, t2) if two_tier else t1 + s["batch"] * context * model.kv_bytes_per_token / (
+      floors["device_copy_gb_s"] * 1e9)
+  row.update(tier1_floor_ms=1e3 * t1, tier2_floor_ms=1e3 * t2,
+             bound="tier 2" if two_tier and t2 > t1 else "tier 1", floor_tok_s=s["batch"] / floor_s, efficiency=row["decode_tok_s"] * floor_s / s["batch"])
+  if two_tier:
+    row["wire_bytes_per_token_layer"] = wire_bytes_per_token_layer(model, dtype)
+    row["tier2_kv_gb_s"] = kv_step * row["decode_tok_s"] / s["batch"] / 1e9
+
+
+def plot(rows: list[dict], path: str) -> str | None:
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib is not installed: no plot", file=sys.stderr)
+    return None
+  sweep = sorted((r for r in rows if r.get("sweep")), key=lambda r: r["delay_ms"])
+  if not sweep:
+    return None
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot([r["delay_ms"] for r in sweep], [r["decode_tok_s"] for r in sweep], "o-")
+  for r in sweep:
+    ax.annotate(f"depth {r['in_flight']}", (r["delay_ms"], r["decode_tok_s"]), fontsize=8,
+                textcoords="offset points", xytext=(4, 4))
+  ax.set_xlabel("injected one-way tier-2 delay (ms)")
+  ax.set_ylabel("decode tokens/s (pipelined)")
+  ax.set_title(f"{sweep[0]['model']}, batch {sweep[0]['batch']}, prompt {sweep[0]['prompt']}")
+  ax.grid(True, alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  return path
+
+
 def main(argv=None):
   args = parse_args(argv)
+  if args.smoke:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
 
-  results = {"device": str(jax.devices()[0].device_kind), "date": datetime.datetime.now().isoformat(),
-             "command": " ".join([sys.executable] + sys.argv), "args": vars(args), "runs": []}
-  print(f"{'model':>10} {'placement':>10} {'delay ms':>8} {'tok/s':>9} {'depth':>5} {'t1 busy':>7} "
-        f"{'t2 GB/s':>7} {'pipe eff':>8}")
-  for model in args.models:
-    depth = None
-    runs = [(p, 0.0) for p in args.placements]
-    if model == args.models[0] and "pipelined" in args.placements:
-      runs += [("pipelined", d) for d in args.delays if d > 0]
-    for placement, delay in runs:
-      config = make_config(args, model, placement, delay, depth if delay > 0 else None)
-      row = {"model": model, **run_one(args, config, args.sweep_output_len if delay > 0 else args.output_len)}
-      if placement == "pipelined" and delay == 0:
-        depth = row["in_flight"]  # the sweep keeps the depth chosen without delay
-      results["runs"].append(row)
-      print(f"{model:>10} {placement:>10} {delay:>8.0f} {row['output_tok_s']:>9.1f} "
-            f"{row.get('in_flight', ''):>5} {row.get('tier1_busy_fraction', float('nan')):>7.2f} "
-            f"{row.get('tier2_gb_s', float('nan')):>7.3f} {row.get('pipeline_efficiency', float('nan')):>8.2f}",
-            flush=True)
+  from glinthawk_jax.config import model_config
+
+  started = time.perf_counter()
+  results = {"device": f"{jax.devices()[0].device_kind} x{len(jax.devices())}",
+             "host_cores": len(os.sched_getaffinity(0)), "date": datetime.datetime.now().isoformat(),
+             "command": " ".join([sys.executable] + sys.argv), "args": vars(args), "floors": {}, "runs": []}
+  copy_gb_s = device_copy_gb_s(args.smoke)
+  for model_name in args.models:
+    for shape_name in args.shapes:
+      model = model_config(importlib.import_module(f"configs.{model_name}").get_config())
+      s = shape(args, shape_name, model)
+      base = make_config(args, model_name, "pipelined", s)
+      key = f"{model_name}/{shape_name}"
+      results["floors"][key] = {"device_copy_gb_s": copy_gb_s,
+                                "host_attention_gb_s": host_attention_gb_s(args, model, s, base.tier2.kv_dtype)}
+      print(f"{key}: device copy {copy_gb_s:.0f} GB/s, host attention "
+            f"{results['floors'][key]['host_attention_gb_s']:.1f} GB/s ({args.spawn} processes)", flush=True)
+      runs = [(p, 0.0) for p in args.placements if not (p == "callback" and shape_name == "long")]
+      sweep = model_name == args.models[0] and shape_name == args.shapes[0] and "pipelined" in args.placements
+      runs += [("pipelined", d) for d in args.delays if d > 0] if sweep else []
+      depth = None
+      for placement, delay in runs:
+        out_len = (args.sweep_output_len if delay > 0 else
+                   args.callback_output_len if placement == "callback" else s["output"])
+        config = make_config(args, model_name, placement, s, delay, depth if delay > 0 else None)
+        row = {"model": model_name, "shape": shape_name, **run_one(args, config, s, out_len)}
+        row["sweep"] = sweep and placement == "pipelined"
+        if placement == "pipelined" and delay == 0:
+          depth = row["in_flight"]  # the sweep keeps the depth chosen without delay
+        add_floors(row, model, s, results["floors"][key], base.dtype, base.tier2.kv_dtype)
+        results["runs"].append(row)
+        print(f"  {placement} delay {delay:.0f} ms: {row['decode_tok_s']:.1f} decode tok/s, "
+              f"efficiency {row['efficiency']:.3f} ({time.perf_counter() - started:.0f} s so far)", flush=True)
+  results["plot"] = plot(results["runs"], os.path.splitext(args.out)[0] + "_delay.png")
+  results["elapsed_s"] = time.perf_counter() - started
   with open(args.out, "w") as f:
     json.dump(results, f, indent=2)
-  print(f"wrote {args.out}")
+  print_table(results)
+  print(f"wrote {args.out}" + (f" and {results['plot']}" if results["plot"] else ""))
+
+
+def print_table(results: dict) -> None:
+  print(f"\nTwo-tier generation on {results['device']}, {results['host_cores']} host cores, "
+        f"{results['args']['spawn']} tier-2 processes, {results['elapsed_s']:.0f} s")
+  head = (f"{'model':>10} {'shape':>5} {'batch':>5} {'ctx':>5} {'placement':>9} {'delay':>5} {'tok/s':>8} "
+          f"{'dec tok/s':>9} {'depth':>5} {'t1 busy':>7} {'t2 KV GB/s':>10} {'wire B':>7} {'t1 fl ms':>8} "
+          f"{'t2 fl ms':>8} {'bound':>6} {'eff':>6}")
+  print(head)
+  for r in results["runs"]:
+    f = lambda k, spec: format(r[k], spec) if k in r else ""  # noqa: E731
+    print(f"{r['model']:>10} {r['shape']:>5} {r['batch']:>5} {r['prompt'] + r['output']:>5} {r['placement']:>9} "
+          f"{r['delay_ms']:>5.0f} {r['output_tok_s']:>8.1f} {r['decode_tok_s']:>9.1f} {f('in_flight', 'd'):>5} "
+          f"{f('tier1_busy_fraction', '.2f'):>7} {f('tier2_kv_gb_s', '.2f'):>10} "
+          f"{f('wire_bytes_per_token_layer', 'd'):>7} {r['tier1_floor_ms']:>8.2f} {r['tier2_floor_ms']:>8.2f} "
+          f"{r['bound']:>6} {r['efficiency']:>6.3f}")
 
 
 if __name__ == "__main__":

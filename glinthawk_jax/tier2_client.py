@@ -24,6 +24,7 @@ MAX_MESSAGE_BYTES = 2**31 - 1
 AUTH_METADATA_KEY = "glinthawk-token"  # same key as tier2_cpu/server.py
 _UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 TRANSPORTS = ("grpc", "shm", "auto")
+MAX_CALLS_IN_FLIGHT = 16  # tensor calls to one shard at once (threads, each blocked on one call)
 
 
 class Tier2Error(RuntimeError):
@@ -71,6 +72,7 @@ class _Shard:
     self.dead = False  # set by mark_dead: no new sequences, its sequences' KV is gone
     self.page_size = 1
     self.shm: ShmSession | None = None
+    self.executor = futures.ThreadPoolExecutor(max_workers=MAX_CALLS_IN_FLIGHT, thread_name_prefix="tier2")
 
   @property
   def transport(self) -> str:
@@ -79,7 +81,7 @@ class _Shard:
   def open_shm(self, required: bool, slot_bytes: int) -> None:
     """Starts a shared-memory session; if not `required`, a failure leaves the shard on gRPC."""
     try:
-      self.shm = ShmSession(self.channel, self.control, self.metadata, self.timeout_s, slot_bytes)
+      self.shm = ShmSession(self.channel, self.control, self.metadata, self.timeout_s, slot_bytes, self.executor)
     except grpc.RpcError as e:
       if required:
         raise _error(self.address, e) from None
@@ -88,21 +90,13 @@ class _Shard:
         raise Tier2Error(self.address, None, f"shared memory: {e}") from None
 
   def send(self, parts, reply_bytes: int, timeout: float, consume) -> futures.Future:
-    """One tensor request: a Future of consume(reply bytes), or of its grpc.RpcError."""
+    """One tensor request: a Future of consume(reply bytes), or of its grpc.RpcError. Blocking calls
+    on this shard's threads: grpc's `.future()` starts a thread per call (about 1 ms each)."""
     if self.shm:
       return self.shm.call(shm_wire.ATTEND, parts, reply_bytes, timeout, consume)
-    result: futures.Future = futures.Future()
-    result.set_running_or_notify_cancel()
-
-    def done(rpc):
-      try:
-        result.set_result(consume(rpc.result()))
-      except Exception as e:  # noqa: BLE001 (handed to the caller)
-        result.set_exception(e)
-
     payload = b"".join(p.tobytes() for p in parts)
-    self.attend.future(payload, timeout=timeout, metadata=self.metadata).add_done_callback(done)
-    return result
+    return self.executor.submit(
+        lambda: consume(self.attend(payload, timeout=timeout, metadata=self.metadata)))
 
   def call(self, method: str, request):
     try:
@@ -339,6 +333,7 @@ class Tier2Client:
         shard.shm.close()
         shard.shm = None
       shard.channel.close()
+      shard.executor.shutdown(wait=False)
 
   def __enter__(self):
     return self

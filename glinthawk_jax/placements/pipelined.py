@@ -55,7 +55,9 @@ class _Micro:
   pending: futures.Future | None = None
   sent_at: float = 0.0
   q_shape: tuple = ()  # the padded q [R', T, H, D] of the last step
-  index: tuple = ()  # (rows, cols) of the real tokens in it
+  index: tuple = ()  # (rows, cols) of the real tokens in it, () until the step's first send
+  real_ids: np.ndarray | None = None  # their sequence ids and positions
+  real_positions: np.ndarray | None = None
   results: list = dataclasses.field(default_factory=list)  # sampled tokens [R] of each decode step
 
 
@@ -80,6 +82,7 @@ class PipelinedRunner:
     self.timeout_s = timeout_s
     self.depth = in_flight  # 0 until measured
     self.num_layers = model.config.num_layers
+    self.num_heads, self.num_kv_heads = model.config.num_heads, model.config.num_kv_heads
     self.sliding_window = model.config.sliding_window
     self.page_size = 1
     self.graphdef, params = nnx.split(model)
@@ -104,13 +107,11 @@ class PipelinedRunner:
 
   def _first_fn(self, outer, layer, tokens, positions):
     x = nnx.merge(self.graphdef, outer).embed(tokens)
-    q, k, v = nnx.merge(self.layer_graphdef, layer).pre_attention(x, positions)
-    return x, q, k, v
+    return x, _fuse(nnx.merge(self.layer_graphdef, layer).pre_attention(x, positions))
 
   def _middle_fn(self, layer, next_layer, x, attn, positions):
     x = nnx.merge(self.layer_graphdef, layer).post_attention(x, attn)
-    q, k, v = nnx.merge(self.layer_graphdef, next_layer).pre_attention(x, positions)
-    return x, q, k, v
+    return x, _fuse(nnx.merge(self.layer_graphdef, next_layer).pre_attention(x, positions))
 
   def _last_fn(self, outer, layer, x, attn, temperature, top_k, top_p, seeds, token_index, *, greedy_only):
     x = nnx.merge(self.layer_graphdef, layer).post_attention(x, attn)
@@ -244,8 +245,7 @@ class PipelinedRunner:
     self.compiled_shapes.add((kind, *tag) + tuple(a.shape for a in args[2:]))
     t = time.perf_counter()
     out = fn(*args)
-    for a in ((out,) if kind == "last" else out[1:]):
-      a.copy_to_host_async()
+    (out if kind == "last" else out[1]).copy_to_host_async()
     self.stats.tier1_s += time.perf_counter() - t
     self.stats.num_steps += 1
     return kind, out
@@ -264,28 +264,44 @@ class PipelinedRunner:
         return False
       # The next decode step of this micro-batch starts at once, without waiting for the others.
       m.tokens, m.positions, m.context_lens = tokens[:, None], m.positions + 1, m.context_lens + 1
+      m.index = ()
       m.sampling = m.sampling[:4] + (m.sampling[4] + 1,)
       return self._complete(m, self._dispatch_first(m))
-    x, *qkv = out
-    qkv = [np.asarray(a) for a in qkv]
+    x, qkv = out
+    qkv = np.asarray(qkv)  # one device-to-host copy for q, k and v
     self.stats.tier1_s += time.perf_counter() - t
     self._send(m, x, qkv, 0 if kind == "first" else m.layer + 1)
     return True
 
-  def _send(self, m: _Micro, x, qkv, layer: int) -> None:
-    q, k, v = qkv
+  def _send(self, m: _Micro, x, qkv: np.ndarray, layer: int) -> None:
+    """qkv: [R, T, H + 2 KV, D], heads of q then k then v."""
     m.x, m.layer = x, layer
-    rows, cols = valid_tokens(_pad(m.seq_ids, -1), m.positions, _pad(m.context_lens, 1))
-    m.q_shape, m.index = q.shape, (rows, cols)
-    m.pending = self.client.attend_async(layer, m.seq_ids[rows], m.positions[rows, cols], q[rows, cols],
-                                         k[rows, cols], v[rows, cols], timeout_s=self.timeout_s)
+    if not m.index:
+      m.index = self._real_tokens(m)
+    real = qkv[:, 0] if m.index is _EVERY_ROW else qkv[m.index]
+    h, kv = self.num_heads, self.num_kv_heads
+    q, k, v = real[:, :h], real[:, h:h + kv], real[:, h + kv:]
+    m.q_shape = qkv.shape[:2] + (h, qkv.shape[3])
+    m.pending = self.client.attend_async(layer, m.real_ids, m.real_positions, q, k, v, timeout_s=self.timeout_s)
     m.sent_at = time.perf_counter()
-    self.stats.tier2_bytes += 2 * q[rows, cols].nbytes + 2 * k[rows, cols].nbytes
+    self.stats.tier2_bytes += 2 * q.nbytes + 2 * k.nbytes
+
+  def _real_tokens(self, m: _Micro):
+    """(rows, cols) of m's real tokens (_EVERY_ROW: one token in every row, no padding), and their
+    sequence ids and positions, fixed for m's whole step."""
+    seq_ids = _pad(m.seq_ids, -1)
+    rows, cols = valid_tokens(seq_ids, m.positions, _pad(m.context_lens, 1))
+    m.real_ids, m.real_positions = seq_ids[rows], m.positions[rows, cols]
+    if m.positions.shape[1] == 1 and len(rows) == len(seq_ids):
+      return _EVERY_ROW
+    return rows, cols
 
   def _reply(self, m: _Micro) -> np.ndarray:
     out = m.pending.result()
     self.stats.rtt_s += time.perf_counter() - m.sent_at
     self.stats.num_round_trips += 1
+    if m.index is _EVERY_ROW:
+      return out[:, None]
     attn = np.zeros(m.q_shape, out.dtype)
     attn[m.index] = out
     return attn
@@ -294,6 +310,14 @@ class PipelinedRunner:
 def auto_depth(t1_s: float, rtt_s: float) -> int:
   """Micro-batches that keep tier 1 busy: ceil((t1 + rtt) / t1), clamped to [1, MAX_IN_FLIGHT]."""
   return int(min(max(math.ceil((t1_s + rtt_s) / max(t1_s, 1e-6)), 1), MAX_IN_FLIGHT))
+
+
+_EVERY_ROW = ("every row",)  # _Micro.index of a decode step without padding rows
+
+
+def _fuse(qkv) -> jax.Array:
+  """q [R, T, H, D], k and v [R, T, KV, D] -> [R, T, H + 2 KV, D]: one host copy instead of three."""
+  return jnp.concatenate(qkv, axis=2)
 
 
 def _pad(a: np.ndarray, fill=0) -> np.ndarray:

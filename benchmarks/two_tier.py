@@ -3,6 +3,7 @@ pipelined under injected tier-2 delay. One command, a table last, every number i
 
   python benchmarks/two_tier.py --out two_tier.json     # 1-2 GPUs + 16-32 host cores, about 8 minutes
   python benchmarks/two_tier.py --smoke --out /tmp/t.json  # tiny model on the CPU, about a minute
+  python benchmarks/two_tier.py --roundtrip                # CPU: host cost of one layer round trip
 
 Per model (Llama-2-7B and Llama-3-8B shapes, random weights, bf16 weights and tier-2 KV) it runs two
 shapes: `short` (batch 64, prompt 128: tier 1 dominates) and `long` (batch 256, context ~1024 for GQA,
@@ -18,7 +19,8 @@ Pipeline efficiency = decode tokens/s / (batch / max(tier-1 floor, tier-2 floor)
 counts the decode calls only (prefill excluded). tier-1 busy = time in tier-1 steps / wall;
 wire B/tok/layer = q, k, v out plus the attention output back, per token and layer; tier-2 GB/s = KV
 bytes read by the attention kernels / decode time. The delay sweep reruns pipelined (short shape, first
-model) on servers started with tier2.inject_delay_ms and reports the in-flight depth it chose.
+model, one decode step per call) on servers started with tier2.inject_delay_ms, at the in-flight depth
+auto mode's rule gives for the no-delay run's step time and round trip plus the delay.
 """
 
 from __future__ import annotations
@@ -51,8 +53,10 @@ def parse_args(argv=None):
   p.add_argument("--callback_output_len", type=int, default=None, help="callback is slow (default 4)")
   p.add_argument("--in_flight", type=int, default=0, help="config.tier2.in_flight (0 = auto)")
   p.add_argument("--delays", default=None, help="ms for the sweep (default 0,5,20,50,100,200; smoke 0,20)")
-  p.add_argument("--sweep_output_len", type=int, default=4, help="new tokens per request in the delay sweep")
+  p.add_argument("--sweep_output_len", type=int, default=2, help="new tokens per request in the delay sweep")
   p.add_argument("--decode_steps", type=int, default=4, help="engine.decode_steps_per_call")
+  p.add_argument("--roundtrip", action="store_true",
+                 help="only the per-layer round trip of the pipelined path on a small model (CPU)")
   p.add_argument("--host_ram_gb", type=float, default=110.0, help="cap on all tier-2 pools together")
   args = p.parse_args(argv)
   args.models = (args.models or ("tiny" if args.smoke else "llama2_7b,llama3_8b")).split(",")
@@ -79,7 +83,7 @@ def shape(args, name: str, model) -> dict:
 
 
 def make_config(args, model_name: str, placement: str, s: dict, delay_ms: float = 0.0,
-                in_flight: int | None = None):
+                in_flight: int | None = None, decode_steps: int | None = None):
   from glinthawk_jax.config import model_config
 
   c = importlib.import_module(f"configs.{model_name}").get_config()
@@ -88,7 +92,7 @@ def make_config(args, model_name: str, placement: str, s: dict, delay_ms: float 
   c.engine.max_num_seqs = s["batch"]
   c.engine.max_model_len = s["prompt"] + s["output"] + 16
   c.engine.max_prefill_tokens = 4096 if not args.smoke else 256
-  c.engine.decode_steps_per_call = args.decode_steps
+  c.engine.decode_steps_per_call = decode_steps or args.decode_steps
   c.engine.kv_cache_gb = 0.0 if not args.smoke else 0.05
   c.tier2.spawn = args.spawn
   c.tier2.kv_dtype = "float32" if args.smoke else "bfloat16"
@@ -98,6 +102,16 @@ def make_config(args, model_name: str, placement: str, s: dict, delay_ms: float 
   c.tier2.inject_delay_ms = delay_ms
   c.tier2.in_flight = args.in_flight if in_flight is None else in_flight
   return c
+
+
+def sweep_depth(base_row: dict | None, delay_ms: float) -> int:
+  """tier2.in_flight for a delayed run: auto_depth(tier-1 step, round trip + delay); the servers sleep
+  the delay once per tensor call."""
+  from glinthawk_jax.placements.pipelined import auto_depth
+
+  if base_row is None:
+    return 0
+  return auto_depth(base_row["tier1_step_ms"] / 1e3, (base_row["mean_rtt_ms"] + delay_ms) / 1e3)
 
 
 def kv_bytes_per_token(model, kv_dtype: str) -> int:
@@ -148,7 +162,7 @@ def run_one(args, config, s: dict, output_len: int) -> dict:
 
   rng = np.random.default_rng(0)
   prompts = [rng.integers(3, config.model.vocab_size, s["prompt"]).tolist() for _ in range(s["batch"])]
-  warm = SamplingParams(max_tokens=min(args.decode_steps + 1, output_len), ignore_eos=True)
+  warm = SamplingParams(max_tokens=min(config.engine.decode_steps_per_call + 1, output_len), ignore_eos=True)
   with Engine(config) as engine:
     runner = engine.runner
     engine.generate(prompts, warm)
@@ -169,7 +183,8 @@ def run_one(args, config, s: dict, output_len: int) -> dict:
       d = {k: v - before[k] for k, v in vars(runner.stats).items()}
       row.update(in_flight=runner.depth, tier1_busy_fraction=d["tier1_s"] / wall,
                  wire_gb_s=d["tier2_bytes"] / wall / 1e9,
-                 mean_rtt_ms=1e3 * d["rtt_s"] / max(d["num_round_trips"], 1))
+                 mean_rtt_ms=1e3 * d["rtt_s"] / max(d["num_round_trips"], 1),
+                 tier1_step_ms=1e3 * d["tier1_s"] / max(d["num_steps"], 1))
   gc.collect()
   return row
 
@@ -216,8 +231,39 @@ def plot(rows: list[dict], path: str) -> str | None:
   return path
 
 
+def roundtrip(args) -> None:
+  """Host cost of the pipelined path: a small model (8 layers, batch 32, context ~96) whose tier-1 steps
+  and tier-2 attention are cheap, so decode time per (step, layer) is mostly the round trip's overhead
+  (dispatch, device-to-host copy, RPC, server, reply). Best of 3 runs."""
+  from configs import tiny
+  from glinthawk_jax.engine import Engine
+  from glinthawk_jax.requests import SamplingParams
+  import numpy as np
+
+  c = tiny.get_config()
+  c.placement, c.model.num_layers = "pipelined", 8
+  c.engine.update(dict(max_num_seqs=32, page_size=16, max_model_len=160, max_prefill_tokens=1024,
+                       decode_steps_per_call=4))
+  c.tier2.update(dict(spawn=2, kv_cache_gb=0.05, in_flight=2))
+  prompts = [np.random.default_rng(0).integers(3, 500, 64).tolist() for _ in range(32)]
+  runs = []
+  with Engine(c) as engine:
+    engine.generate(prompts, SamplingParams(max_tokens=9, ignore_eos=True))
+    for _ in range(3):
+      before, decode_before = dict(vars(engine.runner.stats)), engine.stats.decode_time_s
+      engine.generate(prompts, SamplingParams(max_tokens=33, ignore_eos=True))
+      d = {k: v - before[k] for k, v in vars(engine.runner.stats).items()}
+      per = (engine.stats.decode_time_s - decode_before) / (32 * c.model.num_layers)
+      runs.append({"ms_per_layer_round_trip": 1e3 * per, "mean_rtt_ms": 1e3 * d["rtt_s"] / d["num_round_trips"],
+                   "transports": engine.tier2.client.transports})
+  best = min(runs, key=lambda r: r["ms_per_layer_round_trip"])
+  print(json.dumps({"roundtrip_best": best, "runs": runs}, indent=1))
+
+
 def main(argv=None):
   args = parse_args(argv)
+  if args.roundtrip:
+    return roundtrip(args)
   if args.smoke:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
@@ -242,15 +288,18 @@ def main(argv=None):
       runs = [(p, 0.0) for p in args.placements if not (p == "callback" and shape_name == "long")]
       sweep = model_name == args.models[0] and shape_name == args.shapes[0] and "pipelined" in args.placements
       runs += [("pipelined", d) for d in args.delays if d > 0] if sweep else []
-      depth = None
+      base_row = None
       for placement, delay in runs:
         out_len = (args.sweep_output_len if delay > 0 else
                    args.callback_output_len if placement == "callback" else s["output"])
-        config = make_config(args, model_name, placement, s, delay, depth if delay > 0 else None)
+        # Under delay, the depth auto mode would choose from the no-delay run's tier-1 step and round
+        # trip plus the delay (measuring it at 200 ms would take minutes); one step per call.
+        depth = sweep_depth(base_row, delay) if delay > 0 else None
+        config = make_config(args, model_name, placement, s, delay, depth, 1 if delay > 0 else None)
         row = {"model": model_name, "shape": shape_name, **run_one(args, config, s, out_len)}
         row["sweep"] = sweep and placement == "pipelined"
         if placement == "pipelined" and delay == 0:
-          depth = row["in_flight"]  # the sweep keeps the depth chosen without delay
+          base_row = row
         add_floors(row, model, s, results["floors"][key], base.dtype, base.tier2.kv_dtype)
         results["runs"].append(row)
         print(f"  {placement} delay {delay:.0f} ms: {row['decode_tok_s']:.1f} decode tok/s, "

@@ -174,15 +174,25 @@ class PipelinedRunner:
              greedy_only, seq_ids) -> np.ndarray:
     """`decode_steps` steps from tokens: [B] at positions: [B]; returns sampled tokens [steps, B]."""
     del block_tables
-    tokens = np.asarray(tokens, np.int32)
+    order = self._by_shard(seq_ids)
+    tokens, positions, seq_ids, temperature, top_k, top_p, seeds, token_index = (
+        np.asarray(a)[order] for a in (tokens, positions, seq_ids, temperature, top_k, top_p, seeds, token_index))
+    tokens = tokens.astype(np.int32)
     micros = [_Micro(rows, tokens[rows, None], positions[rows, None], positions[rows] + 1, seq_ids[rows],
                      (temperature[rows], top_k[rows], top_p[rows], seeds[rows], token_index[rows]))
               for rows in self._split(len(tokens), seq_ids)]
     self._run(micros, greedy_only, measure=self.depth == 0)
     out = np.zeros((self.decode_steps, len(tokens)), np.int32)
     for m in micros:
-      out[:, m.rows] = np.stack(m.results)
+      out[:, order[m.rows]] = np.stack(m.results)
     return out
+
+  def _by_shard(self, seq_ids: np.ndarray) -> np.ndarray:
+    """Row order with the real rows grouped by tier-2 shard (padding rows stay last), so a micro-batch
+    talks to few shards: each shard in a request costs tier 1 a call's host work (fan-out)."""
+    real = np.flatnonzero(seq_ids >= 0)
+    shards = np.fromiter((self.client.shard_of(s) for s in seq_ids[real].tolist()), np.int64, len(real))
+    return np.concatenate([real[np.argsort(shards, kind="stable")], np.flatnonzero(seq_ids < 0)])
 
   # The pipeline.
 

@@ -233,23 +233,29 @@ class Tier2Service:
       context.abort(grpc.StatusCode.OUT_OF_RANGE,
                     f"request {r.request_id}: token {bad[0]} position {r.positions[bad[0]]} outside "
                     f"[0, {o.max_seq_len})")
-    pairs = np.stack([r.seq_ids, r.positions.astype(np.int64)], axis=1)
-    if len(np.unique(pairs, axis=0)) != len(pairs):
+    keys = r.seq_ids * o.max_seq_len + r.positions  # one int64 per (sequence, position) pair
+    if len(np.unique(keys)) != len(keys):
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                     f"request {r.request_id}: a (sequence, position) pair appears twice")
 
   def _check_sequences(self, r: tensor_wire.AttendRequest, layer: int, context) -> None:
     """Every sequence known, and no position past the keys written so far plus this request's."""
-    for s in np.unique(r.seq_ids).tolist():
-      if s not in self.pages:
-        context.abort(grpc.StatusCode.NOT_FOUND, f"request {r.request_id}: sequence {s} is not allocated")
-      length = int(self._lengths[s][layer])
-      for p in np.sort(r.positions[r.seq_ids == s]).tolist():
-        if p > length:
-          context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                        f"request {r.request_id}: sequence {s} layer {r.layer} position {p} leaves a "
-                        f"gap after its {length} written keys")
-        length = max(length, p + 1)
+    order = np.lexsort((r.positions, r.seq_ids))
+    seq_ids, positions = r.seq_ids[order], r.positions[order]
+    unknown = [s for s in np.unique(seq_ids).tolist() if s not in self.pages]
+    if unknown:
+      context.abort(grpc.StatusCode.NOT_FOUND, f"request {r.request_id}: sequence {unknown[0]} is not allocated")
+    written = np.fromiter((self._lengths[s][layer] for s in seq_ids.tolist()), np.int64, len(seq_ids))
+    # In (sequence, position) order a position is fine if its key exists or the previous one of its
+    # sequence is right before it (pairs are unique, so positions of a sequence increase).
+    follows = np.zeros(len(seq_ids), bool)
+    follows[1:] = (seq_ids[1:] == seq_ids[:-1]) & (positions[1:] == positions[:-1] + 1)
+    bad = np.flatnonzero((positions > written) & ~follows)
+    if bad.size:
+      i = bad[0]
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request {r.request_id}: sequence {seq_ids[i]} layer {r.layer} position {positions[i]} "
+                    f"leaves a gap after its {written[i]} written keys")
 
 
 class _TokenCheck(grpc.ServerInterceptor):

@@ -185,7 +185,8 @@ def run_one(args, config, s: dict, output_len: int) -> dict:
                  wire_gb_s=d["tier2_bytes"] / wall / 1e9,
                  mean_rtt_ms=1e3 * d["rtt_s"] / max(d["num_round_trips"], 1),
                  tier1_step_ms=1e3 * d["tier1_s"] / max(d["num_steps"], 1))
-  gc.collect()
+  del engine, runner
+  gc.collect()  # the engine's device buffers go before the next engine allocates its own
   return row
 
 
@@ -273,7 +274,7 @@ def main(argv=None):
   started = time.perf_counter()
   results = {"device": f"{jax.devices()[0].device_kind} x{len(jax.devices())}",
              "host_cores": len(os.sched_getaffinity(0)), "date": datetime.datetime.now().isoformat(),
-             "command": " ".join([sys.executable] + sys.argv), "args": vars(args), "floors": {}, "runs": []}
+             "command": " ".join([sys.executable] + sys.argv), "args": vars(args), "floors": {}, "runs": [], "errors": []}
   copy_gb_s = device_copy_gb_s(args.smoke)
   for model_name in args.models:
     for shape_name in args.shapes:
@@ -296,20 +297,33 @@ def main(argv=None):
         # trip plus the delay (measuring it at 200 ms would take minutes); one step per call.
         depth = sweep_depth(base_row, delay) if delay > 0 else None
         config = make_config(args, model_name, placement, s, delay, depth, 1 if delay > 0 else None)
-        row = {"model": model_name, "shape": shape_name, **run_one(args, config, s, out_len)}
+        try:
+          row = {"model": model_name, "shape": shape_name, **run_one(args, config, s, out_len)}
+        except Exception as e:  # noqa: BLE001 (one failed run must not lose the others' numbers)
+          if args.smoke:
+            raise
+          results["errors"].append(f"{key} {placement} delay {delay}: {type(e).__name__}: {e}")
+          print(f"  {placement} delay {delay:.0f} ms FAILED: {results['errors'][-1]}", flush=True)
+          continue
         row["sweep"] = sweep and placement == "pipelined"
         if placement == "pipelined" and delay == 0:
           base_row = row
         add_floors(row, model, s, results["floors"][key], base.dtype, base.tier2.kv_dtype)
         results["runs"].append(row)
+        save(results, args.out, started)
         print(f"  {placement} delay {delay:.0f} ms: {row['decode_tok_s']:.1f} decode tok/s, "
               f"efficiency {row['efficiency']:.3f} ({time.perf_counter() - started:.0f} s so far)", flush=True)
   results["plot"] = plot(results["runs"], os.path.splitext(args.out)[0] + "_delay.png")
-  results["elapsed_s"] = time.perf_counter() - started
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=2)
+  save(results, args.out, started)
   print_table(results)
   print(f"wrote {args.out}" + (f" and {results['plot']}" if results["plot"] else ""))
+
+
+def save(results: dict, path: str, started: float) -> None:
+  """Writes the JSON (after every run, so a later failure keeps what ran)."""
+  results["elapsed_s"] = time.perf_counter() - started
+  with open(path, "w") as f:
+    json.dump(results, f, indent=2)
 
 
 def print_table(results: dict) -> None:
@@ -326,6 +340,8 @@ def print_table(results: dict) -> None:
           f"{f('tier1_busy_fraction', '.2f'):>7} {f('tier2_kv_gb_s', '.2f'):>10} "
           f"{f('wire_bytes_per_token_layer', 'd'):>7} {r['tier1_floor_ms']:>8.2f} {r['tier2_floor_ms']:>8.2f} "
           f"{r['bound']:>6} {r['efficiency']:>6.3f}")
+  for error in results["errors"]:
+    print(f"FAILED: {error}")
 
 
 if __name__ == "__main__":

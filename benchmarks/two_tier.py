@@ -79,7 +79,8 @@ def shape(args, name: str, model) -> dict:
   if name == "short":
     return dict(batch=64, prompt=128, output=args.output_len)
   context = 1024 if model.num_kv_heads < model.num_heads else 512  # MHA KV is 4x GQA's: fit host RAM
-  return dict(batch=256, prompt=context - args.output_len, output=args.output_len)
+  output = max(8, args.output_len // 2)  # a decode step reads 64 GiB (7B) or 32 GiB (8B) of KV here
+  return dict(batch=256, prompt=context - output, output=output)
 
 
 def make_config(args, model_name: str, placement: str, s: dict, delay_ms: float = 0.0,

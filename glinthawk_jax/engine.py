@@ -205,9 +205,9 @@ class Engine:
       except ShardUnavailableError as e:
         self._fail_over(scheduler, e)
         continue
-      except KVCacheFullError as e:
+      except KVCacheFullError as e:  # decode the running ones first, else a prompt would take the room again
         self._make_room(scheduler, e)
-        continue
+        return True
       batch.commit()
       self.stats.prefill_time_s += time.perf_counter() - t
       self.stats.num_prefill_calls += 1
@@ -256,8 +256,9 @@ class Engine:
         scheduler.requeue(seq)
 
   def _make_room(self, scheduler: Scheduler, error: KVCacheFullError) -> None:
-    """A shard's pool is full (sequences grew unevenly across shards): preempts the newest running
-    sequence on it and frees its KV there; the failed step reruns (like _fail_over)."""
+    """A shard's pool is full (sequences grew unevenly across shards, or another client holds pages):
+    preempts the newest running sequence on it and frees its KV there; the failed step reruns (like
+    _fail_over)."""
     client = self.tier2.client
     shard = client.addresses.index(error.address) if error.address in client.addresses else -1
     on_shard = [s for s in scheduler.running if s in self._tier2_ids
@@ -266,6 +267,12 @@ class Engine:
       raise error
     scheduler.preempt(on_shard[-1])
     self._release_tier2(scheduler.take_preempted())
+    # If tier 2 has less room than the scheduler thinks (another client holds pages), the difference
+    # leaves the scheduler's free list for this run; else the preempted sequence would come straight back.
+    page = self.config.engine.page_size
+    free = sum((row["num_pages"] - row["pages_in_use"]) * row["page_size"] // page for row in client.stats())
+    if scheduler.allocator.num_free > free:
+      scheduler.allocator.allocate(scheduler.allocator.num_free - free)
 
   def _check_tier2(self) -> None:
     check = getattr(getattr(self.runner, "backend", None), "raise_error", None)

@@ -155,7 +155,7 @@ def test_tier2_config_errors_name_the_key(key, value, message):
     validate(c)
 
 
-@pytest.mark.parametrize("placement", ["pipelined", "callback"])
+@pytest.mark.parametrize("placement", ["pipelined", pytest.param("callback", marks=pytest.mark.slow)])
 def test_a_tier2_pool_smaller_than_every_slot_at_full_length_preempts(local_tokens, placement):
   """One server of 26 pages of 4 tokens (all 4 slots at 64 tokens need 64): the scheduler's budget is
   tier 2's room, so sequences are preempted (their tier-2 KV released) instead of the pool overflowing."""
@@ -170,5 +170,28 @@ def test_a_tier2_pool_smaller_than_every_slot_at_full_length_preempts(local_toke
       assert engine.stats.num_preemptions > 0
     assert got == want
     assert _pages_in_use(procs[0].address) == [0]
+  finally:
+    stop_servers(procs)
+
+
+def test_a_shard_fuller_than_the_scheduler_knows_preempts_its_newest_sequence(local_tokens):
+  """Another client holds 8 of the server's 26 pages: the scheduler's budget (26) overshoots, tier 2
+  answers RESOURCE_EXHAUSTED, and the engine preempts instead of failing."""
+  prompts, want = local_tokens
+  c = _config()
+  c.tier2.kv_cache_gb = 5e-5
+  procs = start_servers([server_args(c, model_config(c), "")])
+  cfg = model_config(c)
+  try:
+    with Tier2Client.for_model([procs[0].address], cfg) as tenant:
+      tenant.allocate([10**6])
+      kv = np.zeros((32, cfg.num_kv_heads, cfg.head_dim), np.float32)
+      for layer in range(cfg.num_layers):
+        tenant.append_async(layer, [10**6] * 32, np.arange(32), kv, kv).result()
+      with Engine(_config("pipelined", procs[0].address, in_flight=2)) as engine:
+        got = [o.token_ids for o in engine.generate(prompts, GREEDY)]
+        assert engine.stats.num_preemptions > 0
+      assert got == want
+      tenant.release([10**6])
   finally:
     stop_servers(procs)

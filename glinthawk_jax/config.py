@@ -15,6 +15,8 @@ LAYER_LOOPS = ("scan", "unrolled")
 DTYPES = ("float32", "bfloat16", "float16")
 TIER2_KV_DTYPES = ("float32", "bfloat16", "int8")
 TIER2_TRANSPORTS = ("auto", "grpc", "shm")
+ROLES = ("colocated", "prefill", "decode")
+TRANSFER_FAILURE_POLICIES = ("recompute", "fail")
 MAX_IN_FLIGHT = 8
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TOKENIZER = os.path.join(REPO_ROOT, "configs", "assets", "tiny_tokenizer.json")
@@ -33,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"  # parameter/activation dtype: float32, bfloat16 or float16
   c.seed = 0  # seed of random weights and of the default sampling seed
   c.placement = "local"  # where attention runs: local (paged on tier 1), callback, pipelined
+  c.role = "colocated"  # Splitwise worker role: colocated (prefill and decode), prefill or decode
 
   c.model = ml_collections.ConfigDict()  # model dimensions; replaced by config.json when checkpoint is set
   c.model.vocab_size = 512
@@ -79,6 +82,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.tier2.transport = "auto"  # auto (shared memory on loopback), grpc or shm
   c.tier2.in_flight = 0  # pipelined micro-batches in flight; 0 = auto from measured step and round trip
   c.tier2.inject_delay_ms = 0.0  # delay spawned servers add to each tensor RPC (latency studies)
+
+  c.splitwise = ml_collections.ConfigDict()  # phase splitting: workers, KV transfer, router (launch/worker.py)
+  c.splitwise.kv_timeout_s = 30.0  # a KV transfer not committed within this is abandoned; its KV freed
+  c.splitwise.on_transfer_failure = "recompute"  # recompute: route the request again; fail: report an error
+  c.splitwise.send_threads = 4  # threads a prefill worker sends layers' K,V with
+  c.splitwise.poll_interval_s = 0.002  # how often the router polls each worker for outputs and load
   return c
 
 
@@ -86,6 +95,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first bad key and what is allowed."""
   _one_of(config, "placement", PLACEMENTS)
   _one_of(config, "dtype", DTYPES)
+  _one_of(config, "role", ROLES)
   if config.engine.layer_loop not in LAYER_LOOPS:
     raise ConfigError(f"engine.layer_loop={config.engine.layer_loop!r}: expected one of "
                       f"{', '.join(LAYER_LOOPS)}")
@@ -101,6 +111,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 < config.sampling.top_p <= 1.0:
     raise ConfigError(f"sampling.top_p={config.sampling.top_p}: expected a value in (0, 1]")
   _validate_tier2(config.tier2)
+  _validate_splitwise(config)
   if config.checkpoint and not os.path.isdir(config.checkpoint):
     raise ConfigError(f"checkpoint={config.checkpoint!r}: no such directory")
 
@@ -130,6 +141,20 @@ def _validate_tier2(t) -> None:
     raise ConfigError(f"tier2.in_flight={t.in_flight!r}: expected an integer in [0, {MAX_IN_FLIGHT}]")
   if t.inject_delay_ms < 0:
     raise ConfigError(f"tier2.inject_delay_ms={t.inject_delay_ms}: expected >= 0")
+
+
+def _validate_splitwise(config) -> None:
+  s = config.splitwise
+  if config.role != "colocated" and config.placement != "local":
+    raise ConfigError(f"role={config.role!r} needs placement='local' (got {config.placement!r})")
+  if s.on_transfer_failure not in TRANSFER_FAILURE_POLICIES:
+    raise ConfigError(f"splitwise.on_transfer_failure={s.on_transfer_failure!r}: expected one of "
+                      f"{', '.join(TRANSFER_FAILURE_POLICIES)}")
+  for key in ("kv_timeout_s", "poll_interval_s"):
+    if not s[key] > 0:
+      raise ConfigError(f"splitwise.{key}={s[key]}: expected > 0")
+  if not isinstance(s.send_threads, int) or s.send_threads < 1:
+    raise ConfigError(f"splitwise.send_threads={s.send_threads!r}: expected a positive integer")
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

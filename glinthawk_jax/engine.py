@@ -53,7 +53,9 @@ class EngineStats:
 class Engine:
   """Offline generation on one accelerator with attention over a paged KV cache (placement "local")."""
 
-  def __init__(self, config: ml_collections.ConfigDict, model=None, tokenizer=None):
+  def __init__(self, config: ml_collections.ConfigDict, model=None, tokenizer=None,
+               attention=LocalPagedAttention):
+    """`attention`: the placement-local backend's class (a Splitwise prefill worker's ships K,V)."""
     config_lib.validate(config)
     self.config = config
     self.model_config = config_lib.model_config(config)
@@ -68,7 +70,7 @@ class Engine:
     self._next_tier2_id = itertools.count()
     if config.placement == "local":
       self.num_pages = num_pages_for(ec, self.model_config)
-      self.runner = ModelRunner(model, LocalPagedAttention(self.model_config, self.num_pages, ec.page_size),
+      self.runner = ModelRunner(model, attention(self.model_config, self.num_pages, ec.page_size),
                                 ec.decode_steps_per_call, ec.layer_loop)
     else:
       self.tier2 = Tier2Servers(config, self.model_config)

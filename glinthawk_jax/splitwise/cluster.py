@@ -118,7 +118,8 @@ class Cluster:
 
   def __init__(self, config_path: str, roles: list[str], overrides: list[str] = (),
                envs: list[dict[str, str]] | None = None, ready_timeout_s: float = 300.0,
-               on_transfer_failure: str = "recompute", poll_interval_s: float = 0.002, rpc_timeout_s: float = 60.0):
+               on_transfer_failure: str = "recompute", mixed_pool: bool = True, poll_interval_s: float = 0.002,
+               rpc_timeout_s: float = 60.0):
     self.on_transfer_failure = on_transfer_failure
     self.poll_interval_s = poll_interval_s
     self.rpc_timeout_s = rpc_timeout_s
@@ -137,7 +138,7 @@ class Cluster:
       for name, stub in self.stubs.items():
         s = stub.call("Poll", {}, rpc_timeout_s)["stats"]
         loads.append(WorkerLoad(name, s["role"], s["kv_capacity_tokens"], s["max_num_seqs"]))
-      self.router = Router(loads)
+      self.router = Router(loads, mixed_pool)
     except BaseException:
       self.close()
       raise

@@ -4,7 +4,8 @@ At arrival a request gets a prefill worker (fewest pending prompt tokens) and a 
 reserved, among those with room for it). The mixed pool: a decode worker with nothing to do also
 prefills when every prefill worker has a queue, and a prefill worker with an empty queue also decodes
 when no decode worker has room (a route whose two workers are one runs colocated there). Colocated
-workers belong to both pools. A request no worker can take gets no route: the caller keeps it waiting
+workers are in the decode pool and prefill what they decode. `mixed_pool=False` keeps roles strict
+(a decode worker then prefills only when no prefill worker is alive). A request no worker can take gets no route: the caller keeps it waiting
 and asks again; nothing is ever dropped.
 """
 
@@ -12,8 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-PREFILL_ROLES = ("prefill", "colocated")
-DECODE_ROLES = ("decode", "colocated")
+DECODE_ROLES = ("decode", "colocated")  # colocated workers only ever take routes to themselves
 
 
 @dataclasses.dataclass
@@ -50,8 +50,9 @@ class Route:
 class Router:
   """route() picks workers and charges them the request; update() replaces a worker's load by its report."""
 
-  def __init__(self, workers: list[WorkerLoad]):
+  def __init__(self, workers: list[WorkerLoad], mixed_pool: bool = True):
     self.workers = {w.name: w for w in workers}
+    self.mixed_pool = mixed_pool
 
   def update(self, name: str, **load) -> None:
     for key, value in load.items():
@@ -66,10 +67,10 @@ class Router:
     alive = [w for w in self.workers.values() if w.alive]
     decoders = sorted((w for w in alive if w.role in DECODE_ROLES and w.fits(need)),
                       key=lambda w: (w.kv_reserved_tokens, w.name))
-    prefillers = sorted((w for w in alive if w.role in PREFILL_ROLES),
+    prefillers = sorted((w for w in alive if w.role == "prefill"),
                         key=lambda w: (w.pending_prompt_tokens, w.name))
     if not decoders:  # mixed pool: an idle prefill worker decodes too
-      spare = [w for w in prefillers if w.pending_prompt_tokens == 0 and w.fits(need)]
+      spare = [w for w in prefillers if self.mixed_pool and w.pending_prompt_tokens == 0 and w.fits(need)]
       if not spare:
         return None
       route = Route(spare[0].name, spare[0].name)
@@ -77,7 +78,7 @@ class Router:
       decode = decoders[0]
       if decode.role == "colocated":
         route = Route(decode.name, decode.name)
-      elif not prefillers or (prefillers[0].pending_prompt_tokens > 0 and decode.idle):
+      elif not prefillers or (self.mixed_pool and prefillers[0].pending_prompt_tokens > 0 and decode.idle):
         route = Route(decode.name, decode.name)  # mixed pool: an idle decode worker prefills too
       else:
         route = Route(prefillers[0].name, decode.name)

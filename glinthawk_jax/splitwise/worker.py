@@ -81,6 +81,8 @@ class Worker:
     if ship:
       self.sender = KVSender(self.model.num_heads, self.timeout_s, config.splitwise.send_threads)
       self.engine.runner.backend.sender = self.sender
+    device = jax.devices()[0]
+    self.device = f"{len(jax.devices())} x {device.platform} {device.device_kind}"
     self.scheduler = Scheduler(ec, PageAllocator(self.engine.num_pages), ec.decode_steps_per_call)
     self.lock = threading.Lock()
     self.wake = threading.Event()
@@ -401,7 +403,7 @@ class Worker:
     pending += sum(q.num_tokens - 1 - q.num_computed for q in self.local.values() if not q.decode_ready)
     held = [q for q in self.local.values() if q.index not in self.ship] + [i.seq for i in self.incoming.values()]
     held += [q for q, m in self.submits if not m.get("decode_address")]
-    return {"role": self.role, "pending_prompt_tokens": int(pending),
+    return {"role": self.role, "device": self.device, "pending_prompt_tokens": int(pending),
             "kv_reserved_tokens": int(sum(len(q.prompt_ids) + q.max_tokens for q in held)),
             "kv_capacity_tokens": (self.engine.num_pages - 1) * self.page_size,
             "kv_used_pages": self.engine.num_pages - 1 - s.allocator.num_free,

@@ -5,7 +5,8 @@
       [--input=prompts.jsonl] [--output=out/outputs.jsonl] [--on_bad_input=fail|skip]
 
 Two-tier placements start config.tier2.spawn local tier-2 servers unless tier2.addresses is set, and
-stop them on exit (Ctrl-C and SIGTERM included).
+stop them on exit (Ctrl-C and SIGTERM included). The offline job is colocated (config.role); prefill and
+decode workers run as servers: launch/worker.py, driven by launch/replay.py (README, Splitwise).
 """
 
 import json
@@ -38,6 +39,9 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # unwind: stop tier-2 children
+  if _CONFIG.value.role in ("prefill", "decode"):
+    sys.exit(f"error: role={_CONFIG.value.role!r}: the offline job runs colocated; start prefill and decode "
+             "workers with launch/worker.py (or launch/replay.py --workers=prefill,decode)")
   try:
     summary = run_offline_job(_CONFIG.value, _INPUT.value, _OUTPUT.value, _SUMMARY.value,
                               _ON_BAD_INPUT.value, _PROGRESS.value)

@@ -58,7 +58,8 @@ def main(argv):
   spec = ReplaySpec(_TRACE.value, _NUM_REQUESTS.value, _MAX_PROMPT.value, _MAX_OUTPUT.value,
                     config.engine.max_model_len, model_config(config).vocab_size, config.seed)
   print(f"starting {len(roles)} workers: {', '.join(roles)}", file=sys.stderr, flush=True)
-  with Cluster(config_flags.get_config_filename(flags.FLAGS["config"]), roles, overrides, worker_envs(len(roles), _DEVICES.value, _MEM_FRACTION.value),
+  envs = worker_envs(len(roles), _DEVICES.value, _MEM_FRACTION.value)
+  with Cluster(config_flags.get_config_filename(flags.FLAGS["config"]), roles, overrides, envs,
                on_transfer_failure=config.splitwise.on_transfer_failure,
                mixed_pool=config.splitwise.mixed_pool, poll_interval_s=config.splitwise.poll_interval_s) as cluster:
     warm_up(cluster, spec, max(float(r) for r in _RATES.value))

@@ -28,18 +28,19 @@ from glinthawk_jax.config import REPO_ROOT
 from glinthawk_jax.requests import SamplingParams
 from glinthawk_jax.splitwise.router import Route, Router, WorkerLoad
 from glinthawk_jax.splitwise.wire import WorkerStub, params_to_json
-from tier2_cpu.process import stop_servers
+from tier2_cpu.process import ServerProcess, stop_servers
 
 LAUNCHER = os.path.join(REPO_ROOT, "launch", "worker.py")
 _READY = re.compile(r"^worker ready on (\S+:\d+)$", re.M)
 FINISH_ERROR = "error"  # a request ended by a failed transfer under on_transfer_failure=fail
 
 
-class WorkerProcess:
+class WorkerProcess(ServerProcess):
   """A running worker; `address` is "host:port" once ready; `stop()` ends it (SIGTERM, then SIGKILL)."""
 
-  def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None):
+  def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None):  # own launcher and env
     self.name = name
+    self.args = args
     self.log = tempfile.TemporaryFile(mode="w+")
     self.process = subprocess.Popen([sys.executable, LAUNCHER, *args, f"--exit_with_parent_pid={os.getpid()}"],
                                     cwd=REPO_ROOT, env={**os.environ, **(env or {})}, stdout=self.log,
@@ -49,28 +50,13 @@ class WorkerProcess:
   def wait_ready(self, timeout_s: float) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-      match = _READY.search(self.output())
-      if match:
+      if match := _READY.search(self.output()):
         self.address = match.group(1)
         return self.address
       if self.process.poll() is not None:
         raise RuntimeError(f"worker {self.name} exited with {self.process.returncode}:\n{self.output()[-3000:]}")
       time.sleep(0.05)
     raise TimeoutError(f"worker {self.name}: no ready line in {timeout_s} s:\n{self.output()[-3000:]}")
-
-  def output(self) -> str:
-    self.log.seek(0)
-    return self.log.read()
-
-  def stop(self) -> None:
-    if self.process.poll() is None:
-      self.process.terminate()
-      try:
-        self.process.wait(timeout=5)
-      except subprocess.TimeoutExpired:
-        self.process.kill()
-        self.process.wait()
-    self.log.close()
 
 
 @dataclasses.dataclass

@@ -5,8 +5,8 @@ reserved, among those with room for it). The mixed pool: a decode worker with no
 prefills when every prefill worker has a queue, and a prefill worker with an empty queue also decodes
 when no decode worker has room (a route whose two workers are one runs colocated there). Colocated
 workers are in the decode pool and prefill what they decode. `mixed_pool=False` keeps roles strict
-(a decode worker then prefills only when no prefill worker is alive). A request no worker can take gets no route: the caller keeps it waiting
-and asks again; nothing is ever dropped.
+(a decode worker then prefills only when no prefill worker is alive). A request no worker can take
+gets no route: the caller keeps it waiting and asks again; nothing is ever dropped.
 """
 
 from __future__ import annotations

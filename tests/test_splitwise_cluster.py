@@ -1,7 +1,7 @@
 """Splitwise with real worker processes on loopback: split prefill/decode gives the colocated engine's
 greedy tokens, each layer's KV reaches the decode worker while the prefill still runs, a burst is never
 dropped, a wrong-shaped K,V is refused over the wire, and a killed decode worker's requests are
-recomputed on the other one (the last test: it kills a worker of the shared cluster)."""
+recomputed on the other one."""
 
 import grpc
 import numpy as np
@@ -14,7 +14,7 @@ from glinthawk_jax.splitwise.cluster import Cluster, ClusterRequest
 from glinthawk_jax.splitwise.wire import WorkerStub, encode_kv, params_to_json
 
 # Wide enough that a layer's prefill takes several ms on a CPU (the overlap test), chunked prefill.
-MODEL = {"num_layers": 6, "hidden_size": 384, "intermediate_size": 1536, "num_heads": 6, "num_kv_heads": 2,
+MODEL = {"num_layers": 6, "hidden_size": 256, "intermediate_size": 1024, "num_heads": 4, "num_kv_heads": 2,
          "head_dim": 64}
 ENGINE = {"max_model_len": 512, "max_prefill_tokens": 128}
 OVERRIDES = ([f"--config.model.{k}={v}" for k, v in MODEL.items()] +
@@ -27,13 +27,13 @@ def _prompts(lengths, seed=0):
   return [[int(t) for t in rng.integers(0, 512, n)] for n in lengths]
 
 
-def _requests(prompts, max_tokens=12, arrivals=None):
+def _requests(prompts, max_tokens=8, arrivals=None):
   arrivals = arrivals or [0.0] * len(prompts)
   return [ClusterRequest(str(i), p, SamplingParams(max_tokens=max_tokens, ignore_eos=True), a)
           for i, (p, a) in enumerate(zip(prompts, arrivals))]
 
 
-def _reference(prompts, max_tokens=12):
+def _reference(prompts, max_tokens=8):
   c = tiny.get_config()
   c.placement = "local"
   c.model.update(MODEL)
@@ -42,10 +42,13 @@ def _reference(prompts, max_tokens=12):
   return [o.token_ids for o in outs]
 
 
+def _cluster(roles):
+  return Cluster("configs/tiny.py", roles, OVERRIDES, ready_timeout_s=300, mixed_pool=False)
+
+
 @pytest.fixture(scope="module")
 def cluster():
-  with Cluster("configs/tiny.py", ["prefill", "decode", "decode"], OVERRIDES, ready_timeout_s=300,
-               mixed_pool=False) as c:
+  with _cluster(["prefill", "decode"]) as c:
     yield c
 
 
@@ -53,8 +56,7 @@ def test_split_gives_colocated_greedy_tokens_and_layers_arrive_during_prefill(cl
   prompts = _prompts(LENGTHS)
   outs = cluster.run(_requests(prompts), timeout_s=240)
   assert [o.token_ids for o in outs] == _reference(prompts)
-  assert all(o.route[0] == "prefill0" and o.route[1].startswith("decode") for o in outs)
-  assert {o.route[1] for o in outs} == {"decode1", "decode2"}
+  assert all(o.route == ("prefill0", "decode1") for o in outs)
   # A single-chunk prompt (127 tokens: 126 of KV): layer 0's K,V reached the decode worker before the
   # prefill worker had computed the last layer's K,V in that same call, let alone finished it.
   t = outs[1].transfer
@@ -64,6 +66,7 @@ def test_split_gives_colocated_greedy_tokens_and_layers_arrive_during_prefill(cl
   assert outs[1].kv_visible_s is not None and outs[1].kv_visible_s >= 0
 
 
+@pytest.mark.slow
 def test_burst_is_never_dropped(cluster):
   prompts = _prompts([int(n) for n in np.random.default_rng(1).integers(1, 127, 40)], seed=2)
   outs = cluster.run(_requests(prompts, max_tokens=4), timeout_s=240)
@@ -86,7 +89,12 @@ def test_wrong_shaped_kv_is_refused_with_invalid_argument(cluster):
 
 
 @pytest.mark.slow
-def test_killed_decode_worker_requests_are_recomputed(cluster):
+def test_killed_decode_worker_requests_are_recomputed():
+  with _cluster(["prefill", "decode", "decode"]) as cluster:
+    _kill_and_check(cluster)
+
+
+def _kill_and_check(cluster):
   prompts = _prompts((30, 60, 90, 10, 45, 120, 75, 20), seed=3)
   requests = _requests(prompts, max_tokens=48)
   requests[0].params = SamplingParams(max_tokens=2, ignore_eos=True)

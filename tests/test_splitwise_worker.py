@@ -8,6 +8,7 @@ import pytest
 
 from configs import tiny
 from glinthawk_jax.requests import SamplingParams
+from glinthawk_jax.splitwise.server import build_server
 from glinthawk_jax.splitwise.wire import encode_kv, params_to_json
 from glinthawk_jax.splitwise.worker import Worker, WorkerError
 
@@ -94,9 +95,37 @@ def test_begin_refuses_when_slots_are_taken_and_checks_lengths(decode):
   assert _used(decode) == 0
 
 
-def test_prefill_worker_with_unreachable_decode_worker_frees_its_kv():
-  prefill = Worker(_config("prefill"))
-  prefill.sender.timeout_s = 2.0
+@pytest.fixture(scope="module")
+def prefill():
+  worker = Worker(_config("prefill"))
+  worker.sender.timeout_s = 2.0
+  yield worker
+  worker.sender.close()
+
+
+def test_cancelled_request_strands_no_kv_on_either_side(decode, prefill):
+  """Prefill worker -> decode worker served over gRPC; the request is cancelled on both (as the cluster
+  does) right after its prefill: neither keeps pages, and nothing reaches the decode batch."""
+  server, port = build_server(decode, "127.0.0.1", 0)
+  try:
+    prefill.submit(_msg(8, decode_address=f"127.0.0.1:{port}"))
+    prefill.step()  # Begin at the decode worker, prefill, layers queued to send, commit queued
+    assert [e["event"] for e in prefill.poll()["events"]] == ["prefilled"]
+    prefill.abort({"uid": 8})
+    decode.abort({"uid": 8})
+    time.sleep(0.5)  # the sender's commit (or abort) lands
+    for _ in range(3):
+      decode.step()
+      prefill.step()
+    assert prefill.poll()["stats"]["kv_used_pages"] == 0
+    stats = decode.poll()["stats"]
+    assert stats["kv_used_pages"] == 0 and stats["num_incoming"] == 0 and stats["num_seqs"] == 0
+    assert decode.poll()["outputs"] == []
+  finally:
+    server.stop(0)
+
+
+def test_prefill_worker_with_unreachable_decode_worker_frees_its_kv(prefill):
   prefill.submit(_msg(7, decode_address="127.0.0.1:1"))
   deadline = time.monotonic() + 30
   events = []
@@ -106,4 +135,3 @@ def test_prefill_worker_with_unreachable_decode_worker_frees_its_kv():
   assert events and events[0]["uid"] == 7 and "UNAVAILABLE" in events[0]["error"]
   stats = prefill.poll()["stats"]
   assert stats["kv_used_pages"] == 0 and stats["num_shipping"] == 0 and stats["pending_prompt_tokens"] == 0
-  prefill.sender.close()

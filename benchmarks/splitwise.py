@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from glinthawk_jax.splitwise.cluster import Cluster  # noqa: E402 (no jax in this process: GPUs stay free)
-from glinthawk_jax.splitwise.replay import ReplaySpec, replay, table, warm_up  # noqa: E402
+from glinthawk_jax.splitwise.replay import ReplaySpec, measured, replay, table, warm_up  # noqa: E402
 
 MODES = {"split": ["prefill", "decode"], "colocated": ["colocated", "colocated"]}
 # Scan compiles one layer: the traces' many shapes would otherwise cost minutes of compiles per worker.
@@ -40,12 +40,16 @@ def parse_args(argv=None):
   p.add_argument("--smoke", action="store_true", help="tiny model on the CPU (a bug check, not a result)")
   p.add_argument("--traces", default="code,conv")
   p.add_argument("--rates", default=None, help="requests/s (default 1,2,4; smoke: 4,8,16)")
-  p.add_argument("--num_requests", type=int, default=None, help="per rate (default 24; smoke: 6)")
+  p.add_argument("--num_requests", type=int, default=None, help="per rate (default 20; smoke: 6)")
   p.add_argument("--max_prompt_tokens", type=int, default=None, help="default 1536; smoke: 160")
   p.add_argument("--max_output_tokens", type=int, default=None, help="default 256; smoke: 16")
   p.add_argument("--slo_ttft_s", type=float, default=None, help="default 1.0; smoke: 5")
   p.add_argument("--slo_tbt_s", type=float, default=None, help="default 0.1; smoke: 1")
   p.add_argument("--modes", default="split,colocated")
+  p.add_argument("--budget_s", type=float, default=300.0,
+                 help="wall budget, split evenly over the modes; rates past it are skipped (recorded)")
+  p.add_argument("--cache_dir", default="/tmp/glinthawk_jax_compile_cache",
+                 help="workers' persistent XLA compilation cache (shared shapes compile once)")
   return p.parse_args(argv)
 
 
@@ -57,12 +61,13 @@ def num_gpus() -> int:
   return sum(line.startswith("GPU ") for line in out.splitlines())
 
 
-def worker_envs(gpus: int) -> list[dict[str, str]]:
+def worker_envs(gpus: int, cache_dir: str) -> list[dict[str, str]]:
+  common = {"JAX_COMPILATION_CACHE_DIR": cache_dir} if cache_dir else {}
   if gpus >= 2:
-    return [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+    return [{**common, "CUDA_VISIBLE_DEVICES": "0"}, {**common, "CUDA_VISIBLE_DEVICES": "1"}]
   if gpus == 1:
-    return [{"CUDA_VISIBLE_DEVICES": "0", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.45"}] * 2
-  return [{"JAX_PLATFORMS": "cpu"}] * 2
+    return [{**common, "CUDA_VISIBLE_DEVICES": "0", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.45"}] * 2
+  return [{**common, "JAX_PLATFORMS": "cpu"}] * 2
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -74,11 +79,12 @@ def plot(results: list[dict], path: str) -> None:
   fig, axes = plt.subplots(len(traces), 3, figsize=(14, 3.6 * len(traces)), squeeze=False)
   for row, trace in zip(axes, traces):
     for res in (r for r in results if r["trace"] == trace):
-      rates = [x["rate"] for x in res["rates"]]
+      rows = measured(res["rates"])
+      rates = [x["rate"] for x in rows]
       for ax, key in zip(row[:2], ("ttft_s", "tbt_s")):
         for p, style in (("p50", "-o"), ("p99", "--x")):
-          ax.plot(rates, [1e3 * (x[f"{key}_{p}"] or 0) for x in res["rates"]], style, label=f"{res['mode']} {p}")
-      row[2].plot(rates, [x["output_tokens_per_s"] for x in res["rates"]], "-o", label=res["mode"])
+          ax.plot(rates, [1e3 * (x[f"{key}_{p}"] or 0) for x in rows], style, label=f"{res['mode']} {p}")
+      row[2].plot(rates, [x["output_tokens_per_s"] for x in rows], "-o", label=res["mode"])
     for ax, title in zip(row, ("TTFT (ms)", "TBT (ms)", "output tokens/s")):
       ax.set_title(f"{trace}: {title}")
       ax.set_xlabel("arrival rate (req/s)")
@@ -94,26 +100,34 @@ def main(argv=None):
   config = "configs/tiny.py" if smoke else "configs/llama2_7b.py"
   overrides = SMOKE_OVERRIDES if smoke else GPU_OVERRIDES
   rates = [float(r) for r in (a.rates or ("4,8,16" if smoke else "1,2,4")).split(",")]
-  n = a.num_requests or (6 if smoke else 24)
+  n = a.num_requests or (6 if smoke else 20)
   max_len = 256 if smoke else 2048
   vocab = 512 if smoke else 32000
   slo_ttft, slo_tbt = a.slo_ttft_s or (5.0 if smoke else 1.0), a.slo_tbt_s or (1.0 if smoke else 0.1)
   results, devices = [], set()
   started = time.time()
-  for mode in a.modes.split(","):
+  modes = a.modes.split(",")
+  for m, mode in enumerate(modes):
+    deadline = started + a.budget_s * (m + 1) / len(modes)
     print(f"== {mode}: starting workers {MODES[mode]} ({gpus} GPUs)", file=sys.stderr, flush=True)
-    with Cluster(config, MODES[mode], overrides, worker_envs(gpus), ready_timeout_s=600,
+    with Cluster(config, MODES[mode], overrides, worker_envs(gpus, a.cache_dir), ready_timeout_s=600,
                  mixed_pool=False) as cluster:
       devices.update(cluster.stubs[name].call("Poll", {}, 60)["stats"]["device"] for name in cluster.stubs)
       for trace in a.traces.split(","):
         spec = ReplaySpec(trace, n, a.max_prompt_tokens or (160 if smoke else 1536),
                           a.max_output_tokens or (16 if smoke else 256), max_len, vocab)
         t = time.time()
+        if t >= deadline:
+          results.append({"mode": mode, "trace": trace, "goodput_rps": None,
+                          "rates": [{"rate": r, "skipped": True} for r in rates]})
+          continue
         warm_up(cluster, spec, max(rates), count=min(n, 8))
         print(f"== {mode} {trace}: warm-up {time.time() - t:.1f} s", file=sys.stderr, flush=True)
-        res = replay(cluster, spec, rates, slo_ttft, slo_tbt)
+        res = replay(cluster, spec, rates, slo_ttft, slo_tbt, deadline=deadline)
         res["mode"] = mode
         results.append(res)
+        if any("error" in r for r in res["rates"]):
+          break  # a timed-out run leaves the workers busy: on to the next mode's fresh cluster
   print(table(results))
   out = {"benchmark": "splitwise", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
          "command": " ".join([sys.executable, *sys.argv]), "devices": sorted(devices), "gpus": gpus,

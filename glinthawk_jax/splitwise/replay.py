@@ -84,10 +84,17 @@ def warm_up(cluster: Cluster, spec: ReplaySpec, rate: float, count: int = 16) ->
 
 
 def replay(cluster: Cluster, spec: ReplaySpec, rates: list[float], slo_ttft_s: float, slo_tbt_s: float,
-           slo_target: float = 0.9, progress: bool = True) -> dict:
-  """Runs the trace at each rate (after a warm-up); returns {"rates": [summary + rate], "goodput_rps"}."""
+           slo_target: float = 0.9, progress: bool = True, deadline: float | None = None) -> dict:
+  """Runs the trace at each rate; returns {"rates": [summary + rate], "goodput_rps", "slo"}.
+
+  `deadline` (time.time()): rates not started by then are recorded as skipped, and a run still going
+  then ends as a timeout (the cluster is left busy: start a fresh one after a timeout).
+  """
   rows = []
   for rate in rates:
+    if deadline is not None and time.time() >= deadline or rows and "error" in rows[-1]:
+      rows.append({"rate": rate, "skipped": True})
+      continue
     reqs = trace_requests(spec, rate)
     done = []
 
@@ -98,11 +105,20 @@ def replay(cluster: Cluster, spec: ReplaySpec, rates: list[float], slo_ttft_s: f
               file=sys.stderr, flush=True)
 
     start = time.time()
-    outputs = cluster.run(reqs, on_output=report)
-    row = {"rate": rate, **summarize(outputs, time.time() - start, slo_ttft_s, slo_tbt_s)}
-    rows.append(row)
-  return {"trace": spec.trace, "rates": rows, "goodput_rps": goodput(rows, slo_target),
+    try:
+      outputs = cluster.run(reqs, on_output=report,
+                            timeout_s=600.0 if deadline is None else max(1.0, deadline - start))
+    except TimeoutError as e:
+      rows.append({"rate": rate, "error": str(e)})
+      continue
+    rows.append({"rate": rate, **summarize(outputs, time.time() - start, slo_ttft_s, slo_tbt_s)})
+  return {"trace": spec.trace, "rates": rows, "goodput_rps": goodput(measured(rows), slo_target),
           "slo": {"ttft_s": slo_ttft_s, "tbt_s": slo_tbt_s, "target": slo_target}}
+
+
+def measured(rows: list[dict]) -> list[dict]:
+  """The rows that ran to completion (not skipped or timed out)."""
+  return [r for r in rows if "slo_attainment" in r]
 
 
 def table(results: list[dict]) -> str:
@@ -113,6 +129,10 @@ def table(results: list[dict]) -> str:
   ms = lambda x: f"{1e3 * x:.0f}ms" if x is not None else "-"
   for res in results:
     for r in res["rates"]:
+      if "slo_attainment" not in r:
+        lines.append(f"{res.get('mode', ''):<20} {res['trace']:<5} {r['rate']:>6g} "
+                     f"{'skipped' if r.get('skipped') else 'timed out'}")
+        continue
       share = r["kv_visible_share_of_ttft_p50"]
       lines.append(f"{res.get('mode', ''):<20} {res['trace']:<5} {r['rate']:>6g} {ms(r['ttft_s_p50']):>9} "
                    f"{ms(r['ttft_s_p99']):>9} {ms(r['tbt_s_p50']):>8} {ms(r['tbt_s_p99']):>8} "

@@ -77,9 +77,16 @@ class KVSender:
       self._transfers[uid] = Transfer(address)
 
   def ship(self, layer: int, seq_ids, positions, context_lens, k, v) -> None:
-    """The io_callback body: k, v: [R, T, KV, D] of `layer`; rows with seq_id >= 0 are queued to send."""
+    """The io_callback body: k, v: [R, T, KV, D] of `layer`; rows with seq_id >= 0 are queued to send.
+
+    The device waits while this runs, so it only copies k and v once (the callback's buffers are not
+    ours to keep) and leaves slicing and encoding to the sender threads.
+    """
     now = time.time()
-    rows, cols = valid_tokens(seq_ids, positions, context_lens)
+    rows, _ = valid_tokens(seq_ids, positions, context_lens)
+    if not rows.size:
+      return
+    k, v = np.array(k), np.array(v)
     for r in np.unique(rows):
       uid = int(seq_ids[r])
       with self._lock:
@@ -87,8 +94,9 @@ class KVSender:
         if t is None or t.cancelled:
           continue
         t.layer_computed_s.setdefault(layer, now)
-      c = cols[rows == r]  # fancy indexing copies: the callback's buffers are not ours to keep
-      t.futures.append(self._pool.submit(self._send, t.address, uid, layer, positions[r, c], k[r, c], v[r, c]))
+      n = int(np.count_nonzero(rows == r))  # a row's real tokens are its first n columns
+      t.futures.append(self._pool.submit(self._send, t.address, uid, layer, positions[r, :n].copy(), k[r, :n],
+                                         v[r, :n]))
 
   def _send(self, address, uid, layer, positions, k, v) -> None:
     self.stub(address).send_kv(encode_kv(uid, layer, positions, k, v, self.num_heads), self.timeout_s)

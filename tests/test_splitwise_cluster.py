@@ -49,6 +49,7 @@ def _cluster(roles):
 @pytest.fixture(scope="module")
 def cluster():
   with _cluster(["prefill", "decode"]) as c:
+    c.run(_requests(_prompts([127]), max_tokens=2))  # connects the workers: steadier transfer timings
     yield c
 
 

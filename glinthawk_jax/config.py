@@ -12,6 +12,7 @@ from models.model_config import ModelConfig
 
 PLACEMENTS = ("local", "callback", "pipelined")
 LAYER_LOOPS = ("scan", "unrolled")
+DECODE_ATTENTION_KERNELS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 TIER2_KV_DTYPES = ("float32", "bfloat16", "int8")
 TIER2_TRANSPORTS = ("auto", "grpc", "shm")
@@ -61,6 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
   # scan: one compiled layer over stacked weights (fast compiles); unrolled: per-layer weights, no
   # per-layer slice of the stack (1.5x faster decode on an H100, docs/BENCHMARKS.md).
   c.engine.layer_loop = "scan"
+  # Decode attention of placement local: xla (gather then reduce) or pallas (a Triton kernel reading
+  # pages in place; needs layer_loop=unrolled; 1.7-2.1x faster alone on an H200 but 9% slower inside
+  # the engine, docs/BENCHMARKS.md; interpreted off the GPU).
+  c.engine.decode_attention = "xla"
 
   c.sampling = ml_collections.ConfigDict()  # defaults for requests that do not set their own
   c.sampling.max_tokens = 32  # new tokens per request
@@ -89,6 +94,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.engine.layer_loop not in LAYER_LOOPS:
     raise ConfigError(f"engine.layer_loop={config.engine.layer_loop!r}: expected one of "
                       f"{', '.join(LAYER_LOOPS)}")
+  if config.engine.decode_attention not in DECODE_ATTENTION_KERNELS:
+    raise ConfigError(f"engine.decode_attention={config.engine.decode_attention!r}: expected one of "
+                      f"{', '.join(DECODE_ATTENTION_KERNELS)}")
+  if config.engine.decode_attention == "pallas" and config.engine.layer_loop != "unrolled":
+    raise ConfigError("engine.decode_attention='pallas' needs engine.layer_loop='unrolled' (a static layer "
+                      "index per kernel call)")
   for key in ("max_num_seqs", "page_size", "max_model_len", "max_prefill_tokens", "decode_steps_per_call"):
     _positive(config, f"engine.{key}")
   if not 0.0 < config.engine.kv_cache_memory_fraction <= 1.0:

@@ -18,7 +18,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-BLOCK_H = 16  # query heads per program (Triton's dot needs at least 16 rows; GQA groups are padded)
+DOT_ROWS = 16  # Triton's dot needs at least 16 rows: larger GQA groups are padded to a multiple of it;
+# smaller ones (MHA: one query head per KV head) multiply and reduce instead, so nothing is padded.
 MAX_PAGES_PER_BLOCK = 8  # pages loaded per inner-loop step
 TARGET_SPLITS = 16  # splits of a row's pages, for parallelism at small batch
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -39,7 +40,10 @@ def _kernel(q_ref, k_ref, v_ref, tables_ref, lengths_ref, o_ref, l_ref, m_ref, *
     pages = tables_ref[pl.ds(step * pages_per_block, pages_per_block)]
     k = k_ref[pages].reshape(block_k, head_dim)
     v = v_ref[pages].reshape(block_k, head_dim)
-    logits = plgpu.dot(q, k.T)  # [block_h, block_k], float32
+    if block_h >= DOT_ROWS:
+      logits = plgpu.dot(q, k.T)  # [block_h, block_k], float32
+    else:
+      logits = jnp.sum(q[:, None, :].astype(jnp.float32) * k[None].astype(jnp.float32), axis=-1)
     first_token = (split * pages_per_split + step * pages_per_block) * page_size
     kv_pos = jnp.arange(block_k) + first_token
     valid = kv_pos < length
@@ -50,7 +54,11 @@ def _kernel(q_ref, k_ref, v_ref, tables_ref, lengths_ref, o_ref, l_ref, m_ref, *
     correction = jnp.exp(m_prev - m_next)
     s = jnp.exp(logits - m_next[:, None])
     l_next = correction * l_prev + s.sum(axis=-1)
-    o_next = correction[:, None] * o_prev + plgpu.dot(s.astype(v.dtype), v)
+    if block_h >= DOT_ROWS:
+      update = plgpu.dot(s.astype(v.dtype), v)
+    else:
+      update = jnp.sum(s[:, :, None] * v[None].astype(jnp.float32), axis=1)
+    o_next = correction[:, None] * o_prev + update
     return o_next, m_next, l_next
 
   start_page = split * pages_per_split
@@ -82,20 +90,21 @@ def _one_row(q, k_pool, v_pool, tables, length, *, layer: int, sliding_window, i
   group = heads // kv_heads
   per_split, per_block = _splits(tables.shape[0])
   num_splits = tables.shape[0] // per_split
+  block_h = DOT_ROWS if group >= DOT_ROWS else 1 << (group - 1).bit_length()
   qg = q.reshape(kv_heads, group, head_dim)
-  qg = jnp.pad(qg, ((0, 0), (0, -group % BLOCK_H), (0, 0)))
-  head_blocks = qg.shape[1] // BLOCK_H
+  qg = jnp.pad(qg, ((0, 0), (0, -group % block_h), (0, 0)))
+  head_blocks = qg.shape[1] // block_h
   pool_spec = pl.BlockSpec((None, k_pool.shape[1], page_size, None, head_dim),
                            lambda h, i, s: (layer, 0, 0, h, 0))
   o, l, m = pl.pallas_call(
       functools.partial(_kernel, pages_per_block=per_block, sliding_window=sliding_window),
       grid=(kv_heads, head_blocks, num_splits),
-      in_specs=[pl.BlockSpec((None, BLOCK_H, head_dim), lambda h, i, s: (h, i, 0)), pool_spec, pool_spec,
+      in_specs=[pl.BlockSpec((None, block_h, head_dim), lambda h, i, s: (h, i, 0)), pool_spec, pool_spec,
                 pl.BlockSpec((None, per_split), lambda h, i, s: (s, 0)),
                 pl.BlockSpec((1,), lambda h, i, s: (0,))],
-      out_specs=[pl.BlockSpec((None, None, BLOCK_H, head_dim), lambda h, i, s: (s, h, i, 0)),
-                 pl.BlockSpec((None, None, BLOCK_H), lambda h, i, s: (s, h, i)),
-                 pl.BlockSpec((None, None, BLOCK_H), lambda h, i, s: (s, h, i))],
+      out_specs=[pl.BlockSpec((None, None, block_h, head_dim), lambda h, i, s: (s, h, i, 0)),
+                 pl.BlockSpec((None, None, block_h), lambda h, i, s: (s, h, i)),
+                 pl.BlockSpec((None, None, block_h), lambda h, i, s: (s, h, i))],
       out_shape=[jax.ShapeDtypeStruct((num_splits, *qg.shape), jnp.float32),
                  jax.ShapeDtypeStruct((num_splits, *qg.shape[:-1]), jnp.float32),
                  jax.ShapeDtypeStruct((num_splits, *qg.shape[:-1]), jnp.float32)],

@@ -140,6 +140,10 @@ def _validate_tier2(t) -> None:
     raise ConfigError(f"tier2.in_flight={t.in_flight!r}: expected an integer in [0, {MAX_IN_FLIGHT}]")
   if t.inject_delay_ms < 0:
     raise ConfigError(f"tier2.inject_delay_ms={t.inject_delay_ms}: expected >= 0")
+  for key in ("auth_token", "tls_ca"):
+    if t[key] and not t.addresses:
+      raise ConfigError(f"tier2.{key} is set but tier2.addresses is empty: it applies to running servers "
+                        "given by address, not to the ones tier 1 spawns")
   if t.tls_ca and not os.path.isfile(t.tls_ca):
     raise ConfigError(f"tier2.tls_ca={t.tls_ca!r}: no such file")
 

@@ -190,7 +190,8 @@ def test_the_tier1_job_addresses_every_tier2_pod():
   with open(os.path.join(REPO_ROOT, "deploy", "kubernetes", "tier1-job.yaml")) as f:
     (job,) = yaml.safe_load_all(f)
   name, replicas = statefulset["metadata"]["name"], statefulset["spec"]["replicas"]
-  assert statefulset["spec"]["serviceName"] == service["metadata"]["name"] and service["spec"]["clusterIP"] == "None"
+  assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
+  assert service["spec"]["clusterIP"] == "None"  # headless: one DNS name per pod
   port = service["spec"]["ports"][0]["port"]
   ((_, args),) = yaml_commands(os.path.join(REPO_ROOT, "deploy", "kubernetes", "tier1-job.yaml"))
   addresses = [a.partition("=")[2] for a in args if a.startswith("--config.tier2.addresses=")][0]

@@ -99,6 +99,9 @@ def test_config_keys_reach_the_client(tls_server):
 def test_bad_tls_settings_are_named(tmp_path):
   config = tiny.get_config()
   config.tier2.tls_ca = str(tmp_path / "missing.pem")
+  with pytest.raises(ConfigError, match="tier2.tls_ca is set but tier2.addresses is empty"):
+    validate(config)
+  config.tier2.addresses = "cpu-node-1:50051"
   with pytest.raises(ConfigError, match="tier2.tls_ca='.*missing.pem': no such file"):
     validate(config)
   options = server.ServerOptions(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,

@@ -24,8 +24,14 @@ joined = distributed.initialize(c)
 import jax
 from jax.experimental import multihost_utils
 multihost_utils.sync_global_devices("both joined")
+tokens = None
+if sys.argv[3] == "generate":  # the engine on this process's device, inside the joined runtime
+  from glinthawk_jax.engine import Engine
+  from glinthawk_jax.requests import SamplingParams
+  c.placement = "local"
+  tokens = Engine(c).generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids
 print(json.dumps(dict(joined=joined, index=jax.process_index(), count=jax.process_count(),
-                      local=jax.local_device_count(), devices=jax.device_count())))
+                      local=jax.local_device_count(), devices=jax.device_count(), tokens=tokens)))
 """
 
 
@@ -52,20 +58,31 @@ def test_the_default_joins_nothing():
   assert jax.process_count() == 1
 
 
-def test_two_processes_form_one_runtime():
+def _run_two_processes(mode: str) -> list[dict]:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     address = f"127.0.0.1:{s.getsockname()[1]}"
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, address, str(i)], cwd=REPO_ROOT,
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, address, str(i), mode], cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   try:
-    results = [p.communicate(timeout=120) for p in procs]
+    results = [p.communicate(timeout=300) for p in procs]
   finally:
     for p in procs:
       p.kill()
   for p, (out, err) in zip(procs, results):
     assert p.returncode == 0, err[-2000:]
-  seen = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
+  return [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
+
+
+def test_two_processes_form_one_runtime():
+  seen = _run_two_processes("join")
   assert sorted(s["index"] for s in seen) == [0, 1]
   for s in seen:
     assert s["joined"] and s["count"] == 2 and s["devices"] == 2 * s["local"]
+
+
+@pytest.mark.slow
+def test_the_engine_runs_in_each_joined_process():
+  """Today each tier-1 process runs the whole model on its own device (docs/MULTI_HOST.md)."""
+  seen = _run_two_processes("generate")
+  assert seen[0]["tokens"] == seen[1]["tokens"] and len(seen[0]["tokens"]) == 4

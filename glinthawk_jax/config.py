@@ -84,6 +84,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.tier2.transport = "auto"  # auto (shared memory on loopback), grpc or shm
   c.tier2.in_flight = 0  # pipelined micro-batches in flight; 0 = auto from measured step and round trip
   c.tier2.inject_delay_ms = 0.0  # delay spawned servers add to each tensor RPC (latency studies)
+  c.tier2.auth_token = ""  # token for tier2.addresses' servers (their --auth_token); empty = none
+  c.tier2.tls_ca = ""  # PEM CA or self-signed cert of tier2.addresses' servers (--tls_cert); empty = no TLS
+
+  c.distributed = ml_collections.ConfigDict()  # tier 1 across hosts (jax.distributed); docs/MULTI_HOST.md
+  c.distributed.coordinator_address = ""  # "host:port" of process 0's coordinator; empty = one process
+  c.distributed.num_processes = 1  # tier-1 processes in the job (one per host, usually)
+  c.distributed.process_id = 0  # this process's index in [0, num_processes)
+  c.distributed.local_device_ids = ""  # accelerators this process uses, e.g. "0,1"; empty = all visible
+  c.distributed.initialization_timeout_s = 300  # how long to wait for every process to join
   return c
 
 
@@ -112,6 +121,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 < config.sampling.top_p <= 1.0:
     raise ConfigError(f"sampling.top_p={config.sampling.top_p}: expected a value in (0, 1]")
   _validate_tier2(config.tier2)
+  _validate_distributed(config.distributed)
   if config.checkpoint and not os.path.isdir(config.checkpoint):
     raise ConfigError(f"checkpoint={config.checkpoint!r}: no such directory")
 
@@ -141,6 +151,31 @@ def _validate_tier2(t) -> None:
     raise ConfigError(f"tier2.in_flight={t.in_flight!r}: expected an integer in [0, {MAX_IN_FLIGHT}]")
   if t.inject_delay_ms < 0:
     raise ConfigError(f"tier2.inject_delay_ms={t.inject_delay_ms}: expected >= 0")
+  for key in ("auth_token", "tls_ca"):
+    if t[key] and not t.addresses:
+      raise ConfigError(f"tier2.{key} is set but tier2.addresses is empty: it applies to running servers "
+                        "given by address, not to the ones tier 1 spawns")
+  if t.tls_ca and not os.path.isfile(t.tls_ca):
+    raise ConfigError(f"tier2.tls_ca={t.tls_ca!r}: no such file")
+
+
+def _validate_distributed(d) -> None:
+  if d.coordinator_address:
+    host, _, port = d.coordinator_address.rpartition(":")
+    if not host or not port.isdigit():
+      raise ConfigError(f"distributed.coordinator_address={d.coordinator_address!r}: expected host:port")
+  if not isinstance(d.num_processes, int) or d.num_processes < 1:
+    raise ConfigError(f"distributed.num_processes={d.num_processes!r}: expected a positive integer")
+  if not isinstance(d.process_id, int) or not 0 <= d.process_id < d.num_processes:
+    raise ConfigError(f"distributed.process_id={d.process_id!r}: expected an integer in "
+                      f"[0, {d.num_processes})")
+  if d.num_processes > 1 and not d.coordinator_address:
+    raise ConfigError(f"distributed.num_processes={d.num_processes} needs distributed.coordinator_address")
+  if d.local_device_ids and not all(i.strip().isdigit() for i in d.local_device_ids.split(",")):
+    raise ConfigError(f"distributed.local_device_ids={d.local_device_ids!r}: expected device ids like 0,1")
+  if not isinstance(d.initialization_timeout_s, int) or d.initialization_timeout_s <= 0:
+    raise ConfigError(f"distributed.initialization_timeout_s={d.initialization_timeout_s!r}: "
+                      "expected a positive integer")
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

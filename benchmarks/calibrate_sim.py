@@ -44,6 +44,8 @@ def parse_args(argv=None):
                  "runner run (median; default 3 tiny, 1 otherwise)")
   p.add_argument("--profile_output_len", type=int, default=16,
                  help="new tokens of the profile's depth-1 runner runs (one per micro-batch size)")
+  p.add_argument("--full_roofline", action="store_true", help="the profile's full roofline sweeps (batch to "
+                 "512, prefill to 8192 tokens; not needed for the calibration)")
   p.add_argument("--tolerance", type=float, default=0.15, help="relative error that counts as a match")
   p.add_argument("--profile_out", default="out/calibrate_profile.json", help="the measured profile")
   p.add_argument("--out", default="out/calibrate_sim.json", help="JSON of every number")
@@ -81,13 +83,25 @@ def base_config(args):
 
 def run_config(base, shape, addresses):
   """The config of one run: the base with this shape's batch, prefill budget, depth and servers."""
-  batch, prompt, _, in_flight, _ = shape
+  batch, _, _, in_flight, _ = shape
   c = base.copy_and_resolve_references()
   c.engine.max_num_seqs = batch
-  c.engine.max_prefill_tokens = max(prompt, 16) * min(batch, 16)  # as benchmarks/two_tier.py
+  c.engine.max_prefill_tokens = _prefill_budget(shape)
   c.tier2.in_flight = in_flight
   c.tier2.addresses = ",".join(addresses)
   return c
+
+
+def _prefill_budget(shape) -> int:
+  """engine.max_prefill_tokens of a run, as benchmarks/two_tier.py sets it."""
+  return max(shape[1], 16) * min(shape[0], 16)
+
+
+def _run_shape(args, shape):
+  """The shape as generation.RunShape, with the run's decode steps and prefill budget."""
+  from glinthawk_jax.sim import generation
+
+  return generation.RunShape(*shape, decode_steps=args.decode_steps, max_prefill_tokens=_prefill_budget(shape))
 
 
 def measure_run(config, model, shape, repeats: int) -> dict:
@@ -138,41 +152,44 @@ def main(argv=None):
       c.tier2.inject_delay_ms = d
       servers[d] = Tier2Servers(c, m)
     # (a) the profile: micro-batch rows and contexts the shapes use, their prefill chunks.
-    rows = sorted({generation.micro_batches(s[0], s[3])[1] for s in args.shapes} | {1})
+    micro_rows = {s: generation.micro_batches(s[0], s[3])[1] for s in args.shapes}
+    rows = sorted(set(micro_rows.values()))
     contexts = sorted({s[1] for s in args.shapes} | {s[1] + s[2] for s in args.shapes})
-    prefill = sorted({generation.prefill_chunk(generation.RunShape(*s[:4], max_prefill_tokens=max(s[1], 16)
-                                                                   * min(s[0], 16)))[1:] for s in args.shapes})
+    prefill = sorted({generation.prefill_chunk(_run_shape(args, s))[1:] for s in args.shapes})
     if delays[0] != 0:
       raise SystemExit("--shapes: at least one shape needs DELAY_MS=0 (the profile is measured without delay)")
+    two_tier = dict(client=servers[0].client, rows=rows, contexts=contexts, prefill=prefill,
+                    queue=max(1, -(-8 // m.num_layers)), reps=args.reps, dtype=measure.wire_dtype(base.dtype))
+    profile = measure.measured_profile(base, tiny=not args.full_roofline, two_tier=two_tier,
+                                       command=" ".join([sys.executable] + sys.argv))
+    # The runner's own costs (depth-1 runs, one per micro-batch size), each measured just before
+    # the runs that use it: on a shared machine speed drifts over minutes. (b) the real runs.
     model = init_model(m, seed=0)
     profile_config = base.copy_and_resolve_references()
     profile_config.tier2.addresses = ",".join(servers[0].addresses)
-    two_tier = dict(client=servers[0].client, rows=rows, contexts=contexts, prefill=prefill,
-                    queue=max(1, -(-8 // m.num_layers)), reps=args.reps, dtype=measure.wire_dtype(base.dtype),
-                    runner=dict(config=profile_config, model=model, prompt_len=min(s[1] for s in args.shapes),
-                                output_len=args.profile_output_len, repeats=args.repeats))
-    profile = measure.measured_profile(base, tiny=args.small, two_tier=two_tier,
-                                       command=" ".join([sys.executable] + sys.argv))
+    runner, real = [], {}
+    for r in rows:
+      runner += measure.runner_overheads(profile_config, model, [r], min(s[1] for s in args.shapes),
+                                         args.profile_output_len, args.repeats)
+      for shape in (s for s in args.shapes if micro_rows[s] == r):
+        real[shape] = measure_run(run_config(base, shape, servers[shape[4]].addresses), model, shape, args.repeats)
+        print(f"run {shape}: measured {real[shape]['output_tok_s']:.1f} tok/s", flush=True)
+    profile.measurements["two_tier"]["runner"] = runner
     os.makedirs(os.path.dirname(os.path.abspath(args.profile_out)), exist_ok=True)
     profiles.save(profile, args.profile_out)
     measure.print_tables(profile.measurements)
-    print(f"wrote {args.profile_out} ({time.perf_counter() - t0:.0f} s so far)", flush=True)
-    # (b) real runs, (c) predictions from the profile just written (loaded back, as a user would).
-    meas = profiles.load(args.profile_out).measurements["two_tier"]
-    rows_out = []
-    for shape in args.shapes:
-      real = measure_run(run_config(base, shape, servers[shape[4]].addresses), model, shape, args.repeats)
-      run = generation.RunShape(*shape, decode_steps=args.decode_steps,
-                                max_prefill_tokens=max(shape[1], 16) * min(shape[0], 16))
-      sim = generation.predict(meas, m.num_layers, run)
-      err = sim["output_tok_s"] / real["output_tok_s"] - 1
-      rows_out.append({"shape": dict(zip(("batch", "prompt_len", "output_len", "in_flight", "delay_ms"), shape)),
-                       "measured": real, "simulated": sim, "error": err})
-      print(f"run {shape}: measured {real['output_tok_s']:.1f} tok/s, simulated {sim['output_tok_s']:.1f} "
-            f"({100 * err:+.1f}%)", flush=True)
+    print(f"wrote {args.profile_out}", flush=True)
   finally:
     for s in servers.values():
       s.close()
+  # (c) predictions from the profile just written (loaded back, as a user would).
+  meas = profiles.load(args.profile_out).measurements["two_tier"]
+  rows_out = []
+  for shape in args.shapes:
+    sim = generation.predict(meas, m.num_layers, _run_shape(args, shape))
+    err = sim["output_tok_s"] / real[shape]["output_tok_s"] - 1
+    rows_out.append({"shape": dict(zip(("batch", "prompt_len", "output_len", "in_flight", "delay_ms"), shape)),
+                     "measured": real[shape], "simulated": sim, "error": err})
   errors = np.abs([r["error"] for r in rows_out])
   results = {"device": str(jax.devices()[0].device_kind), "date": datetime.datetime.now().isoformat(),
              "command": " ".join([sys.executable] + sys.argv), "args": {k: v for k, v in vars(args).items()},

@@ -16,6 +16,7 @@ servers. The pure latency of an RPC is rtt - send - service. Bulk appends (prefi
 
 from __future__ import annotations
 
+import gc
 import itertools
 import time
 
@@ -404,6 +405,8 @@ def runner_overheads(config, model, rows: list[int], prompt_len: int, output_len
       runner.decode = timed_decode
       for _ in range(repeats):
         engine.generate(prompts, SamplingParams(max_tokens=output_len, ignore_eos=True))
+    del engine, runner, decode, timed_decode
+    gc.collect()  # frees the runner's per-layer weight copies (its jit closures hold cycles)
     trips = max(totals["num_round_trips"], 1)
     out.append({"rows": r, "context": prompt_len + output_len / 2,
                 "step_s": totals["tier1_s"] / max(totals["num_steps"], 1),

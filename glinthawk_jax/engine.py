@@ -70,8 +70,8 @@ class Engine:
     self._next_tier2_id = itertools.count()
     if config.placement == "local":
       self.num_pages = num_pages_for(ec, self.model_config)
-      self.runner = ModelRunner(model, attention(self.model_config, self.num_pages, ec.page_size),
-                                ec.decode_steps_per_call, ec.layer_loop)
+      backend = attention(self.model_config, self.num_pages, ec.page_size, ec.decode_attention)
+      self.runner = ModelRunner(model, backend, ec.decode_steps_per_call, ec.layer_loop)
     else:
       self.tier2 = Tier2Servers(config, self.model_config)
       # Tier 2 owns the KV: the scheduler's pages are bookkeeping, as many as every slot at full length.

@@ -13,6 +13,7 @@ dynamic slice of the stacked weights, which XLA may materialize as a copy on GPU
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -20,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glinthawk_jax import paged_attention, paged_cache
-from glinthawk_jax.config import LAYER_LOOPS
+from glinthawk_jax import paged_attention, paged_cache, pallas_paged_attention
+from glinthawk_jax.config import DECODE_ATTENTION_KERNELS, LAYER_LOOPS
 from glinthawk_jax.sampling import sample
 from models.llama import Llama
 from models.model_config import ModelConfig
@@ -30,10 +31,13 @@ from models.model_config import ModelConfig
 class LocalPagedAttention:
   """Paged KV cache on the accelerator; state = (k_pool, v_pool), each [L, pages, page_size, KV, D]."""
 
-  def __init__(self, model: ModelConfig, num_pages: int, page_size: int):
+  def __init__(self, model: ModelConfig, num_pages: int, page_size: int, decode_kernel: str = "xla"):
+    if decode_kernel not in DECODE_ATTENTION_KERNELS:
+      raise ValueError(f"decode_kernel={decode_kernel!r}: expected one of {', '.join(DECODE_ATTENTION_KERNELS)}")
     self.model = model
     self.num_pages = num_pages
     self.page_size = page_size
+    self.decode_kernel = decode_kernel
 
   def init_state(self) -> Any:
     return paged_cache.init_pool(self.model, self.num_pages, self.page_size)
@@ -60,13 +64,19 @@ class LocalPagedAttention:
       k_pool, v_pool = state
       k_pool = paged_attention.write_kv(k_pool, layer, k, page_ids, offsets)
       v_pool = paged_attention.write_kv(v_pool, layer, v, page_ids, offsets)
-      out = paged_attention.paged_decode_attention(q[:, 0], k_pool, v_pool, layer, block_tables,
-                                                   context_lens, window)
+      out = self._decode_kernel(layer)(q[:, 0], k_pool, v_pool, layer, block_tables, context_lens, window)
       return out[:, None], (k_pool, v_pool)
 
     return attend
 
-
+  def _decode_kernel(self, layer):
+    """XLA's gather-then-reduce, or the Pallas kernel (for a static layer; interpreted off the GPU)."""
+    if self.decode_kernel == "xla":
+      return paged_attention.paged_decode_attention
+    if not isinstance(layer, int):
+      raise ValueError("decode_attention='pallas' needs layer_loop='unrolled' (a static layer per call)")
+    return functools.partial(pallas_paged_attention.paged_decode_attention,
+                             interpret=jax.default_backend() != "gpu")
 
 
 class ModelRunner:

@@ -59,7 +59,8 @@ class Tier2Servers:
         addresses = [p.wait_ready(ready_timeout_s) for p in self.processes]
         logging.info("spawned %d tier-2 servers: %s", len(addresses), ", ".join(addresses))
       self.addresses = addresses
-      self.client = Tier2Client.for_model(addresses, model, timeout_s=t.timeout_s, transport=t.transport)
+      self.client = Tier2Client.for_model(addresses, model, timeout_s=t.timeout_s, transport=t.transport,
+                                          auth_token=t.auth_token, tls_ca=t.tls_ca)  # set with addresses only
     except BaseException:
       self.close()
       raise

@@ -84,9 +84,13 @@ def test_uncommitted_transfer_times_out_and_frees_its_pages(decode):
   assert _error(decode.commit, {"uid": 2}).code == "NOT_FOUND"
 
 
-def test_begin_refuses_when_slots_are_taken_and_checks_lengths(decode):
+def test_begin_refuses_when_slots_are_taken_and_checks_its_message(decode):
   e = _error(decode.begin, _msg(3, num_kv_tokens=5))
   assert e.code == "INVALID_ARGUMENT" and "num_kv_tokens=5" in str(e)
+  e = _error(decode.begin, {"uid": 3, "prompt_ids": PROMPT, "num_kv_tokens": 38})
+  assert e.code == "INVALID_ARGUMENT" and "missing field 'params'" in str(e)
+  e = _error(decode.begin, _msg(3, prompt=[1, 9999], num_kv_tokens=1))
+  assert e.code == "INVALID_ARGUMENT" and "token ids must lie in [0, 512)" in str(e)
   decode.begin(_msg(4, num_kv_tokens=len(PROMPT) - 1))
   decode.begin(_msg(5, num_kv_tokens=len(PROMPT) - 1))
   assert _error(decode.begin, _msg(6, num_kv_tokens=len(PROMPT) - 1)).code == "RESOURCE_EXHAUSTED"

@@ -67,11 +67,10 @@ def _write_layer(state, layer, k, v, page_ids, offsets):
 class Worker:
   """The engine loop and the state the gRPC handlers share with it (all behind `lock`)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, engine: Engine | None = None):
-    self.config = config
+  def __init__(self, config: ml_collections.ConfigDict):
     self.role = config.role
     ship = self.role == "prefill"
-    self.engine = engine or Engine(config, attention=ShippingPagedAttention if ship else LocalPagedAttention)
+    self.engine = Engine(config, attention=ShippingPagedAttention if ship else LocalPagedAttention)
     self.model = self.engine.model_config
     ec = config.engine
     self.page_size = ec.page_size
@@ -108,7 +107,7 @@ class Worker:
   def begin(self, msg: dict) -> None:
     """Reserves pages for a request's incoming KV; RESOURCE_EXHAUSTED when slots or pages are short."""
     seq = self._sequence(msg)
-    uid, n = seq.index, int(msg["num_kv_tokens"])
+    uid, n = seq.index, msg.get("num_kv_tokens")
     if n != len(seq.prompt_ids) - 1:
       raise WorkerError("INVALID_ARGUMENT", f"request {uid}: num_kv_tokens={n}, expected prompt length - 1 = "
                                             f"{len(seq.prompt_ids) - 1}")
@@ -227,9 +226,11 @@ class Worker:
     try:
       params = params_from_json(msg["params"])
       seq = self.engine._sequences([msg["prompt_ids"]], params, [msg["request_id"]])[0]  # noqa: SLF001
-    except (KeyError, TypeError, ValueError) as e:
+      seq.index = int(msg["uid"])
+    except KeyError as e:
+      raise WorkerError("INVALID_ARGUMENT", f"request {msg.get('uid')}: missing field {e}") from None
+    except (TypeError, ValueError) as e:
       raise WorkerError("INVALID_ARGUMENT", f"request {msg.get('uid')}: {e}") from None
-    seq.index = int(msg["uid"])
     return seq
 
   def _num_seqs(self) -> int:

@@ -127,7 +127,12 @@ def main(argv=None):
           results.append({"mode": mode, "trace": trace, "goodput_rps": None,
                           "rates": [{"rate": r, "skipped": True} for r in rates]})
           continue
-        warm_up(cluster, spec, max(rates), count=min(n, 8))
+        try:  # at least a minute for the compiles, past the mode's share if need be
+          warm_up(cluster, spec, max(rates), count=min(n, 8), timeout_s=max(60.0, deadline - t))
+        except TimeoutError as e:
+          results.append({"mode": mode, "trace": trace, "goodput_rps": None,
+                          "rates": [{"rate": r, "error": f"warm-up: {e}"} for r in rates]})
+          break  # the workers are still busy: on to the next mode's fresh cluster
         print(f"== {mode} {trace}: warm-up {time.time() - t:.1f} s", file=sys.stderr, flush=True)
         res = replay(cluster, spec, rates, slo_ttft, slo_tbt, deadline=deadline)
         res["mode"] = mode

@@ -74,13 +74,13 @@ def goodput(rows: list[dict], slo_target: float) -> float | None:
   return max(good) if good else None
 
 
-def warm_up(cluster: Cluster, spec: ReplaySpec, rate: float, count: int = 16) -> None:
+def warm_up(cluster: Cluster, spec: ReplaySpec, rate: float, count: int = 16, timeout_s: float = 600.0) -> None:
   """Compiles the common shapes before measuring: trace-shaped requests (other seed) as a burst and at
-  `rate`, then one alone."""
+  `rate`, then one alone. Raises TimeoutError after timeout_s in all."""
   warm = dataclasses.replace(spec, num_requests=min(count, spec.num_requests), seed=spec.seed + 7919)
-  cluster.run(trace_requests(warm, rate=1e6))
-  cluster.run(trace_requests(warm, rate=rate))
-  cluster.run(trace_requests(warm, rate=1e6)[:1])
+  end = time.time() + timeout_s
+  for reqs in (trace_requests(warm, rate=1e6), trace_requests(warm, rate=rate), trace_requests(warm, 1e6)[:1]):
+    cluster.run(reqs, timeout_s=max(1.0, end - time.time()))
 
 
 def replay(cluster: Cluster, spec: ReplaySpec, rates: list[float], slo_ttft_s: float, slo_tbt_s: float,

@@ -35,7 +35,7 @@ class Layout:
   """Where tier 1's weights and KV live: `layer_slices` slices of `tensor_parallel` devices each."""
 
   def __init__(self, num_layers: int, tensor_parallel: int = 1, layer_slices: int = 1, devices=None):
-    devices = list(devices if devices is not None else jax.devices())[:tensor_parallel * layer_slices]
+    devices = list(devices if devices is not None else jax.local_devices())[:tensor_parallel * layer_slices]
     self.tensor_parallel, self.layer_slices = tensor_parallel, layer_slices
     self.mesh = Mesh(np.array(devices, dtype=object).reshape(layer_slices, tensor_parallel), (STAGE, MODEL))
     self.slice_meshes = [Mesh(self.mesh.devices[s], (MODEL,)) for s in range(layer_slices)]
@@ -53,10 +53,10 @@ class Layout:
                           f"{getattr(model, name)}")
     if model.num_layers % slices:
       raise ConfigError(f"engine.layer_slices={slices} does not divide the model's num_layers={model.num_layers}")
-    available = len(jax.devices())
+    available = len(jax.local_devices())
     if tp * slices > available:
       raise ConfigError(f"engine.tensor_parallel={tp} x engine.layer_slices={slices} = {tp * slices} devices; "
-                        f"{available} available ({jax.devices()[0].platform})")
+                        f"{available} local available ({jax.local_devices()[0].platform})")
     return cls(model.num_layers, tp, slices)
 
   @property

@@ -32,15 +32,25 @@ def _run(cases: list[str]) -> dict:
   return json.loads(done.stdout.splitlines()[-1])
 
 
+CHECKPOINT = "checkpoint tp=2 slices=2"
+
+
 @pytest.fixture(scope="module")
 def tokens():
-  return _run([REFERENCE] + CASES)
+  return _run([REFERENCE] + CASES + [CHECKPOINT])
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_multi_device_greedy_tokens_match_one_device(tokens, case):
   assert len(tokens[REFERENCE]) == 3 and all(len(t) == 4 for t in tokens[REFERENCE])
   assert tokens[case] == tokens[REFERENCE]
+
+
+def test_checkpoint_loads_each_device_its_shard(tokens):
+  got = tokens[CHECKPOINT]
+  assert got["equal"]  # the same values as loaded onto one device
+  assert got["q_proj_spec"] == "P('stage', 'model', None)" and got["q_proj_devices"] == 4
+  assert got["q_proj_shard_shape"] == [2, 32, 64]  # [layers 4 / 2 slices, 8 heads x 8 / 2 devices, hidden]
 
 
 @pytest.mark.slow
@@ -53,7 +63,7 @@ def test_each_feature_alone_and_callback_match_one_device():
 @pytest.mark.parametrize("key,value,message", [
     ("tensor_parallel", 3, "engine.tensor_parallel=3 does not divide the model's num_heads=4"),
     ("layer_slices", 3, "engine.layer_slices=3 does not divide the model's num_layers=2"),
-    ("tensor_parallel", 64, "engine.tensor_parallel=64 x engine.layer_slices=1 = 64 devices; 1 available"),
+    ("tensor_parallel", 64, "engine.tensor_parallel=64 x engine.layer_slices=1 = 64 devices; 1 local available"),
 ])
 def test_layout_errors_name_the_key(key, value, message):
   c = tiny.get_config()

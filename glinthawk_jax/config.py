@@ -13,6 +13,7 @@ from models.model_config import ModelConfig
 
 PLACEMENTS = ("local", "callback", "pipelined")
 LAYER_LOOPS = ("scan", "unrolled")
+DECODE_ATTENTION_KERNELS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 TIER2_KV_DTYPES = ("float32", "bfloat16", "int8")
 TIER2_TRANSPORTS = ("auto", "grpc", "shm")
@@ -68,6 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Contiguous layer ranges on different devices (tensor_parallel each); must divide num_layers. Two-tier
   # placements give each slice its own tier-2 servers for its layers.
   c.engine.layer_slices = 1
+  # Decode attention of placement local: xla (gather then reduce) or pallas (a Triton kernel reading
+  # pages in place; needs layer_loop=unrolled; 1.7-2.1x faster alone on an H200 but 9% slower inside
+  # the engine, docs/BENCHMARKS.md; interpreted off the GPU).
+  c.engine.decode_attention = "xla"
 
   c.sampling = ml_collections.ConfigDict()  # defaults for requests that do not set their own
   c.sampling.max_tokens = 32  # new tokens per request
@@ -86,6 +91,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.tier2.transport = "auto"  # auto (shared memory on loopback), grpc or shm
   c.tier2.in_flight = 0  # pipelined micro-batches in flight; 0 = auto from measured step and round trip
   c.tier2.inject_delay_ms = 0.0  # delay spawned servers add to each tensor RPC (latency studies)
+  c.tier2.auth_token = ""  # token for tier2.addresses' servers (their --auth_token); empty = none
+  c.tier2.tls_ca = ""  # PEM CA or self-signed cert of tier2.addresses' servers (--tls_cert); empty = no TLS
+
+  c.distributed = ml_collections.ConfigDict()  # tier 1 across hosts (jax.distributed); docs/MULTI_HOST.md
+  c.distributed.coordinator_address = ""  # "host:port" of process 0's coordinator; empty = one process
+  c.distributed.num_processes = 1  # tier-1 processes in the job (one per host, usually)
+  c.distributed.process_id = 0  # this process's index in [0, num_processes)
+  c.distributed.local_device_ids = ""  # accelerators this process uses, e.g. "0,1"; empty = all visible
+  c.distributed.initialization_timeout_s = 300  # how long to wait for every process to join
   return c
 
 
@@ -96,9 +110,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.engine.layer_loop not in LAYER_LOOPS:
     raise ConfigError(f"engine.layer_loop={config.engine.layer_loop!r}: expected one of "
                       f"{', '.join(LAYER_LOOPS)}")
+  if config.engine.decode_attention not in DECODE_ATTENTION_KERNELS:
+    raise ConfigError(f"engine.decode_attention={config.engine.decode_attention!r}: expected one of "
+                      f"{', '.join(DECODE_ATTENTION_KERNELS)}")
+  if config.engine.decode_attention == "pallas" and config.engine.layer_loop != "unrolled":
+    raise ConfigError("engine.decode_attention='pallas' needs engine.layer_loop='unrolled' (a static layer "
+                      "index per kernel call)")
   for key in ("max_num_seqs", "page_size", "max_model_len", "max_prefill_tokens", "decode_steps_per_call",
               "tensor_parallel", "layer_slices"):
     _positive(config, f"engine.{key}")
+  if config.engine.decode_attention == "pallas" and config.engine.tensor_parallel > 1:
+    raise ConfigError("engine.decode_attention='pallas' runs on one device: it needs engine.tensor_parallel=1")
   if not 0.0 < config.engine.kv_cache_memory_fraction <= 1.0:
     raise ConfigError(f"engine.kv_cache_memory_fraction={config.engine.kv_cache_memory_fraction}: "
                       "expected a value in (0, 1]")
@@ -109,6 +131,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 < config.sampling.top_p <= 1.0:
     raise ConfigError(f"sampling.top_p={config.sampling.top_p}: expected a value in (0, 1]")
   _validate_tier2(config.tier2, config.engine.layer_slices)
+  _validate_distributed(config.distributed)
   if config.checkpoint and not os.path.isdir(config.checkpoint):
     raise ConfigError(f"checkpoint={config.checkpoint!r}: no such directory")
 
@@ -142,6 +165,31 @@ def _validate_tier2(t, slices: int) -> None:
     raise ConfigError(f"tier2.in_flight={t.in_flight!r}: expected an integer in [0, {MAX_IN_FLIGHT}]")
   if t.inject_delay_ms < 0:
     raise ConfigError(f"tier2.inject_delay_ms={t.inject_delay_ms}: expected >= 0")
+  for key in ("auth_token", "tls_ca"):
+    if t[key] and not t.addresses:
+      raise ConfigError(f"tier2.{key} is set but tier2.addresses is empty: it applies to running servers "
+                        "given by address, not to the ones tier 1 spawns")
+  if t.tls_ca and not os.path.isfile(t.tls_ca):
+    raise ConfigError(f"tier2.tls_ca={t.tls_ca!r}: no such file")
+
+
+def _validate_distributed(d) -> None:
+  if d.coordinator_address:
+    host, _, port = d.coordinator_address.rpartition(":")
+    if not host or not port.isdigit():
+      raise ConfigError(f"distributed.coordinator_address={d.coordinator_address!r}: expected host:port")
+  if not isinstance(d.num_processes, int) or d.num_processes < 1:
+    raise ConfigError(f"distributed.num_processes={d.num_processes!r}: expected a positive integer")
+  if not isinstance(d.process_id, int) or not 0 <= d.process_id < d.num_processes:
+    raise ConfigError(f"distributed.process_id={d.process_id!r}: expected an integer in "
+                      f"[0, {d.num_processes})")
+  if d.num_processes > 1 and not d.coordinator_address:
+    raise ConfigError(f"distributed.num_processes={d.num_processes} needs distributed.coordinator_address")
+  if d.local_device_ids and not all(i.strip().isdigit() for i in d.local_device_ids.split(",")):
+    raise ConfigError(f"distributed.local_device_ids={d.local_device_ids!r}: expected device ids like 0,1")
+  if not isinstance(d.initialization_timeout_s, int) or d.initialization_timeout_s <= 0:
+    raise ConfigError(f"distributed.initialization_timeout_s={d.initialization_timeout_s!r}: "
+                      "expected a positive integer")
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

@@ -71,8 +71,8 @@ class Engine:
     self._next_tier2_id = itertools.count()
     if config.placement == "local":
       self.num_pages = num_pages_for(ec, self.model_config, num_devices=self.layout.num_devices)
-      self.runner = ModelRunner(model, LocalPagedAttention(self.model_config, self.num_pages, ec.page_size),
-                                ec.decode_steps_per_call, ec.layer_loop, self.layout)
+      backend = LocalPagedAttention(self.model_config, self.num_pages, ec.page_size, ec.decode_attention)
+      self.runner = ModelRunner(model, backend, ec.decode_steps_per_call, ec.layer_loop, self.layout)
     else:
       self.tier2 = Tier2Servers(config, self.model_config)
       # Tier 2 owns the KV: the scheduler's pages are bookkeeping, as many as every slot at full length.

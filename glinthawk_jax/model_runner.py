@@ -20,6 +20,7 @@ micro-batches): a capacity feature, not a speed-up.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -27,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glinthawk_jax import paged_attention, paged_cache
-from glinthawk_jax.config import LAYER_LOOPS
+from glinthawk_jax import paged_attention, paged_cache, pallas_paged_attention
+from glinthawk_jax.config import DECODE_ATTENTION_KERNELS, LAYER_LOOPS
 from glinthawk_jax.sampling import sample
 from glinthawk_jax.sharding import Layout
 from models.llama import Llama
@@ -41,18 +42,23 @@ class LocalPagedAttention:
   Holds layers [first_layer, first_layer + L) (all by default); attend() takes model layer indices.
   """
 
-  def __init__(self, model: ModelConfig, num_pages: int, page_size: int, first_layer: int = 0,
-               num_layers: int | None = None, sharding: jax.sharding.NamedSharding | None = None):
+  def __init__(self, model: ModelConfig, num_pages: int, page_size: int, decode_kernel: str = "xla",
+               first_layer: int = 0, num_layers: int | None = None,
+               sharding: jax.sharding.NamedSharding | None = None):
+    if decode_kernel not in DECODE_ATTENTION_KERNELS:
+      raise ValueError(f"decode_kernel={decode_kernel!r}: expected one of {', '.join(DECODE_ATTENTION_KERNELS)}")
     self.model = model
     self.num_pages = num_pages
     self.page_size = page_size
+    self.decode_kernel = decode_kernel
     self.first_layer = first_layer
     self.num_layers = num_layers or model.num_layers
     self.sharding = sharding
 
   def for_slice(self, first_layer: int, num_layers: int, sharding) -> "LocalPagedAttention":
     """The backend of one layer slice: its layers' pages, split over its devices by `sharding`."""
-    return LocalPagedAttention(self.model, self.num_pages, self.page_size, first_layer, num_layers, sharding)
+    return LocalPagedAttention(self.model, self.num_pages, self.page_size, self.decode_kernel, first_layer,
+                               num_layers, sharding)
 
   def init_state(self) -> Any:
     return paged_cache.init_pool(self.model, self.num_pages, self.page_size, self.num_layers, self.sharding)
@@ -85,11 +91,19 @@ class LocalPagedAttention:
 
     def attend(layer, q, k, v, state):
       layer, k_pool, v_pool = self._write(state, layer, k, v, page_ids, offsets)
-      out = paged_attention.paged_decode_attention(q[:, 0], k_pool, v_pool, layer, block_tables,
-                                                   context_lens, window)
+      out = self._decode_kernel(layer)(q[:, 0], k_pool, v_pool, layer, block_tables, context_lens, window)
       return out[:, None], (k_pool, v_pool)
 
     return attend
+
+  def _decode_kernel(self, layer):
+    """XLA's gather-then-reduce, or the Pallas kernel (for a static layer; interpreted off the GPU)."""
+    if self.decode_kernel == "xla":
+      return paged_attention.paged_decode_attention
+    if not isinstance(layer, int):
+      raise ValueError("decode_attention='pallas' needs layer_loop='unrolled' (a static layer per call)")
+    return functools.partial(pallas_paged_attention.paged_decode_attention,
+                             interpret=jax.default_backend() != "gpu")
 
 
 @dataclasses.dataclass

@@ -74,7 +74,8 @@ class Tier2Servers:
       self.client = SlicedTier2Client(clients, per)  # closes whatever connected if a later one fails
       for group, layers in zip(groups, ranges):
         clients.append(Tier2Client.for_model(group, model, layers=layers, timeout_s=t.timeout_s,
-                                             transport=t.transport))
+                                             transport=t.transport, auth_token=t.auth_token,
+                                             tls_ca=t.tls_ca))  # set with addresses only
       if slices == 1:
         self.client = clients[0]
     except BaseException:

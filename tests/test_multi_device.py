@@ -78,10 +78,11 @@ def test_layout_errors_name_the_key(key, value, message):
     ("engine.tensor_parallel", 0, "engine.tensor_parallel=0: expected a positive integer"),
     ("tier2.addresses", "127.0.0.1:1,127.0.0.1:2", "tier2.addresses: 1 \";\"-separated groups for "
                                                    "engine.layer_slices=2"),
+    ("engine.tensor_parallel", 2, "engine.decode_attention='pallas' runs on one device"),
 ])
 def test_config_validation(key, value, message):
   c = tiny.get_config()
-  c.engine.layer_slices = 2
+  c.engine.update(dict(layer_slices=2, decode_attention="pallas", layer_loop="unrolled"))
   section, name = key.split(".")
   c[section][name] = value
   with pytest.raises(ConfigError, match=message):

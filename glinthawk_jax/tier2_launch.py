@@ -47,7 +47,8 @@ def core_lists(spec: str, count: int) -> list[str]:
 
 
 class Tier2Servers:
-  """The servers a run uses and a connected Tier2Client; owns the processes it spawned."""
+  """The servers a run uses and a connected Tier2Client (a SlicedTier2Client with engine.layer_slices > 1);
+  owns the processes it spawned."""
 
   def __init__(self, config: ml_collections.ConfigDict, model: ModelConfig, ready_timeout_s: float = 120.0):
     from tier2_cpu.process import ServerProcess  # noqa: PLC0415 (only when spawning)

@@ -70,7 +70,7 @@ class Engine:
     self._tier2_ids: dict[Sequence, int] = {}  # sequences holding KV on tier 2 -> their tier-2 id
     self._next_tier2_id = itertools.count()
     if config.placement == "local":
-      self.num_pages = num_pages_for(ec, self.model_config, num_devices=self.layout.num_devices)
+      self.num_pages = num_pages_for(ec, self.model_config, self.layout.devices[0], self.layout.num_devices)
       backend = LocalPagedAttention(self.model_config, self.num_pages, ec.page_size, ec.decode_attention)
       self.runner = ModelRunner(model, backend, ec.decode_steps_per_call, ec.layer_loop, self.layout)
     else:

@@ -37,6 +37,7 @@ class Layout:
   def __init__(self, num_layers: int, tensor_parallel: int = 1, layer_slices: int = 1, devices=None):
     devices = list(devices if devices is not None else jax.local_devices())[:tensor_parallel * layer_slices]
     self.tensor_parallel, self.layer_slices = tensor_parallel, layer_slices
+    self.devices = devices
     self.mesh = Mesh(np.array(devices, dtype=object).reshape(layer_slices, tensor_parallel), (STAGE, MODEL))
     self.slice_meshes = [Mesh(self.mesh.devices[s], (MODEL,)) for s in range(layer_slices)]
     self.layers_per_slice = num_layers // layer_slices

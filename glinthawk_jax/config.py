@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import ml_collections
 
@@ -65,6 +66,12 @@ def base_config() -> ml_collections.ConfigDict:
   # scan: one compiled layer over stacked weights (fast compiles); unrolled: per-layer weights, no
   # per-layer slice of the stack (1.5x faster decode on an H100, docs/BENCHMARKS.md).
   c.engine.layer_loop = "scan"
+  # Devices per layer slice, weights split Megatron-style and KV pages on the KV-head axis
+  # (docs/MULTI_DEVICE.md); must divide num_heads, num_kv_heads and intermediate_size.
+  c.engine.tensor_parallel = 1
+  # Contiguous layer ranges on different devices (tensor_parallel each); must divide num_layers. Two-tier
+  # placements give each slice its own tier-2 servers for its layers.
+  c.engine.layer_slices = 1
   # Decode attention of placement local: xla (gather then reduce) or pallas (a Triton kernel reading
   # pages in place; needs layer_loop=unrolled; 1.7-2.1x faster alone on an H200 but 9% slower inside
   # the engine, docs/BENCHMARKS.md; interpreted off the GPU).
@@ -78,8 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.ignore_eos = False  # keep generating past EOS (benchmarks)
 
   c.tier2 = ml_collections.ConfigDict()  # tier-2 KV/attention servers (placements callback, pipelined)
-  c.tier2.spawn = 2  # local servers tier 1 starts (and stops) itself when addresses is empty
-  c.tier2.addresses = ""  # "host:port,..." of running servers; set = spawn nothing
+  c.tier2.spawn = 2  # local servers (per layer slice) tier 1 starts and stops itself when addresses is empty
+  c.tier2.addresses = ""  # "host:port,..." of running servers (";" between layer slices); set = spawn nothing
   c.tier2.kv_dtype = "bfloat16"  # KV storage dtype on tier 2: float32, bfloat16 or int8
   c.tier2.kv_cache_gb = 1.0  # KV pool of each spawned server, GiB
   c.tier2.cpus = "auto"  # cores of spawned servers: "auto" (split this host's cores) or "0-3;4-7" per server
@@ -120,8 +127,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.engine.decode_attention == "pallas" and config.engine.layer_loop != "unrolled":
     raise ConfigError("engine.decode_attention='pallas' needs engine.layer_loop='unrolled' (a static layer "
                       "index per kernel call)")
-  for key in ("max_num_seqs", "page_size", "max_model_len", "max_prefill_tokens", "decode_steps_per_call"):
+  for key in ("max_num_seqs", "page_size", "max_model_len", "max_prefill_tokens", "decode_steps_per_call",
+              "tensor_parallel", "layer_slices"):
     _positive(config, f"engine.{key}")
+  if config.engine.decode_attention == "pallas" and config.engine.tensor_parallel > 1:
+    raise ConfigError("engine.decode_attention='pallas' runs on one device: it needs engine.tensor_parallel=1")
   if not 0.0 < config.engine.kv_cache_memory_fraction <= 1.0:
     raise ConfigError(f"engine.kv_cache_memory_fraction={config.engine.kv_cache_memory_fraction}: "
                       "expected a value in (0, 1]")
@@ -131,17 +141,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"sampling.temperature={config.sampling.temperature}: expected >= 0")
   if not 0.0 < config.sampling.top_p <= 1.0:
     raise ConfigError(f"sampling.top_p={config.sampling.top_p}: expected a value in (0, 1]")
-  _validate_tier2(config.tier2)
+  _validate_tier2(config.tier2, config.engine.layer_slices)
   _validate_distributed(config.distributed)
   _validate_splitwise(config)
   if config.checkpoint and not os.path.isdir(config.checkpoint):
     raise ConfigError(f"checkpoint={config.checkpoint!r}: no such directory")
 
 
-def _validate_tier2(t) -> None:
+def _validate_tier2(t, slices: int) -> None:
   if not isinstance(t.spawn, int) or t.spawn < 0:
     raise ConfigError(f"tier2.spawn={t.spawn!r}: expected an integer >= 0")
-  for a in filter(None, t.addresses.split(",")):
+  groups = t.addresses.split(";")
+  if t.addresses and len(groups) != slices:
+    raise ConfigError(f"tier2.addresses: {len(groups)} \";\"-separated groups for engine.layer_slices={slices}")
+  for a in filter(None, re.split("[,;]", t.addresses)):
     host, _, port = a.strip().rpartition(":")
     if not host or not port.isdigit():
       raise ConfigError(f"tier2.addresses: {a!r}: expected host:port")
@@ -153,8 +166,9 @@ def _validate_tier2(t) -> None:
     raise ConfigError(f"tier2.kv_cache_gb={t.kv_cache_gb}: expected > 0")
   if t.cpus != "auto" and not all(part.strip() for part in t.cpus.split(";")):
     raise ConfigError(f"tier2.cpus={t.cpus!r}: expected \"auto\" or core lists like \"0-3;4-7\"")
-  if t.cpus != "auto" and t.spawn and len(t.cpus.split(";")) != t.spawn:
-    raise ConfigError(f"tier2.cpus={t.cpus!r}: {len(t.cpus.split(';'))} core lists for tier2.spawn={t.spawn}")
+  if t.cpus != "auto" and t.spawn and len(t.cpus.split(";")) != t.spawn * slices:
+    raise ConfigError(f"tier2.cpus={t.cpus!r}: {len(t.cpus.split(';'))} core lists for tier2.spawn={t.spawn} "
+                      f"x engine.layer_slices={slices} servers")
   if t.timeout_s <= 0:
     raise ConfigError(f"tier2.timeout_s={t.timeout_s}: expected > 0")
   if t.transport not in TIER2_TRANSPORTS:

@@ -23,6 +23,7 @@ from glinthawk_jax.model_runner import LocalPagedAttention, ModelRunner
 from glinthawk_jax.paged_cache import GIB, PageAllocator, num_pages_for, pages_per_sequence
 from glinthawk_jax.requests import FINISH_LENGTH, FINISH_STOP, RequestOutput, SamplingParams
 from glinthawk_jax.scheduler import Scheduler, Sequence
+from glinthawk_jax.sharding import Layout
 from glinthawk_jax.tier2_client import ShardUnavailableError, Tier2Error
 from glinthawk_jax.tier2_launch import Tier2Servers
 from glinthawk_jax.tokenizer import load_tokenizer
@@ -51,7 +52,8 @@ class EngineStats:
 
 
 class Engine:
-  """Offline generation on one accelerator with attention over a paged KV cache (placement "local")."""
+  """Offline generation with continuous batching; attention placed by config.placement, tier 1 over
+  engine.tensor_parallel x engine.layer_slices devices (sharding.py)."""
 
   def __init__(self, config: ml_collections.ConfigDict, model=None, tokenizer=None,
                attention=LocalPagedAttention):
@@ -59,8 +61,9 @@ class Engine:
     config_lib.validate(config)
     self.config = config
     self.model_config = config_lib.model_config(config)
+    self.layout = Layout.from_config(config, self.model_config)
     if model is None:
-      model = load_model(config)
+      model = load_model(config, self.layout)
     if tokenizer is None:
       tokenizer = _load_tokenizer_if_present(config)
     self.tokenizer = tokenizer
@@ -69,9 +72,9 @@ class Engine:
     self._tier2_ids: dict[Sequence, int] = {}  # sequences holding KV on tier 2 -> their tier-2 id
     self._next_tier2_id = itertools.count()
     if config.placement == "local":
-      self.num_pages = num_pages_for(ec, self.model_config)
+      self.num_pages = num_pages_for(ec, self.model_config, self.layout.devices[0], self.layout.num_devices)
       backend = attention(self.model_config, self.num_pages, ec.page_size, ec.decode_attention)
-      self.runner = ModelRunner(model, backend, ec.decode_steps_per_call, ec.layer_loop)
+      self.runner = ModelRunner(model, backend, ec.decode_steps_per_call, ec.layer_loop, self.layout)
     else:
       self.tier2 = Tier2Servers(config, self.model_config)
       # Tier 2 owns the KV: the scheduler's pages are bookkeeping, as many as every slot at full length.
@@ -93,8 +96,9 @@ class Engine:
     ec, t = self.config.engine, self.config.tier2
     if self.config.placement == "callback":
       backend = CallbackAttention(self.tier2.client, ec.page_size, self.num_pages, t.timeout_s)
-      return ModelRunner(model, backend, ec.decode_steps_per_call, ec.layer_loop)
-    return PipelinedRunner(model, self.tier2.client, ec.decode_steps_per_call, t.in_flight, t.timeout_s)
+      return ModelRunner(model, backend, ec.decode_steps_per_call, ec.layer_loop, self.layout)
+    return PipelinedRunner(model, self.tier2.client, ec.decode_steps_per_call, t.in_flight, t.timeout_s,
+                           self.layout)
 
   def close(self) -> None:
     """Stops the tier-2 servers this engine spawned (no-op for placement local)."""

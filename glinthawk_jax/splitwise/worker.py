@@ -15,7 +15,6 @@ Times reported to the router are wall-clock seconds (time.time()), comparable ac
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import threading
 import time
@@ -25,7 +24,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from glinthawk_jax import paged_attention
 from glinthawk_jax.engine import Engine
 from glinthawk_jax.model_runner import LocalPagedAttention
 from glinthawk_jax.paged_cache import SCRATCH_PAGE, PageAllocator
@@ -56,14 +54,6 @@ class Incoming:
   committed_s: float = 0.0  # when Commit came (the loop then admits it after writing its K,V)
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _write_layer(state, layer, k, v, page_ids, offsets):
-  """Stores k, v: [T, KV, D] of `layer` at (page_ids, offsets): [T] of the pools (k_pool, v_pool)."""
-  k_pool, v_pool = state
-  return (paged_attention.write_kv(k_pool, layer, k[None], page_ids[None], offsets[None]),
-          paged_attention.write_kv(v_pool, layer, v[None], page_ids[None], offsets[None]))
-
-
 class Worker:
   """The engine loop and the state the gRPC handlers share with it (all behind `lock`)."""
 
@@ -79,7 +69,8 @@ class Worker:
     self.sender = None
     if ship:
       self.sender = KVSender(self.model.num_heads, self.timeout_s, config.splitwise.send_threads)
-      self.engine.runner.backend.sender = self.sender
+      for sl in self.engine.runner.slices:
+        sl.backend.sender = self.sender
     device = jax.devices()[0]
     self.device = f"{len(jax.devices())} x {device.platform} {device.device_kind}"
     self.scheduler = Scheduler(ec, PageAllocator(self.engine.num_pages), ec.decode_steps_per_call)
@@ -215,9 +206,8 @@ class Worker:
       writes = self._take_writes()
       self._admit_committed()
     did = self._begin_blocked()
-    runner = self.engine.runner
     for layer, k, v, page_ids, offsets in writes:
-      runner.state = _write_layer(runner.state, layer, k, v, page_ids, offsets)
+      self.engine.runner.write_layer_kv(layer, k, v, page_ids, offsets)
     did = self._prefill() or did
     did = self._decode() or did
     return did or bool(writes)
@@ -301,7 +291,7 @@ class Worker:
     runner.prefill(batch.tokens, batch.positions, batch.page_ids, batch.offsets, batch.block_tables,
                    batch.context_lens, seq_ids)
     if (seq_ids >= 0).any():
-      jax.block_until_ready(runner.state)  # every layer's callback has run: its K,V is queued to send
+      jax.block_until_ready([sl.state for sl in runner.slices])  # every layer's callback has run: its K,V is queued to send
     now = time.time()
     with self.lock:
       batch.commit()

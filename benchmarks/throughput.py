@@ -3,9 +3,10 @@
 Llama-2-7B shape, random weights, bf16, prompt 128 / output 128, ignore_eos, batch = engine.max_num_seqs
 = number of prompts. HF runs first in a subprocess (so torch and JAX never share GPU memory); each engine
 batch is run twice with the same shapes, the first run compiling. The floor is the time to stream the
-weights plus the average KV read of a decode step at --hbm_tbps.
+weights plus the average KV read of a decode step at the device's copy bandwidth, measured in the same
+run (x floor); x run floor adds the prefill's matmul FLOPs at the measured bf16 matmul rate.
 
-  python benchmarks/throughput.py --out throughput.json            # H100, about 4 minutes
+  python benchmarks/throughput.py --out throughput.json            # GPU, about 4 minutes
   python benchmarks/throughput.py --small --out /tmp/small.json    # CPU smoke test, seconds
 """
 
@@ -35,7 +36,10 @@ def parse_args(argv=None):
   p.add_argument("--page_size", type=int, default=16, help="engine.page_size")
   p.add_argument("--layer_loop", default="unrolled", choices=("scan", "unrolled"),
                  help="engine.layer_loop: scan over stacked weights, or unrolled per-layer weights")
-  p.add_argument("--hbm_tbps", type=float, default=2.8, help="memory bandwidth for the floor (FACTS.md)")
+  p.add_argument("--decode_attention", default="xla", choices=("xla", "pallas"),
+                 help="engine.decode_attention: the decode attention kernel")
+  p.add_argument("--hbm_tbps", type=float, default=0.0,
+                 help="memory bandwidth for the floor; 0 = the device's copy bandwidth measured in this run")
   p.add_argument("--hf_only", action="store_true", help=argparse.SUPPRESS)  # the HF subprocess
   args = p.parse_args(argv)
   args.batches = [int(b) for b in (args.batches or ("4,8" if args.small else "32,128,256")).split(",") if b]
@@ -89,14 +93,19 @@ def run_hf(args) -> list[dict]:
   return results
 
 
-def streaming_floor(model_cfg, batch: int, prompt_len: int, output_len: int, hbm_tbps: float) -> dict:
-  """Weights plus the average KV read per decode step, over the memory bandwidth."""
+def streaming_floor(model_cfg, batch: int, prompt_len: int, output_len: int, hbm_tbps: float,
+                    peak_tflops: float) -> dict:
+  """Weights plus the average KV read per decode step, over the memory bandwidth; and the whole run's
+  floor: that for every step plus the prefill's matmul FLOPs over the measured matmul rate."""
   itemsize = 4 if model_cfg.dtype == "float32" else 2
   weight_bytes = model_cfg.param_count() * itemsize
   kv_bytes = batch * (prompt_len + output_len / 2) * model_cfg.kv_bytes_per_token
   step_s = (weight_bytes + kv_bytes) / (hbm_tbps * 1e12)
+  prefill_s = 2 * model_cfg.param_count() * batch * prompt_len / (peak_tflops * 1e12)
+  run_s = prefill_s + output_len * step_s
   return dict(weight_gb=weight_bytes / 1e9, avg_kv_read_gb=kv_bytes / 1e9, floor_step_ms=step_s * 1e3,
-              floor_output_tok_s=batch / step_s)
+              floor_output_tok_s=batch / step_s, floor_prefill_s=prefill_s,
+              floor_run_output_tok_s=batch * output_len / run_s)
 
 
 def run_engine(args) -> tuple[list[dict], str]:
@@ -116,6 +125,7 @@ def run_engine(args) -> tuple[list[dict], str]:
   config.engine.kv_cache_gb = 0.0  # fraction of free memory, capped at what the batch needs
   model_cfg = config_lib.model_config(config)
   config.engine.layer_loop = args.layer_loop
+  config.engine.decode_attention = args.decode_attention
   # unrolled: each Engine builds its own weights, so the runner's per-layer copies are the only ones.
   model = init_model(model_cfg, config.seed) if args.layer_loop == "scan" else None
   params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
@@ -137,14 +147,15 @@ def run_engine(args) -> tuple[list[dict], str]:
     calls = after["num_decode_calls"] - before["num_decode_calls"]
     decode_s = after["decode_time_s"] - before["decode_time_s"]
     step_ms = decode_s / max(calls * args.decode_steps, 1) * 1e3
-    floor = streaming_floor(model_cfg, b, args.prompt_len, args.output_len, args.hbm_tbps)
+    floor = streaming_floor(model_cfg, b, args.prompt_len, args.output_len, args.hbm_tbps, args.peak_tflops)
     results.append(dict(
         batch=b, elapsed_s=elapsed, output_tokens=tokens, output_tok_s=tokens / elapsed,
         first_run_s=first_s, prefill_s=after["prefill_time_s"] - before["prefill_time_s"],
         decode_s=decode_s, decode_calls=calls, decode_step_ms=step_ms, decode_tok_s=b / step_ms * 1e3,
         num_compilations=after["num_compilations"], num_pages=after["num_pages"],
         kv_pool_gib=after["kv_pool_gib"], num_preemptions=after["num_preemptions"],
-        x_floor=floor["floor_output_tok_s"] / (tokens / elapsed), **floor))
+        x_floor=floor["floor_output_tok_s"] / (tokens / elapsed),
+        x_run_floor=floor["floor_run_output_tok_s"] / (tokens / elapsed), **floor))
     del engine
     gc.collect()  # the runner's jitted methods form a cycle; free its KV pool before the next batch
   results_device = jax.devices()[0].device_kind
@@ -154,12 +165,12 @@ def run_engine(args) -> tuple[list[dict], str]:
 def table(engine_rows, hf_rows) -> str:
   hf = {r["batch"]: r["output_tok_s"] for r in hf_rows}
   lines = [f"{'batch':>6} {'engine tok/s':>13} {'HF tok/s':>9} {'vs HF':>6} {'step ms':>8} "
-           f"{'floor ms':>9} {'floor tok/s':>12} {'x floor':>8} {'compiles':>9}"]
+           f"{'floor ms':>9} {'floor tok/s':>12} {'x floor':>8} {'x run floor':>12} {'compiles':>9}"]
   for r in engine_rows:
     h = hf.get(r["batch"])
     lines.append(f"{r['batch']:>6} {r['output_tok_s']:>13,.0f} {h or float('nan'):>9,.0f} "
                  f"{(r['output_tok_s'] / h if h else float('nan')):>6.2f} {r['decode_step_ms']:>8.2f} "
-                 f"{r['floor_step_ms']:>9.2f} {r['floor_output_tok_s']:>12,.0f} {r['x_floor']:>8.2f} "
+                 f"{r['floor_step_ms']:>9.2f} {r['floor_output_tok_s']:>12,.0f} {r['x_floor']:>8.2f} {r['x_run_floor']:>12.2f} "
                  f"{r['num_compilations']:>9}")
   return "\n".join(lines)
 
@@ -176,17 +187,23 @@ def main(argv=None):
            "--output_len", str(args.output_len)] + (["--small"] if args.small else [])
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     hf_rows = json.loads(done.stdout.strip().splitlines()[-1])
+  from benchmarks.device_ceilings import copy_bandwidth_gbs, matmul_tflops
+  if not args.hbm_tbps:
+    args.hbm_tbps = copy_bandwidth_gbs(64 << 20 if args.small else 4 << 30) / 1e3
+  args.peak_tflops = matmul_tflops(256 if args.small else 8192)
   engine_rows, device = run_engine(args)
   report = dict(
       device=device, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       command=" ".join([os.path.basename(sys.executable)] + sys.argv), prompt_len=args.prompt_len,
       output_len=args.output_len, decode_steps_per_call=args.decode_steps, page_size=args.page_size,
-      layer_loop=args.layer_loop,
-      hbm_tbps=args.hbm_tbps, engine=engine_rows, hf=hf_rows)
+      layer_loop=args.layer_loop, decode_attention=args.decode_attention,
+      hbm_tbps=args.hbm_tbps, peak_tflops=args.peak_tflops, engine=engine_rows, hf=hf_rows)
   with open(args.out, "w") as f:
     json.dump(report, f, indent=2)
-  print(f"{device}, prompt {args.prompt_len} / output {args.output_len}, "
-        f"decode_steps_per_call={args.decode_steps}, layer_loop={args.layer_loop}")
+  print(f"{device}: copy {args.hbm_tbps:.2f} TB/s, bf16 matmul {args.peak_tflops:.0f} TFLOP/s; "
+        f"prompt {args.prompt_len} / output {args.output_len}, "
+        f"decode_steps_per_call={args.decode_steps}, layer_loop={args.layer_loop}, "
+        f"decode_attention={args.decode_attention}")
   print(table(engine_rows, hf_rows))
   print(f"wrote {args.out}")
 

@@ -1,4 +1,7 @@
-"""Llama-2-7B: pass --config.checkpoint=/path for real weights; otherwise random weights of this shape."""
+"""Llama-2-7B: pass --config.checkpoint=/path for real weights; otherwise random weights of this shape.
+
+Splitwise workers: launch/worker.py --config=configs/llama2_7b.py --config.role=prefill|decode.
+"""
 
 from glinthawk_jax.config import base_config
 

@@ -1,7 +1,8 @@
 """The built-in tiny model: random weights built in seconds, no download (README, tests, CI).
 
 Its default placement is pipelined: the job starts two local tier-2 processes and stops them at exit.
-`--config.placement=local` keeps attention on tier 1.
+`--config.placement=local` keeps attention on tier 1. Splitwise workers (launch/worker.py) take
+`--config.placement=local --config.role=prefill|decode|colocated`.
 """
 
 from glinthawk_jax.config import base_config

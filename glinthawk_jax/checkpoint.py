@@ -1,7 +1,9 @@
 """Model weights: Hugging Face safetensors checkpoints in, orbax checkpoints of converted params in and out.
 
-`load_model(config)` is the one entry point the engine uses. Loading fills one stacked parameter at a
-time from mmapped files and converting it on the device, so at most one parameter is held twice.
+`load_model(config, layout)` is the one entry point the engine uses. Loading fills one stacked parameter
+at a time from mmapped files and converts it on the device, so at most one parameter is held twice; with
+a sharding.Layout each device receives only its shard, so a model larger than one device never lands
+whole on one (random weights too: they are built sharded).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from flax import nnx
 
 from glinthawk_jax import safetensors_io
 from glinthawk_jax.config import model_config as config_model_config
+from glinthawk_jax.sharding import Layout
 from models.llama import Llama, abstract_model, init_model
 from models.model_config import ModelConfig, UnsupportedModelError
 
@@ -68,18 +71,21 @@ def read_model_config(path: str, dtype="bfloat16") -> ModelConfig:
     raise UnsupportedModelError(f"{config_path}: {e}") from e
 
 
-def load_hf_checkpoint(path: str, dtype="bfloat16") -> Llama:
-  """Loads a Hugging Face Llama/Mistral/Qwen2 checkpoint directory, converting the weights to `dtype`."""
+def load_hf_checkpoint(path: str, dtype="bfloat16", layout: Layout | None = None) -> Llama:
+  """Loads a Hugging Face Llama/Mistral/Qwen2 checkpoint directory, converting the weights to `dtype`;
+  each parameter is placed as `layout` shards it (default: the default device)."""
   cfg = read_model_config(path, dtype)
   tensors = _open_checkpoint(path)
   graphdef, state = nnx.split(abstract_model(cfg))
+  shardings = dict(nnx.to_flat_state(layout.shardings(state))) if layout else {}
   targets = {p: (_hf_names(p, cfg.num_layers), v.get_value()) for p, v in nnx.to_flat_state(state)}
   _check_names(path, cfg, tensors, targets)
   params = {}
   with concurrent.futures.ThreadPoolExecutor(LOAD_THREADS) as pool:
     for param_path, (names, target) in targets.items():
       stacked = param_path[0] == "layers"
-      _set(params, param_path, _load_param(names, target, tensors, pool, stacked))
+      sharding = shardings[param_path].get_value() if layout else None
+      _set(params, param_path, _load_param(names, target, tensors, pool, stacked, sharding))
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
 
@@ -120,14 +126,23 @@ def restore_params(model_config: ModelConfig, directory: str) -> Llama:
   return nnx.merge(graphdef, state)
 
 
-def load_model(config: ml_collections.ConfigDict) -> Llama:
-  """The engine's model: the checkpoint when `config.checkpoint` is set, else random weights."""
+def load_model(config: ml_collections.ConfigDict, layout: Layout | None = None) -> Llama:
+  """The engine's model: the checkpoint when `config.checkpoint` is set, else random weights; placed as
+  `layout` shards it (default: the default device)."""
   if config.checkpoint:
-    return load_hf_checkpoint(config.checkpoint, config.dtype)
+    return load_hf_checkpoint(config.checkpoint, config.dtype, layout)
   cfg = config_model_config(config)
   logging.warning("No checkpoint set: config %r runs RANDOM weights (seed %d); generated text is noise.",
                   config.name, config.seed)
-  return init_model(cfg, config.seed)
+  return init_model(cfg, config.seed) if layout is None else _init_sharded(cfg, config.seed, layout)
+
+
+def _init_sharded(cfg: ModelConfig, seed: int, layout: Layout) -> Llama:
+  """init_model's weights (the same values), each created in place on its shards."""
+  graphdef, abstract = nnx.split(abstract_model(cfg))
+  build = jax.jit(lambda: nnx.split(Llama(cfg, rngs=nnx.Rngs(params=seed)))[1],
+                  out_shardings=layout.shardings(abstract))
+  return nnx.merge(graphdef, build())
 
 
 def hf_config(cfg: ModelConfig) -> dict:
@@ -251,8 +266,9 @@ def _check_names(path, cfg, tensors, targets) -> None:
       raise CheckpointError(f"tensor {name}: shape {tensors[name].shape}, expected {tuple(shape)}")
 
 
-def _load_param(names, target, tensors, pool, stacked: bool) -> jax.Array:
-  """One parameter (a layer axis over `names` when stacked) on the device, as target.dtype.
+def _load_param(names, target, tensors, pool, stacked: bool, sharding=None) -> jax.Array:
+  """One parameter (a layer axis over `names` when stacked) on the device (each device only its shard
+  of `sharding` when given), as target.dtype.
 
   Host work is a threaded memcpy from the mmapped files in the files' dtype; the dtype conversion runs
   on the device, where it is nearly free (NumPy's float16 -> bfloat16 cast runs at about 0.4 GB/s).
@@ -267,7 +283,7 @@ def _load_param(names, target, tensors, pool, stacked: bool) -> jax.Array:
     bounds = np.linspace(0, out.shape[0], LOAD_THREADS + 1).astype(int)
     jobs = [(out[a:b], sources[0][a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
   list(pool.map(_copy, jobs))
-  array = jax.device_put(out)
+  array = jax.device_put(out, sharding)
   return array if array.dtype == target.dtype else array.astype(target.dtype)
 
 

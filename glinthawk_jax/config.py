@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import ml_collections
 
@@ -12,9 +13,12 @@ from models.model_config import ModelConfig
 
 PLACEMENTS = ("local", "callback", "pipelined")
 LAYER_LOOPS = ("scan", "unrolled")
+DECODE_ATTENTION_KERNELS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 TIER2_KV_DTYPES = ("float32", "bfloat16", "int8")
 TIER2_TRANSPORTS = ("auto", "grpc", "shm")
+ROLES = ("colocated", "prefill", "decode")
+TRANSFER_FAILURE_POLICIES = ("recompute", "fail")
 MAX_IN_FLIGHT = 8
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TOKENIZER = os.path.join(REPO_ROOT, "configs", "assets", "tiny_tokenizer.json")
@@ -33,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"  # parameter/activation dtype: float32, bfloat16 or float16
   c.seed = 0  # seed of random weights and of the default sampling seed
   c.placement = "local"  # where attention runs: local (paged on tier 1), callback, pipelined
+  c.role = "colocated"  # Splitwise worker role: colocated (prefill and decode), prefill or decode
 
   c.model = ml_collections.ConfigDict()  # model dimensions; replaced by config.json when checkpoint is set
   c.model.vocab_size = 512
@@ -61,6 +66,16 @@ def base_config() -> ml_collections.ConfigDict:
   # scan: one compiled layer over stacked weights (fast compiles); unrolled: per-layer weights, no
   # per-layer slice of the stack (1.5x faster decode on an H100, docs/BENCHMARKS.md).
   c.engine.layer_loop = "scan"
+  # Devices per layer slice, weights split Megatron-style and KV pages on the KV-head axis
+  # (docs/MULTI_DEVICE.md); must divide num_heads, num_kv_heads and intermediate_size.
+  c.engine.tensor_parallel = 1
+  # Contiguous layer ranges on different devices (tensor_parallel each); must divide num_layers. Two-tier
+  # placements give each slice its own tier-2 servers for its layers.
+  c.engine.layer_slices = 1
+  # Decode attention of placement local: xla (gather then reduce) or pallas (a Triton kernel reading
+  # pages in place; needs layer_loop=unrolled; 1.7-2.1x faster alone on an H200 but 9% slower inside
+  # the engine, docs/BENCHMARKS.md; interpreted off the GPU).
+  c.engine.decode_attention = "xla"
 
   c.sampling = ml_collections.ConfigDict()  # defaults for requests that do not set their own
   c.sampling.max_tokens = 32  # new tokens per request
@@ -70,8 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.ignore_eos = False  # keep generating past EOS (benchmarks)
 
   c.tier2 = ml_collections.ConfigDict()  # tier-2 KV/attention servers (placements callback, pipelined)
-  c.tier2.spawn = 2  # local servers tier 1 starts (and stops) itself when addresses is empty
-  c.tier2.addresses = ""  # "host:port,..." of running servers; set = spawn nothing
+  c.tier2.spawn = 2  # local servers (per layer slice) tier 1 starts and stops itself when addresses is empty
+  c.tier2.addresses = ""  # "host:port,..." of running servers (";" between layer slices); set = spawn nothing
   c.tier2.kv_dtype = "bfloat16"  # KV storage dtype on tier 2: float32, bfloat16 or int8
   c.tier2.kv_cache_gb = 1.0  # KV pool of each spawned server, GiB
   c.tier2.cpus = "auto"  # cores of spawned servers: "auto" (split this host's cores) or "0-3;4-7" per server
@@ -79,6 +94,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.tier2.transport = "auto"  # auto (shared memory on loopback), grpc or shm
   c.tier2.in_flight = 0  # pipelined micro-batches in flight; 0 = auto from measured step and round trip
   c.tier2.inject_delay_ms = 0.0  # delay spawned servers add to each tensor RPC (latency studies)
+  c.tier2.auth_token = ""  # token for tier2.addresses' servers (their --auth_token); empty = none
+  c.tier2.tls_ca = ""  # PEM CA or self-signed cert of tier2.addresses' servers (--tls_cert); empty = no TLS
+
+  c.distributed = ml_collections.ConfigDict()  # tier 1 across hosts (jax.distributed); docs/MULTI_HOST.md
+  c.distributed.coordinator_address = ""  # "host:port" of process 0's coordinator; empty = one process
+  c.distributed.num_processes = 1  # tier-1 processes in the job (one per host, usually)
+  c.distributed.process_id = 0  # this process's index in [0, num_processes)
+  c.distributed.local_device_ids = ""  # accelerators this process uses, e.g. "0,1"; empty = all visible
+  c.distributed.initialization_timeout_s = 300  # how long to wait for every process to join
+
+  c.splitwise = ml_collections.ConfigDict()  # phase splitting: workers, KV transfer, router (launch/worker.py)
+  c.splitwise.kv_timeout_s = 30.0  # a KV transfer not committed within this is abandoned; its KV freed
+  c.splitwise.on_transfer_failure = "recompute"  # recompute: route the request again; fail: report an error
+  c.splitwise.mixed_pool = True  # an idle worker of one role may take the other role's work (router)
+  c.splitwise.send_threads = 4  # threads a prefill worker sends layers' K,V with
+  c.splitwise.poll_interval_s = 0.002  # how often the router polls each worker for outputs and load
   return c
 
 
@@ -86,11 +117,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first bad key and what is allowed."""
   _one_of(config, "placement", PLACEMENTS)
   _one_of(config, "dtype", DTYPES)
+  _one_of(config, "role", ROLES)
   if config.engine.layer_loop not in LAYER_LOOPS:
     raise ConfigError(f"engine.layer_loop={config.engine.layer_loop!r}: expected one of "
                       f"{', '.join(LAYER_LOOPS)}")
-  for key in ("max_num_seqs", "page_size", "max_model_len", "max_prefill_tokens", "decode_steps_per_call"):
+  if config.engine.decode_attention not in DECODE_ATTENTION_KERNELS:
+    raise ConfigError(f"engine.decode_attention={config.engine.decode_attention!r}: expected one of "
+                      f"{', '.join(DECODE_ATTENTION_KERNELS)}")
+  if config.engine.decode_attention == "pallas" and config.engine.layer_loop != "unrolled":
+    raise ConfigError("engine.decode_attention='pallas' needs engine.layer_loop='unrolled' (a static layer "
+                      "index per kernel call)")
+  for key in ("max_num_seqs", "page_size", "max_model_len", "max_prefill_tokens", "decode_steps_per_call",
+              "tensor_parallel", "layer_slices"):
     _positive(config, f"engine.{key}")
+  if config.engine.decode_attention == "pallas" and config.engine.tensor_parallel > 1:
+    raise ConfigError("engine.decode_attention='pallas' runs on one device: it needs engine.tensor_parallel=1")
   if not 0.0 < config.engine.kv_cache_memory_fraction <= 1.0:
     raise ConfigError(f"engine.kv_cache_memory_fraction={config.engine.kv_cache_memory_fraction}: "
                       "expected a value in (0, 1]")
@@ -100,15 +141,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"sampling.temperature={config.sampling.temperature}: expected >= 0")
   if not 0.0 < config.sampling.top_p <= 1.0:
     raise ConfigError(f"sampling.top_p={config.sampling.top_p}: expected a value in (0, 1]")
-  _validate_tier2(config.tier2)
+  _validate_tier2(config.tier2, config.engine.layer_slices)
+  _validate_distributed(config.distributed)
+  _validate_splitwise(config)
   if config.checkpoint and not os.path.isdir(config.checkpoint):
     raise ConfigError(f"checkpoint={config.checkpoint!r}: no such directory")
 
 
-def _validate_tier2(t) -> None:
+def _validate_tier2(t, slices: int) -> None:
   if not isinstance(t.spawn, int) or t.spawn < 0:
     raise ConfigError(f"tier2.spawn={t.spawn!r}: expected an integer >= 0")
-  for a in filter(None, t.addresses.split(",")):
+  groups = t.addresses.split(";")
+  if t.addresses and len(groups) != slices:
+    raise ConfigError(f"tier2.addresses: {len(groups)} \";\"-separated groups for engine.layer_slices={slices}")
+  for a in filter(None, re.split("[,;]", t.addresses)):
     host, _, port = a.strip().rpartition(":")
     if not host or not port.isdigit():
       raise ConfigError(f"tier2.addresses: {a!r}: expected host:port")
@@ -120,8 +166,9 @@ def _validate_tier2(t) -> None:
     raise ConfigError(f"tier2.kv_cache_gb={t.kv_cache_gb}: expected > 0")
   if t.cpus != "auto" and not all(part.strip() for part in t.cpus.split(";")):
     raise ConfigError(f"tier2.cpus={t.cpus!r}: expected \"auto\" or core lists like \"0-3;4-7\"")
-  if t.cpus != "auto" and t.spawn and len(t.cpus.split(";")) != t.spawn:
-    raise ConfigError(f"tier2.cpus={t.cpus!r}: {len(t.cpus.split(';'))} core lists for tier2.spawn={t.spawn}")
+  if t.cpus != "auto" and t.spawn and len(t.cpus.split(";")) != t.spawn * slices:
+    raise ConfigError(f"tier2.cpus={t.cpus!r}: {len(t.cpus.split(';'))} core lists for tier2.spawn={t.spawn} "
+                      f"x engine.layer_slices={slices} servers")
   if t.timeout_s <= 0:
     raise ConfigError(f"tier2.timeout_s={t.timeout_s}: expected > 0")
   if t.transport not in TIER2_TRANSPORTS:
@@ -130,6 +177,45 @@ def _validate_tier2(t) -> None:
     raise ConfigError(f"tier2.in_flight={t.in_flight!r}: expected an integer in [0, {MAX_IN_FLIGHT}]")
   if t.inject_delay_ms < 0:
     raise ConfigError(f"tier2.inject_delay_ms={t.inject_delay_ms}: expected >= 0")
+  for key in ("auth_token", "tls_ca"):
+    if t[key] and not t.addresses:
+      raise ConfigError(f"tier2.{key} is set but tier2.addresses is empty: it applies to running servers "
+                        "given by address, not to the ones tier 1 spawns")
+  if t.tls_ca and not os.path.isfile(t.tls_ca):
+    raise ConfigError(f"tier2.tls_ca={t.tls_ca!r}: no such file")
+
+
+def _validate_distributed(d) -> None:
+  if d.coordinator_address:
+    host, _, port = d.coordinator_address.rpartition(":")
+    if not host or not port.isdigit():
+      raise ConfigError(f"distributed.coordinator_address={d.coordinator_address!r}: expected host:port")
+  if not isinstance(d.num_processes, int) or d.num_processes < 1:
+    raise ConfigError(f"distributed.num_processes={d.num_processes!r}: expected a positive integer")
+  if not isinstance(d.process_id, int) or not 0 <= d.process_id < d.num_processes:
+    raise ConfigError(f"distributed.process_id={d.process_id!r}: expected an integer in "
+                      f"[0, {d.num_processes})")
+  if d.num_processes > 1 and not d.coordinator_address:
+    raise ConfigError(f"distributed.num_processes={d.num_processes} needs distributed.coordinator_address")
+  if d.local_device_ids and not all(i.strip().isdigit() for i in d.local_device_ids.split(",")):
+    raise ConfigError(f"distributed.local_device_ids={d.local_device_ids!r}: expected device ids like 0,1")
+  if not isinstance(d.initialization_timeout_s, int) or d.initialization_timeout_s <= 0:
+    raise ConfigError(f"distributed.initialization_timeout_s={d.initialization_timeout_s!r}: "
+                      "expected a positive integer")
+
+
+def _validate_splitwise(config) -> None:
+  s = config.splitwise
+  if config.role != "colocated" and config.placement != "local":
+    raise ConfigError(f"role={config.role!r} needs placement='local' (got {config.placement!r})")
+  if s.on_transfer_failure not in TRANSFER_FAILURE_POLICIES:
+    raise ConfigError(f"splitwise.on_transfer_failure={s.on_transfer_failure!r}: expected one of "
+                      f"{', '.join(TRANSFER_FAILURE_POLICIES)}")
+  for key in ("kv_timeout_s", "poll_interval_s"):
+    if not s[key] > 0:
+      raise ConfigError(f"splitwise.{key}={s[key]}: expected > 0")
+  if not isinstance(s.send_threads, int) or s.send_threads < 1:
+    raise ConfigError(f"splitwise.send_threads={s.send_threads!r}: expected a positive integer")
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

@@ -23,6 +23,7 @@ from glinthawk_jax.model_runner import LocalPagedAttention, ModelRunner
 from glinthawk_jax.paged_cache import GIB, KVCacheTooSmallError, PageAllocator, num_pages_for, pages_per_sequence
 from glinthawk_jax.requests import FINISH_LENGTH, FINISH_STOP, RequestOutput, SamplingParams
 from glinthawk_jax.scheduler import Scheduler, Sequence
+from glinthawk_jax.sharding import Layout
 from glinthawk_jax.tier2_client import KVCacheFullError, ShardUnavailableError, Tier2Error
 from glinthawk_jax.tier2_launch import Tier2Servers
 from glinthawk_jax.tokenizer import load_tokenizer
@@ -51,14 +52,18 @@ class EngineStats:
 
 
 class Engine:
-  """Offline generation on one accelerator with attention over a paged KV cache (placement "local")."""
+  """Offline generation with continuous batching; attention placed by config.placement, tier 1 over
+  engine.tensor_parallel x engine.layer_slices devices (sharding.py)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, model=None, tokenizer=None):
+  def __init__(self, config: ml_collections.ConfigDict, model=None, tokenizer=None,
+               attention=LocalPagedAttention):
+    """`attention`: the placement-local backend's class (a Splitwise prefill worker's ships K,V)."""
     config_lib.validate(config)
     self.config = config
     self.model_config = config_lib.model_config(config)
+    self.layout = Layout.from_config(config, self.model_config)
     if model is None:
-      model = load_model(config)
+      model = load_model(config, self.layout)
     if tokenizer is None:
       tokenizer = _load_tokenizer_if_present(config)
     self.tokenizer = tokenizer
@@ -67,9 +72,9 @@ class Engine:
     self._tier2_ids: dict[Sequence, int] = {}  # sequences holding KV on tier 2 -> their tier-2 id
     self._next_tier2_id = itertools.count()
     if config.placement == "local":
-      self.num_pages = num_pages_for(ec, self.model_config)
-      self.runner = ModelRunner(model, LocalPagedAttention(self.model_config, self.num_pages, ec.page_size),
-                                ec.decode_steps_per_call, ec.layer_loop)
+      self.num_pages = num_pages_for(ec, self.model_config, self.layout.devices[0], self.layout.num_devices)
+      backend = attention(self.model_config, self.num_pages, ec.page_size, ec.decode_attention)
+      self.runner = ModelRunner(model, backend, ec.decode_steps_per_call, ec.layer_loop, self.layout)
     else:
       self.tier2 = Tier2Servers(config, self.model_config)
       try:
@@ -87,12 +92,17 @@ class Engine:
     """Scheduler pages of a two-tier placement (scratch page included): tier 2's capacity in
     engine.page_size pages, at most every slot at full length, so preemption follows tier 2's room."""
     ec = self.config.engine
-    tokens = [row["num_pages"] * row["page_size"] for row in self.tier2.client.stats()]
-    if max(tokens) < ec.max_model_len:
+    fleets = [[row["num_pages"] * row["page_size"] for row in c.stats()] for c in self._tier2_fleets()]
+    largest = min(max(tokens) for tokens in fleets)
+    if largest < ec.max_model_len:
       raise KVCacheTooSmallError(f"tier2.kv_cache_gb={self.config.tier2.kv_cache_gb}: the largest tier-2 pool "
-                                 f"holds {max(tokens)} tokens, less than engine.max_model_len={ec.max_model_len}")
+                                 f"holds {largest} tokens, less than engine.max_model_len={ec.max_model_len}")
     full = ec.max_num_seqs * pages_per_sequence(ec.max_model_len, ec.page_size)
-    return min(full, sum(t // ec.page_size for t in tokens)) + 1
+    return min(full, min(sum(t // ec.page_size for t in tokens) for tokens in fleets)) + 1
+
+  def _tier2_fleets(self) -> list:
+    """One Tier2Client per layer slice (each slice's servers hold every sequence's KV of its layers)."""
+    return getattr(self.tier2.client, "clients", [self.tier2.client])
 
   def _two_tier_runner(self, model):
     from glinthawk_jax.placements.callback import CallbackAttention  # noqa: PLC0415
@@ -101,8 +111,9 @@ class Engine:
     ec, t = self.config.engine, self.config.tier2
     if self.config.placement == "callback":
       backend = CallbackAttention(self.tier2.client, ec.page_size, self.num_pages, t.timeout_s)
-      return ModelRunner(model, backend, ec.decode_steps_per_call, ec.layer_loop)
-    return PipelinedRunner(model, self.tier2.client, ec.decode_steps_per_call, t.in_flight, t.timeout_s)
+      return ModelRunner(model, backend, ec.decode_steps_per_call, ec.layer_loop, self.layout)
+    return PipelinedRunner(model, self.tier2.client, ec.decode_steps_per_call, t.in_flight, t.timeout_s,
+                           self.layout)
 
   def close(self) -> None:
     """Stops the tier-2 servers this engine spawned (no-op for placement local)."""
@@ -259,10 +270,12 @@ class Engine:
     """A shard's pool is full (sequences grew unevenly across shards, or another client holds pages):
     preempts the newest running sequence on it and frees its KV there; the failed step reruns (like
     _fail_over)."""
-    client = self.tier2.client
-    shard = client.addresses.index(error.address) if error.address in client.addresses else -1
+    fleet = next((c for c in self._tier2_fleets() if error.address in c.addresses), None)
+    if fleet is None:
+      raise error
+    shard = fleet.addresses.index(error.address)
     on_shard = [s for s in scheduler.running if s in self._tier2_ids
-                and client.shard_of(self._tier2_ids[s]) == shard]
+                and fleet.shard_of(self._tier2_ids[s]) == shard]
     if not on_shard:
       raise error
     scheduler.preempt(on_shard[-1])
@@ -270,7 +283,8 @@ class Engine:
     # If tier 2 has less room than the scheduler thinks (another client holds pages), the difference
     # leaves the scheduler's free list for this run; else the preempted sequence would come straight back.
     page = self.config.engine.page_size
-    free = sum((row["num_pages"] - row["pages_in_use"]) * row["page_size"] // page for row in client.stats())
+    free = min(sum((row["num_pages"] - row["pages_in_use"]) * row["page_size"] // page for row in c.stats())
+               for c in self._tier2_fleets())
     if scheduler.allocator.num_free > free:
       scheduler.allocator.allocate(scheduler.allocator.num_free - free)
 

@@ -6,13 +6,22 @@ metadata. Two-tier placements swap the backend and keep the scheduler and the ru
 
 A decode call runs `decode_steps` steps under `fori_loop`, each a pass over all layers with sampling on
 the device; the cache state is donated so pages update in place and the host sees only tokens [n, B].
-The layer pass is the model's scan over stacked weights (`layer_loop="scan"`: one compiled layer) or a
-Python loop over per-layer copies of the weights (`"unrolled"`: longer compiles, but no per-layer
-dynamic slice of the stacked weights, which XLA may materialize as a copy on GPU).
+The layer pass is a scan over stacked weights (`layer_loop="scan"`: one compiled layer) or a Python loop
+over per-layer copies of the weights (`"unrolled"`: longer compiles, but no per-layer dynamic slice of
+the stacked weights, which XLA may materialize as a copy on GPU).
+
+Several devices (sharding.Layout): weights and KV pool are sharded over each slice's devices and XLA
+runs the same functions tensor-parallel. With layer slices, every jitted call runs one slice's layers
+(embed on the first, sampling on the last) and the residual stream moves between slices; a decode step
+then costs one call per slice (steps are not fused), and slices run one after another (no overlap of
+micro-batches): a capacity feature, not a speed-up.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import copy
+import functools
 from typing import Any
 
 import jax
@@ -20,32 +29,59 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glinthawk_jax import paged_attention, paged_cache
-from glinthawk_jax.config import LAYER_LOOPS
+from glinthawk_jax import paged_attention, paged_cache, pallas_paged_attention
+from glinthawk_jax.config import DECODE_ATTENTION_KERNELS, LAYER_LOOPS
 from glinthawk_jax.sampling import sample
+from glinthawk_jax.sharding import Layout
 from models.llama import Llama
 from models.model_config import ModelConfig
 
 
 class LocalPagedAttention:
-  """Paged KV cache on the accelerator; state = (k_pool, v_pool), each [L, pages, page_size, KV, D]."""
+  """Paged KV cache on the accelerator; state = (k_pool, v_pool), each [L, pages, page_size, KV, D].
 
-  def __init__(self, model: ModelConfig, num_pages: int, page_size: int):
+  Holds layers [first_layer, first_layer + L) (all by default); attend() takes model layer indices.
+  """
+
+  def __init__(self, model: ModelConfig, num_pages: int, page_size: int, decode_kernel: str = "xla",
+               first_layer: int = 0, num_layers: int | None = None,
+               sharding: jax.sharding.NamedSharding | None = None):
+    if decode_kernel not in DECODE_ATTENTION_KERNELS:
+      raise ValueError(f"decode_kernel={decode_kernel!r}: expected one of {', '.join(DECODE_ATTENTION_KERNELS)}")
     self.model = model
     self.num_pages = num_pages
     self.page_size = page_size
+    self.decode_kernel = decode_kernel
+    self.first_layer = first_layer
+    self.num_layers = num_layers or model.num_layers
+    self.sharding = sharding
+
+  def for_slice(self, first_layer: int, num_layers: int, sharding) -> "LocalPagedAttention":
+    """The backend of one layer slice: its layers' pages, split over its devices by `sharding` (a copy of
+    this backend, so subclasses keep their behaviour)."""
+    clone = copy.copy(self)
+    clone.first_layer, clone.num_layers, clone.sharding = first_layer, num_layers, sharding
+    return clone
 
   def init_state(self) -> Any:
-    return paged_cache.init_pool(self.model, self.num_pages, self.page_size)
+    return paged_cache.init_pool(self.model, self.num_pages, self.page_size, self.num_layers, self.sharding)
+
+  def _write(self, state, layer, k, v, page_ids, offsets):
+    k_pool, v_pool = state
+    layer = layer - self.first_layer
+    k_pool = paged_attention.write_kv(k_pool, layer, k, page_ids, offsets)
+    v_pool = paged_attention.write_kv(v_pool, layer, v, page_ids, offsets)
+    if self.sharding is not None:  # keep the donated pools' layout (KV heads split) across calls
+      k_pool = jax.lax.with_sharding_constraint(k_pool, self.sharding)
+      v_pool = jax.lax.with_sharding_constraint(v_pool, self.sharding)
+    return layer, k_pool, v_pool
 
   def prefill_attend(self, page_ids, offsets, block_tables, q_positions, context_lens, seq_ids=None):
     """attend for q: [B, T, H, D] whose k, v go to (page_ids, offsets): [B, T] (seq_ids unused here)."""
     window = self.model.sliding_window
 
     def attend(layer, q, k, v, state):
-      k_pool, v_pool = state
-      k_pool = paged_attention.write_kv(k_pool, layer, k, page_ids, offsets)
-      v_pool = paged_attention.write_kv(v_pool, layer, v, page_ids, offsets)
+      layer, k_pool, v_pool = self._write(state, layer, k, v, page_ids, offsets)
       out = paged_attention.paged_prefill_attention(q, k_pool, v_pool, layer, block_tables, q_positions,
                                                     context_lens, window)
       return out, (k_pool, v_pool)
@@ -57,45 +93,65 @@ class LocalPagedAttention:
     window = self.model.sliding_window
 
     def attend(layer, q, k, v, state):
-      k_pool, v_pool = state
-      k_pool = paged_attention.write_kv(k_pool, layer, k, page_ids, offsets)
-      v_pool = paged_attention.write_kv(v_pool, layer, v, page_ids, offsets)
-      out = paged_attention.paged_decode_attention(q[:, 0], k_pool, v_pool, layer, block_tables,
-                                                   context_lens, window)
+      layer, k_pool, v_pool = self._write(state, layer, k, v, page_ids, offsets)
+      out = self._decode_kernel(layer)(q[:, 0], k_pool, v_pool, layer, block_tables, context_lens, window)
       return out[:, None], (k_pool, v_pool)
 
     return attend
 
+  def _decode_kernel(self, layer):
+    """XLA's gather-then-reduce, or the Pallas kernel (for a static layer; interpreted off the GPU)."""
+    if self.decode_kernel == "xla":
+      return paged_attention.paged_decode_attention
+    if not isinstance(layer, int):
+      raise ValueError("decode_attention='pallas' needs layer_loop='unrolled' (a static layer per call)")
+    return functools.partial(pallas_paged_attention.paged_decode_attention,
+                             interpret=jax.default_backend() != "gpu")
 
+
+@dataclasses.dataclass
+class _Slice:
+  """One layer slice: layers [first_layer, first_layer + num_layers) with their weights and cache."""
+
+  index: int
+  first_layer: int
+  num_layers: int
+  backend: Any
+  params: Any  # (outer state, stacked layer state) or (outer, [per-layer states]) when unrolled
+  state: Any = None
 
 
 class ModelRunner:
   """Owns the weights, the backend's cache state and the jitted prefill/decode; counts compilations."""
 
-  def __init__(self, model: Llama, backend: LocalPagedAttention, decode_steps: int, layer_loop: str = "scan"):
+  def __init__(self, model: Llama, backend: LocalPagedAttention, decode_steps: int, layer_loop: str = "scan",
+               layout: Layout | None = None):
     if layer_loop not in LAYER_LOOPS:
       raise ValueError(f"layer_loop={layer_loop!r}: expected one of {', '.join(LAYER_LOOPS)}")
     self.layer_loop = layer_loop
-    self.graphdef, self.params = nnx.split(model)
-    if layer_loop == "unrolled":
-      self.layer_graphdef = nnx.split(model.layers)[0]
-      stacked = self.params["layers"]
-      layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.config.num_layers))
-      # The outer model keeps zero-size layer leaves: embed and logits never read them.
-      outer = nnx.State({**{k: v for k, v in self.params.items() if k != "layers"},
-                         "layers": jax.tree.map(lambda a: a[:0], stacked)})
-      self.params = (outer, layers)
+    self.layout = layout or Layout(model.config.num_layers)
+    self.graphdef, params = nnx.split(model)
+    self.layer_graphdef = nnx.split(model.layers)[0]
+    params = self.layout.place(params)
+    self.slices = []
+    for s, (first, end) in enumerate(self.layout.bounds):
+      outer, stacked = self.layout.slice_params(params, s)
+      layers = self.layout.split_layers(stacked, s) if layer_loop == "unrolled" else stacked
+      slice_backend = (backend.for_slice(first, end - first, self.layout.kv_sharding(s))
+                       if hasattr(backend, "for_slice") else backend)  # tier-2 backends: one for all slices
+      self.slices.append(_Slice(s, first, end - first, slice_backend, (outer, layers)))
+      self.slices[-1].state = slice_backend.init_state()
     self.backend = backend
     self.page_size = backend.page_size
     self.decode_steps = decode_steps
-    self.state = backend.init_state()
-    self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
-    self._decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames=("greedy_only",))
+    self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnames=("slice_index",))
+    self._decode = jax.jit(self._decode_fn, donate_argnums=(1,),
+                           static_argnames=("slice_index", "steps", "greedy_only"))
     self.compiled_shapes: set[tuple] = set()
 
   @property
   def num_compilations(self) -> int:
-    """Distinct (function, shapes) signatures run so far: each one compiled exactly once."""
+    """Distinct (function, shapes, slice) signatures run so far: each one compiled exactly once."""
     return len(self.compiled_shapes)
 
   def prefill(self, tokens: np.ndarray, positions: np.ndarray, page_ids: np.ndarray, offsets: np.ndarray,
@@ -104,64 +160,112 @@ class ModelRunner:
 
     seq_ids: [B] the rows' tier-2 sequence ids (-1 = padding row), for backends that need them.
     """
-    self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape))
     seq_ids = _row_ids(seq_ids, tokens.shape[0])
-    self.state = self._prefill(self.params, self.state, tokens, positions, page_ids, offsets, block_tables,
-                               context_lens, seq_ids)
+    x = tokens
+    for sl in self.slices:
+      self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, sl.index))
+      sl.state, x = self._prefill(sl.params, sl.state, self.layout.to_slice(x, sl.index), positions, page_ids,
+                                  offsets, block_tables, context_lens, seq_ids, slice_index=sl.index)
 
   def decode(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray,
              token_index: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
              seeds: np.ndarray, greedy_only: bool, seq_ids: np.ndarray | None = None) -> np.ndarray:
-    """`decode_steps` steps from tokens: [B] at positions: [B]; returns sampled tokens [steps, B]."""
-    self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, greedy_only))
-    seq_ids = _row_ids(seq_ids, tokens.shape[0])
-    self.state, out = self._decode(self.params, self.state, tokens, positions, block_tables, token_index,
-                                   temperature, top_k, top_p, seeds, seq_ids, greedy_only=greedy_only)
-    return np.asarray(out)
+    """`decode_steps` steps from tokens: [B] at positions: [B]; returns sampled tokens [steps, B].
 
-  def _merge(self, params):
-    """(model for embed/logits, run_layers(x, positions, attend, state) -> (x, state))."""
-    if self.layer_loop == "scan":
-      model = nnx.merge(self.graphdef, params)
-      return model, model.run_layers
+    One slice fuses the steps into one call; several run each step slice by slice.
+    """
+    seq_ids = _row_ids(seq_ids, tokens.shape[0])
+    steps = self.decode_steps if len(self.slices) == 1 else 1
+    outs, tok = [], tokens
+    for i in range(0, self.decode_steps, steps):
+      x = tok
+      for sl in self.slices:
+        self.compiled_shapes.add(("decode", tokens.shape, block_tables.shape, greedy_only, sl.index))
+        sl.state, x = self._decode(sl.params, sl.state, self.layout.to_slice(x, sl.index), positions + i,
+                                   block_tables, token_index + i, temperature, top_k, top_p, seeds, seq_ids,
+                                   slice_index=sl.index, steps=steps, greedy_only=greedy_only)
+      outs.append(x)
+      tok = x[-1]
+    return np.concatenate([np.asarray(o) for o in outs])
+
+  def write_layer_kv(self, layer: int, k, v, page_ids, offsets) -> None:
+    """Stores k, v: [T, KV, D] of model layer `layer` at (page_ids, offsets): [T] in its slice's pools
+    (KV computed elsewhere, e.g. received from a prefill worker)."""
+    sl = next(sl for sl in self.slices if sl.first_layer <= layer < sl.first_layer + sl.num_layers)
+    sl.state = _write_layer(sl.state, layer - sl.first_layer, k, v, page_ids, offsets)
+
+  def _merge(self, sl: _Slice, params):
+    """(model for embed/logits, run_layers(x, positions, attend, state) -> (x, state)) of a slice;
+    attend gets model layer indices."""
     outer, layers = params
+    replicated = self.layout.replicated(sl.index)
 
     def run_layers(x, positions, attend, state):
-      for i, layer_state in enumerate(layers):
+      x = jax.lax.with_sharding_constraint(x, replicated)  # the residual stream whole on every device
+      if self.layer_loop == "unrolled":
+        for i, layer_state in enumerate(layers):
+          layer = nnx.merge(self.layer_graphdef, layer_state)
+          q, k, v = layer.pre_attention(x, positions)
+          out, state = attend(sl.first_layer + i, q, k, v, state)
+          x = layer.post_attention(x, out)
+        return x, state
+
+      def body(carry, xs):
+        h, st = carry
+        layer_state, index = xs
         layer = nnx.merge(self.layer_graphdef, layer_state)
-        q, k, v = layer.pre_attention(x, positions)
-        out, state = attend(i, q, k, v, state)
-        x = layer.post_attention(x, out)
+        q, k, v = layer.pre_attention(h, positions)
+        out, st = attend(index, q, k, v, st)
+        return (layer.post_attention(h, out), st), None
+
+      indices = sl.first_layer + jnp.arange(sl.num_layers, dtype=jnp.int32)
+      (x, state), _ = jax.lax.scan(body, (x, state), (layers, indices))
       return x, state
 
     return nnx.merge(self.graphdef, outer), run_layers
 
-  def _prefill_fn(self, params, state, tokens, positions, page_ids, offsets, block_tables, context_lens,
-                  seq_ids):
-    model, run_layers = self._merge(params)
-    attend = self.backend.prefill_attend(page_ids, offsets, block_tables, positions, context_lens, seq_ids)
-    _, state = run_layers(model.embed(tokens), positions, attend, state)
-    return state
+  def _prefill_fn(self, params, state, inp, positions, page_ids, offsets, block_tables, context_lens, seq_ids,
+                  *, slice_index):
+    """Slice `slice_index`'s layers over inp (tokens [B, T] on the first slice, else x [B, T, E])."""
+    sl = self.slices[slice_index]
+    model, run_layers = self._merge(sl, params)
+    attend = sl.backend.prefill_attend(page_ids, offsets, block_tables, positions, context_lens, seq_ids)
+    x = model.embed(inp) if slice_index == 0 else inp
+    x, state = run_layers(x, positions, attend, state)
+    return state, (None if slice_index == len(self.slices) - 1 else x)
 
-  def _decode_fn(self, params, state, tokens, positions, block_tables, token_index, temperature, top_k,
-                 top_p, seeds, seq_ids, *, greedy_only):
-    model, run_layers = self._merge(params)
+  def _decode_fn(self, params, state, inp, positions, block_tables, token_index, temperature, top_k,
+                 top_p, seeds, seq_ids, *, slice_index, steps, greedy_only):
+    """`steps` decode steps of a slice: inp is tokens [B] (first slice) or x [B, 1, E]; returns the
+    state and tokens [steps, B] (last slice) or x."""
+    sl = self.slices[slice_index]
+    first, last = slice_index == 0, slice_index == len(self.slices) - 1
+    model, run_layers = self._merge(sl, params)
     page_size, width = self.page_size, block_tables.shape[1]
 
     def step(i, carry):
-      tok, st, out = carry
+      h, st, out = carry
       pos = positions + i
       col = pos // page_size
       page = jnp.take_along_axis(block_tables, jnp.minimum(col, width - 1)[:, None], axis=1)
       page = jnp.where(col[:, None] < width, page, paged_cache.SCRATCH_PAGE)
-      attend = self.backend.decode_attend(page, (pos % page_size)[:, None], block_tables, pos + 1, seq_ids)
-      x, st = run_layers(model.embed(tok[:, None]), pos[:, None], attend, st)
+      attend = sl.backend.decode_attend(page, (pos % page_size)[:, None], block_tables, pos + 1, seq_ids)
+      x, st = run_layers(model.embed(h[:, None]) if first else h, pos[:, None], attend, st)
+      if not last:
+        return x, st, out
       nxt = sample(model.logits(x[:, 0]), temperature, top_k, top_p, seeds, token_index + i, greedy_only)
       return nxt, st, out.at[i].set(nxt)
 
-    out = jnp.zeros((self.decode_steps, tokens.shape[0]), jnp.int32)
-    _, state, out = jax.lax.fori_loop(0, self.decode_steps, step, (tokens, state, out))
-    return state, out
+    carry = (inp, state, jnp.zeros((steps, positions.shape[0]), jnp.int32))
+    h, state, out = step(0, carry) if steps == 1 else jax.lax.fori_loop(0, steps, step, carry)
+    return state, (out if last else h)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _write_layer(state, layer, k, v, page_ids, offsets):
+  k_pool, v_pool = state
+  return (paged_attention.write_kv(k_pool, layer, k[None], page_ids[None], offsets[None]),
+          paged_attention.write_kv(v_pool, layer, v[None], page_ids[None], offsets[None]))
 
 
 def _row_ids(seq_ids, rows: int) -> np.ndarray:

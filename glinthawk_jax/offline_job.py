@@ -23,6 +23,9 @@ def run_offline_job(config: ml_collections.ConfigDict, input_path: str | None, o
                     progress: bool = True) -> dict:
   """Runs every request of `input_path` (or the built-in prompts) not already in `output_path`.
 
+  With config.distributed.num_processes = N > 1, this process runs its share: requests
+  process_id, process_id + N, ... of the input (each process writes its own output file).
+
   Each output line is flushed as its request finishes, so a killed run loses no finished request and a
   rerun with the same output path does only what is left. Returns the summary (also written as JSON).
   """
@@ -45,6 +48,10 @@ def run_offline_job(config: ml_collections.ConfigDict, input_path: str | None, o
                        f"(--on_bad_input=skip runs the rest):\n{listing}")
     logging.warning("skipping %d bad input line(s):\n%s", len(problems), listing)
 
+  share = config.distributed
+  if share.num_processes > 1:  # tier 1 across hosts: each process runs every num_processes-th request
+    requests = requests[share.process_id::share.num_processes]
+    logging.info("process %d of %d: %d requests", share.process_id, share.num_processes, len(requests))
   done = finished_ids(output_path)
   pending = [r for r in requests if r.request_id not in done]
   if len(pending) < len(requests):
@@ -60,7 +67,7 @@ def run_offline_job(config: ml_collections.ConfigDict, input_path: str | None, o
   summary.update({
       "config": config.name, "placement": config.placement, "dtype": config.dtype,
       "checkpoint": config.checkpoint or "random weights", "input": source, "output": output_path,
-      "num_bad_input_lines": len(problems), "num_resumed_requests": len(requests) - len(pending),
+      "process": f"{share.process_id} of {share.num_processes}", "num_bad_input_lines": len(problems), "num_resumed_requests": len(requests) - len(pending),
       "engine_stats": engine.stats_dict(),
   })
   summary_path = summary_path or os.path.splitext(output_path)[0] + ".summary.json"

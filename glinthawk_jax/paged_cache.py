@@ -48,12 +48,13 @@ def pool_budget_bytes(engine_config, needed_bytes: int, device: jax.Device | Non
   return int(free * engine_config.kv_cache_memory_fraction)
 
 
-def num_pages_for(engine_config, model: ModelConfig, device: jax.Device | None = None) -> int:
+def num_pages_for(engine_config, model: ModelConfig, device: jax.Device | None = None, num_devices: int = 1) -> int:
   """Pages in the pool (scratch page included), capped at what max_num_seqs full-length sequences use.
 
-  Raises KVCacheTooSmallError when one max_model_len sequence does not fit.
+  With `num_devices` > 1 (tensor parallelism, layer slices) each device holds 1/num_devices of every page
+  and the budget is per device. Raises KVCacheTooSmallError when one max_model_len sequence does not fit.
   """
-  page_bytes = engine_config.page_size * model.kv_bytes_per_token
+  page_bytes = -(-engine_config.page_size * model.kv_bytes_per_token // num_devices)
   per_seq = pages_per_sequence(engine_config.max_model_len, engine_config.page_size)
   cap = engine_config.max_num_seqs * per_seq + 1
   budget = pool_budget_bytes(engine_config, cap * page_bytes, device)
@@ -66,10 +67,15 @@ def num_pages_for(engine_config, model: ModelConfig, device: jax.Device | None =
   return int(pages)
 
 
-def init_pool(model: ModelConfig, num_pages: int, page_size: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Zeroed (k_pool, v_pool), each [layers, num_pages, page_size, kv_heads, head_dim] at the model dtype."""
-  shape = (model.num_layers, num_pages, page_size, model.num_kv_heads, model.head_dim)
-  zeros = jax.jit(lambda: jnp.zeros(shape, jnp.dtype(model.dtype)))
+def init_pool(model: ModelConfig, num_pages: int, page_size: int, num_layers: int | None = None,
+              sharding: jax.sharding.Sharding | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Zeroed (k_pool, v_pool), each [layers, num_pages, page_size, kv_heads, head_dim] at the model dtype.
+
+  num_layers: the layers of this pool (a layer slice's), default all; sharding: where it lives (default
+  device if None), created in place so a pool split over devices never exists whole on one.
+  """
+  shape = (num_layers or model.num_layers, num_pages, page_size, model.num_kv_heads, model.head_dim)
+  zeros = jax.jit(lambda: jnp.zeros(shape, jnp.dtype(model.dtype)), out_shardings=sharding)
   return zeros(), zeros()
 
 

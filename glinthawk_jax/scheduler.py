@@ -122,6 +122,10 @@ class Scheduler:
   def add(self, seq: Sequence) -> None:
     bisect.insort(self.waiting, seq, key=lambda s: s.index)
 
+  def admit_prefilled(self, seq: Sequence) -> None:
+    """Runs a sequence whose KV another worker computed into pages already allocated to it (Splitwise)."""
+    self.running.append(seq)
+
   def has_unfinished(self) -> bool:
     return bool(self.waiting or self.running)
 

@@ -58,11 +58,12 @@ def _error(address: str, e: grpc.RpcError) -> Tier2Error:
 class _Shard:
   """One server: its channel, stubs and the free pages it last reported."""
 
-  def __init__(self, address: str, metadata, timeout_s: float):
+  def __init__(self, address: str, metadata, timeout_s: float, credentials=None):
     self.address = address
-    self.channel = grpc.insecure_channel(address, options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    self.channel = (grpc.secure_channel(address, credentials, options=options) if credentials else
+                    grpc.insecure_channel(address, options=options))
     self.control = tier2_pb2_grpc.Tier2Stub(self.channel)
     self.attend = self.channel.unary_unary(tensor_wire.ATTEND_METHOD)  # raw bytes both ways
     self.echo = self.channel.unary_unary(tensor_wire.ECHO_METHOD)
@@ -114,6 +115,8 @@ class Tier2Client:
     layers: (first, end) layers the servers hold; default all.
     timeout_s: deadline of every call.
     auth_token: shared token for servers started with --auth_token.
+    tls_ca: PEM file of the CA that signed the servers' --tls_cert (or that certificate itself);
+      set = TLS to every server, empty = plaintext.
     transport: "grpc" (tensors in the RPCs), "shm" (shared memory with every server; fails if one
       cannot) or "auto" (shared memory with loopback servers that offer it, else gRPC).
     shm_slot_bytes: first size of each shared-memory slot (grown to the largest request).
@@ -121,14 +124,16 @@ class Tier2Client:
 
   def __init__(self, addresses, *, num_layers: int, num_heads: int, num_kv_heads: int,
                head_dim: int, layers: tuple[int, int] | None = None, timeout_s: float = 30.0,
-               auth_token: str = "", transport: str = "auto", shm_slot_bytes: int = 1 << 20):
+               auth_token: str = "", tls_ca: str = "", transport: str = "auto",
+               shm_slot_bytes: int = 1 << 20):
     if transport not in TRANSPORTS:
       raise ValueError(f"transport={transport!r}: expected one of {TRANSPORTS}")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.layers = layers or (0, num_layers)
     self.timeout_s = timeout_s
     metadata = ((AUTH_METADATA_KEY, auth_token),) if auth_token else None
-    self.shards = [_Shard(a, metadata, timeout_s) for a in addresses]
+    credentials = _tls_credentials(tls_ca)
+    self.shards = [_Shard(a, metadata, timeout_s, credentials) for a in addresses]
     if not self.shards:
       raise ValueError("addresses: expected at least one tier-2 server")
     self._placement: dict[int, int] = {}
@@ -348,6 +353,16 @@ class Tier2Client:
         raise ValueError(f"sequence {s} was not allocated")
       by_shard.setdefault(self._placement[s], []).append(s)
     return by_shard
+
+
+def _tls_credentials(ca_path: str) -> grpc.ChannelCredentials | None:
+  if not ca_path:
+    return None
+  try:
+    with open(ca_path, "rb") as f:
+      return grpc.ssl_channel_credentials(root_certificates=f.read())
+  except OSError as e:
+    raise ValueError(f"tls_ca={ca_path!r}: {e.strerror}") from None
 
 
 def _is_loopback(address: str) -> bool:

@@ -1,4 +1,5 @@
-"""Tier 1's tier-2 servers: connect to config.tier2.addresses, or spawn config.tier2.spawn local ones.
+"""Tier 1's tier-2 servers: connect to config.tier2.addresses, or spawn config.tier2.spawn local ones
+(per layer slice: with engine.layer_slices > 1 each slice's servers hold only its layers).
 
 Spawned servers are children of this process (tier2_cpu/process.py); `Tier2Servers.close()` stops them,
 and an atexit hook does so too when the caller never gets to (Ctrl-C unwinding past it).
@@ -13,20 +14,24 @@ import os
 import ml_collections
 
 from glinthawk_jax.tier2_client import Tier2Client
+from glinthawk_jax.tier2_slices import SlicedTier2Client
 from models.model_config import ModelConfig
 
 _MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                "num_kv_heads", "head_dim")
 
 
-def server_args(config: ml_collections.ConfigDict, model: ModelConfig, cpus: str) -> list[str]:
-  """launch/tier2.py flags for a server holding every layer of `model`."""
+def server_args(config: ml_collections.ConfigDict, model: ModelConfig, cpus: str,
+                layers: tuple[int, int] | None = None) -> list[str]:
+  """launch/tier2.py flags for a server holding layers [first, end) of `model` (default all)."""
   t = config.tier2
   args = ["--config=configs/tiny.py", "--port=0", f"--kv_cache_gb={t.kv_cache_gb}",
           f"--kv_dtype={t.kv_dtype}", f"--inject_delay_ms={t.inject_delay_ms}",
           f"--config.engine.page_size={config.engine.page_size}",
           f"--config.engine.max_model_len={config.engine.max_model_len}"]
   args += [f"--config.model.{k}={getattr(model, k)}" for k in _MODEL_KEYS]
+  if layers is not None:
+    args.append(f"--layers={layers[0]}-{layers[1] - 1}")
   return args + ([f"--cpus={cpus}"] if cpus else [])
 
 
@@ -42,7 +47,8 @@ def core_lists(spec: str, count: int) -> list[str]:
 
 
 class Tier2Servers:
-  """The servers a run uses and a connected Tier2Client; owns the processes it spawned."""
+  """The servers a run uses and a connected Tier2Client (a SlicedTier2Client with engine.layer_slices > 1);
+  owns the processes it spawned."""
 
   def __init__(self, config: ml_collections.ConfigDict, model: ModelConfig, ready_timeout_s: float = 120.0):
     from tier2_cpu.process import ServerProcess  # noqa: PLC0415 (only when spawning)
@@ -50,16 +56,29 @@ class Tier2Servers:
     t = config.tier2
     self.client = None
     self.processes = []
-    addresses = [a.strip() for a in t.addresses.split(",") if a.strip()]
+    slices = config.engine.layer_slices
+    per = model.num_layers // slices
+    ranges = [(s * per, (s + 1) * per) for s in range(slices)]
+    groups = [[a.strip() for a in group.split(",") if a.strip()] for group in t.addresses.split(";")]
     try:
-      if not addresses:
+      if not t.addresses:
         atexit.register(self.close)  # before the first child exists: Ctrl-C while they start
-        for cpus in core_lists(t.cpus, t.spawn):
-          self.processes.append(ServerProcess(server_args(config, model, cpus)))
-        addresses = [p.wait_ready(ready_timeout_s) for p in self.processes]
-        logging.info("spawned %d tier-2 servers: %s", len(addresses), ", ".join(addresses))
-      self.addresses = addresses
-      self.client = Tier2Client.for_model(addresses, model, timeout_s=t.timeout_s, transport=t.transport)
+        cores = iter(core_lists(t.cpus, t.spawn * slices))
+        for layers in ranges:
+          for _ in range(t.spawn):
+            self.processes.append(ServerProcess(server_args(config, model, next(cores), layers)))
+        spawned = [p.wait_ready(ready_timeout_s) for p in self.processes]
+        logging.info("spawned %d tier-2 servers: %s", len(spawned), ", ".join(spawned))
+        groups = [spawned[s * t.spawn:(s + 1) * t.spawn] for s in range(slices)]
+      self.addresses = [a for group in groups for a in group]
+      clients = []
+      self.client = SlicedTier2Client(clients, per)  # closes whatever connected if a later one fails
+      for group, layers in zip(groups, ranges):
+        clients.append(Tier2Client.for_model(group, model, layers=layers, timeout_s=t.timeout_s,
+                                             transport=t.transport, auth_token=t.auth_token,
+                                             tls_ca=t.tls_ca))  # set with addresses only
+      if slices == 1:
+        self.client = clients[0]
     except BaseException:
       self.close()
       raise

@@ -5,7 +5,9 @@
       [--input=prompts.jsonl] [--output=out/outputs.jsonl] [--on_bad_input=fail|skip]
 
 Two-tier placements start config.tier2.spawn local tier-2 servers unless tier2.addresses is set, and
-stop them on exit (Ctrl-C and SIGTERM included).
+stop them on exit (Ctrl-C and SIGTERM included). With config.distributed.coordinator_address set, the
+process first joins a multi-host JAX runtime (docs/MULTI_HOST.md). The offline job is colocated
+(config.role); prefill and decode workers run as servers: launch/worker.py, driven by launch/replay.py.
 """
 
 import json
@@ -19,7 +21,8 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from glinthawk_jax.config import ConfigError  # noqa: E402
+from glinthawk_jax import distributed  # noqa: E402
+from glinthawk_jax.config import ConfigError, validate  # noqa: E402
 from glinthawk_jax.job_input import InputError  # noqa: E402
 from glinthawk_jax.job_output import OutputFileError  # noqa: E402
 from glinthawk_jax.offline_job import ON_BAD_INPUT, run_offline_job  # noqa: E402
@@ -38,7 +41,12 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # unwind: stop tier-2 children
+  if _CONFIG.value.role in ("prefill", "decode"):
+    sys.exit(f"error: role={_CONFIG.value.role!r}: the offline job runs colocated; start prefill and decode "
+             "workers with launch/worker.py (or launch/replay.py --workers=prefill,decode)")
   try:
+    validate(_CONFIG.value)
+    distributed.initialize(_CONFIG.value)
     summary = run_offline_job(_CONFIG.value, _INPUT.value, _OUTPUT.value, _SUMMARY.value,
                               _ON_BAD_INPUT.value, _PROGRESS.value)
   except (ConfigError, InputError, OutputFileError, FileNotFoundError) as e:

@@ -27,6 +27,8 @@ _KV_DTYPE = flags.DEFINE_enum("kv_dtype", "bfloat16", ["bfloat16", "float32", "i
                               "Storage dtype of the KV pool.")
 _LAYERS = flags.DEFINE_string("layers", "", "Layers held, inclusive, e.g. 0-31; empty = all.")
 _AUTH_TOKEN = flags.DEFINE_string("auth_token", "", "Shared token clients must send; empty = none.")
+_TLS_CERT = flags.DEFINE_string("tls_cert", "", "PEM certificate chain: serve TLS (with --tls_key).")
+_TLS_KEY = flags.DEFINE_string("tls_key", "", "PEM private key of --tls_cert.")
 _INJECT_DELAY_MS = flags.DEFINE_float("inject_delay_ms", 0.0, "Delay added to each tensor RPC.")
 _SHM = flags.DEFINE_bool("shm", True, "Accept shared-memory tensor regions from same-host clients.")
 _EXIT_WITH_PARENT_PID = flags.DEFINE_integer(
@@ -70,7 +72,8 @@ def main(argv):
       head_dim=cfg.head_dim, first_layer=first, end_layer=end,
       page_size=_CONFIG.value.engine.page_size, max_seq_len=_CONFIG.value.engine.max_model_len,
       kv_cache_gb=_KV_CACHE_GB.value, kv_dtype=_KV_DTYPE.value, host=_HOST.value, port=_PORT.value,
-      auth_token=_AUTH_TOKEN.value, inject_delay_ms=_INJECT_DELAY_MS.value, shm=_SHM.value))
+      auth_token=_AUTH_TOKEN.value, inject_delay_ms=_INJECT_DELAY_MS.value, shm=_SHM.value,
+      tls_cert=_TLS_CERT.value, tls_key=_TLS_KEY.value))
 
 
 if __name__ == "__main__":

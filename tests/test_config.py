@@ -20,6 +20,11 @@ def test_shipped_configs_have_the_real_parameter_counts(module, params_billion):
     ("engine.kv_cache_memory_fraction", 1.5, "engine.kv_cache_memory_fraction=1.5"),
     ("sampling.top_p", 0.0, "sampling.top_p=0.0"),
     ("checkpoint", "/no/such/dir", "checkpoint='/no/such/dir'"),
+    ("role", "router", "role='router': expected one of colocated, prefill, decode"),
+    ("role", "prefill", "role='prefill' needs placement='local'"),
+    ("splitwise.on_transfer_failure", "retry", "splitwise.on_transfer_failure='retry'"),
+    ("splitwise.kv_timeout_s", 0.0, "splitwise.kv_timeout_s=0.0"),
+    ("splitwise.send_threads", 0, "splitwise.send_threads=0"),
 ])
 def test_bad_values_name_the_key(key, value, message):
   config = tiny.get_config()

@@ -87,6 +87,14 @@ def test_unrolled_layer_loop_gives_the_same_tokens(llama):
   assert [o.token_ids for o in Engine(c).generate(prompts, [GREEDY, sampled])] == [o.token_ids for o in want]
 
 
+def test_pallas_decode_attention_gives_transformers_tokens(llama):
+  """The Pallas decode kernel (interpreted on the CPU) inside the unrolled engine: HF's greedy tokens."""
+  path, hf_model, _ = llama
+  prompts = _prompts(seed=3, lengths=(9, 3))
+  engine = Engine(_config(path, layer_loop="unrolled", decode_attention="pallas"))
+  assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == [_hf_greedy(hf_model, p) for p in prompts]
+
+
 def test_compilations_are_bounded_and_reused(llama):
   _, _, engine = llama
   engine.generate(_prompts(), GREEDY)

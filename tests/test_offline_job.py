@@ -87,3 +87,20 @@ def test_skip_runs_the_good_lines_and_the_launcher_reports_errors(tmp_path):
                             on_bad_input="skip", progress=False)
   assert [r["id"] for r in read_output(output_path)] == ["a"]
   assert summary["num_bad_input_lines"] == 1 and summary["num_requests"] == 1
+
+
+def test_processes_of_a_multi_host_job_split_the_requests(tmp_path):
+  """distributed.num_processes = 2: each process runs every other request; together, each exactly once."""
+  records = [{"id": f"r{i}", "prompt_token_ids": [5 + i, 7], "max_tokens": 2} for i in range(5)]
+  input_path = tmp_path / "in.jsonl"
+  write_input(input_path, records)
+  ran = []
+  for process in (0, 1):
+    c = tiny.get_config()
+    c.placement = "local"
+    c.distributed.update(coordinator_address="127.0.0.1:1", num_processes=2, process_id=process)
+    output_path = tmp_path / f"out-{process}.jsonl"
+    summary = run_offline_job(c, str(input_path), str(output_path), progress=False)
+    assert summary["process"] == f"{process} of 2"
+    ran.append([r["id"] for r in read_output(output_path)])
+  assert sorted(ran[0]) == ["r0", "r2", "r4"] and sorted(ran[1]) == ["r1", "r3"]

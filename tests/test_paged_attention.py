@@ -1,11 +1,14 @@
-"""Paged attention vs the dense reference (models/attention.py) on the same keys and values."""
+"""Paged attention (XLA and the Pallas kernel, interpreted here) vs the dense reference
+(models/attention.py) on the same keys and values."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glinthawk_jax import paged_attention
+from glinthawk_jax import paged_attention, pallas_paged_attention
 from models.attention import causal_mask, grouped_attention
 
 LAYERS, PAGES, PAGE, D = 2, 24, 4, 8
@@ -27,8 +30,13 @@ def _scatter_pool(rng, k_dense, v_dense, layer, lengths, kv):
   return jnp.asarray(k_pool), jnp.asarray(v_pool), jnp.asarray(tables)
 
 
+DECODE_KERNELS = {"xla": paged_attention.paged_decode_attention,
+                  "pallas": functools.partial(pallas_paged_attention.paged_decode_attention, interpret=True)}
+
+
+@pytest.mark.parametrize("kernel", sorted(DECODE_KERNELS))
 @pytest.mark.parametrize("heads,kv,window", [(4, 4, None), (4, 2, None), (8, 2, 5), (4, 1, None)])
-def test_decode_matches_dense_reference(heads, kv, window):
+def test_decode_matches_dense_reference(heads, kv, window, kernel):
   rng = np.random.default_rng(0)
   lengths = [1, 7, 13, 9]
   s = max(lengths)
@@ -37,8 +45,8 @@ def test_decode_matches_dense_reference(heads, kv, window):
   v = rng.standard_normal((len(lengths), s, kv, D)).astype(np.float32)
   k_pool, v_pool, tables = _scatter_pool(rng, k, v, 1, lengths, kv)
   lens = jnp.asarray(lengths, jnp.int32)
-  got = jax.jit(paged_attention.paged_decode_attention, static_argnums=6)(
-      jnp.asarray(q), k_pool, v_pool, jnp.int32(1), tables, lens, window)
+  got = jax.jit(DECODE_KERNELS[kernel], static_argnums=(3, 6))(
+      jnp.asarray(q), k_pool, v_pool, 1, tables, lens, window)
 
   kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (len(lengths), s))
   mask = causal_mask((lens - 1)[:, None], kv_pos, window) & (kv_pos < lens[:, None])[:, None, :]

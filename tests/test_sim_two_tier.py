@@ -4,7 +4,7 @@ import pytest
 
 from glinthawk_jax.sim import cost_model
 from glinthawk_jax.sim.profiles import HardwareProfile, Network
-from glinthawk_jax.sim.two_tier import PipelineTimes, simulate, split_layers, two_tier_times
+from glinthawk_jax.sim.two_tier import PipelineTimes, makespan, simulate, split_layers, two_tier_times
 from models.model_config import ModelConfig
 
 LLAMA2_70B = ModelConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_layers=80,
@@ -77,3 +77,15 @@ def test_stage_times_from_profiles():
   assert t.link_out == pytest.approx(10 * 20480 / 1e9)  # min(GPU NIC 1 GB/s, 2 x CPU NIC)
   assert t.link_back == pytest.approx(10 * 16384 / 1e9)
   assert t.propagation == 0.01 and t.layers_per_slice == (8,) * 10
+
+
+def test_makespan_of_one_fused_call_closed_forms():
+  """All micro-batches ready at 0, `steps` tokens each: one alone takes steps x cycle; the host
+  (tier-1 step + host work) as bottleneck, k of them take k x steps x work + the last one's tail."""
+  t = PipelineTimes((3,), tier1=1.0, host=0.5, tier2=0.25, propagation=1.0, head=1.0)
+  assert t.cycle() == pytest.approx(3 * (1.5 + 0.25 + 2.0) + 1.0)
+  assert makespan(t, 1, 4) == pytest.approx(4 * t.cycle(), rel=1e-12)
+  slow_host = PipelineTimes((2,), tier1=4.0, host=1.0, tier2=0.5, propagation=0.25)
+  # Host work per token 10, the rest of a round trip 1: two micro-batches keep the host busy except
+  # for the last round trip of the last token.
+  assert makespan(slow_host, 2, 3) == pytest.approx(2 * 3 * 10 + 1.0, rel=1e-12)

@@ -49,6 +49,8 @@ class ServerOptions:
   inject_delay_ms: float = 0.0  # added to every tensor RPC, for latency studies
   max_workers: int = 8
   shm: bool = True  # accept shared-memory tensor regions from clients on this host
+  tls_cert: str = ""  # PEM certificate chain file; set with tls_key = serve TLS only
+  tls_key: str = ""  # PEM private key file of tls_cert
 
   @property
   def layer_end(self) -> int:
@@ -280,6 +282,7 @@ def build_server(options: ServerOptions) -> tuple[grpc.Server, int, Tier2Service
   """A started server and its port."""
   if not options.auth_token and not _is_loopback(options.host):
     raise ValueError(f"host {options.host!r} is not loopback: set an auth_token for cross-host use")
+  credentials = _tls_credentials(options)
   service = Tier2Service(options)
   interceptors = [_TokenCheck(options.auth_token)] if options.auth_token else []
   server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.max_workers),
@@ -295,13 +298,30 @@ def build_server(options: ServerOptions) -> tuple[grpc.Server, int, Tier2Service
   server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("glinthawk.tier2.Tensor", raw)])
   health_servicer = health.HealthServicer()
   health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-  port = server.add_insecure_port(f"{options.host}:{options.port}")
+  address = f"{options.host}:{options.port}"
+  port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
   if port == 0:
     raise OSError(f"cannot bind {options.host}:{options.port}")
   server.start()
   for name in ("", SERVICE_NAME):
     health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
   return server, port, service
+
+
+def _tls_credentials(options: ServerOptions) -> grpc.ServerCredentials | None:
+  """Server-side TLS from the PEM files, or None when neither is set; ValueError when one is missing."""
+  if not options.tls_cert and not options.tls_key:
+    return None
+  if not (options.tls_cert and options.tls_key):
+    raise ValueError("tls_cert and tls_key: set both (certificate chain and its private key) or neither")
+  pems = []
+  for name in ("tls_key", "tls_cert"):
+    try:
+      with open(getattr(options, name), "rb") as f:
+        pems.append(f.read())
+    except OSError as e:
+      raise ValueError(f"{name}={getattr(options, name)!r}: {e.strerror}") from None
+  return grpc.ssl_server_credentials([tuple(pems)])
 
 
 def _is_loopback(host: str) -> bool:

@@ -36,6 +36,7 @@ from glinthawk_jax.config import MAX_IN_FLIGHT
 from glinthawk_jax.placements.tokens import valid_tokens
 from glinthawk_jax.sampling import sample
 from glinthawk_jax.scheduler import pow2_at_least
+from glinthawk_jax.sharding import Layout
 from glinthawk_jax.tier2_client import Tier2Client
 from models.attention import causal_mask, grouped_attention
 
@@ -76,7 +77,8 @@ class PipelineStats:
 class PipelinedRunner:
   """Same prefill/decode interface as ModelRunner, attention on tier 2 through `client`."""
 
-  def __init__(self, model, client: Tier2Client, decode_steps: int, in_flight: int, timeout_s: float):
+  def __init__(self, model, client: Tier2Client, decode_steps: int, in_flight: int, timeout_s: float,
+               layout: Layout | None = None):
     self.client = client
     self.decode_steps = decode_steps
     self.timeout_s = timeout_s
@@ -87,13 +89,17 @@ class PipelinedRunner:
     self.page_size = 1
     self.graphdef, params = nnx.split(model)
     self.layer_graphdef = nnx.split(model.layers)[0]
-    stacked = params["layers"]
-    self.layers = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.num_layers)]
-    self.outer = nnx.State({**{k: v for k, v in params.items() if k != "layers"},
-                            "layers": jax.tree.map(lambda a: a[:0], stacked)})
+    # Layer L's weights on slice(L)'s devices (tensor-parallel within it); embed on the first slice,
+    # logits on the last.
+    self.layout = layout or Layout(self.num_layers)
+    self.layers, outers = self.layout.per_layer_params(params)
+    self.outer, self.outer_last = outers[0], outers[-1]
     self._first = jax.jit(self._first_fn)
     self._middle = jax.jit(self._middle_fn)
     self._last = jax.jit(self._last_fn, static_argnames=("greedy_only",))
+    self._post = jax.jit(lambda layer, x, attn: nnx.merge(self.layer_graphdef, layer).post_attention(x, attn))
+    self._pre = jax.jit(lambda layer, x, positions: _fuse(nnx.merge(self.layer_graphdef, layer).pre_attention(
+        x, positions)))
     self._embed = jax.jit(lambda outer, tokens: nnx.merge(self.graphdef, outer).embed(tokens))
     self._bulk = jax.jit(self._bulk_fn)
     self.stats = PipelineStats()
@@ -117,6 +123,11 @@ class PipelinedRunner:
     x = nnx.merge(self.layer_graphdef, layer).post_attention(x, attn)
     logits = nnx.merge(self.graphdef, outer).logits(x[:, -1])
     return sample(logits, temperature, top_k, top_p, seeds, token_index, greedy_only)
+
+  def _cross(self, next_slice, layer, next_layer, x, attn, positions):
+    """The middle step across a slice boundary: post-attention on one slice, pre-attention on the next."""
+    x = self.layout.to_slice(self._post(layer, x, attn), next_slice)
+    return x, self._pre(next_layer, x, positions)
 
   def _bulk_fn(self, layer, x, positions, counts):
     layer = nnx.merge(self.layer_graphdef, layer)
@@ -152,7 +163,8 @@ class PipelinedRunner:
     x = self._embed(self.outer, tokens)
     sent, previous = [], None
     for layer in range(self.num_layers):
-      x, k, v = self._bulk(self.layers[layer], x, positions, counts)
+      x, k, v = self._bulk(self.layers[layer], self.layout.to_slice(x, self.layout.slice_of(layer)), positions,
+                           counts)
       k.copy_to_host_async()
       v.copy_to_host_async()
       if previous is not None:
@@ -191,7 +203,10 @@ class PipelinedRunner:
     """Row order with the real rows grouped by tier-2 shard (padding rows stay last), so a micro-batch
     talks to few shards: each shard in a request costs tier 1 a call's host work (fan-out)."""
     real = np.flatnonzero(seq_ids >= 0)
-    shards = np.fromiter((self.client.shard_of(s) for s in seq_ids[real].tolist()), np.int64, len(real))
+    shard_of = getattr(self.client, "shard_of", None)  # a client of layer slices has a fleet per slice
+    if shard_of is None:
+      return np.arange(len(seq_ids))
+    shards = np.fromiter((shard_of(s) for s in seq_ids[real].tolist()), np.int64, len(real))
     return np.concatenate([real[np.argsort(shards, kind="stable")], np.flatnonzero(seq_ids < 0)])
 
   # The pipeline.
@@ -243,11 +258,13 @@ class PipelinedRunner:
     """Enqueues m's next tier-1 step after the attention of m.layer: (kind, device outputs), or None
     when m is done (a prefill past its last layer)."""
     if m.layer < self.num_layers - 1:
-      return self._launch("middle", self._middle, self.layers[m.layer], self.layers[m.layer + 1], m.x, attn,
+      nxt = self.layout.slice_of(m.layer + 1)
+      step = self._middle if self.layout.slice_of(m.layer) == nxt else functools.partial(self._cross, nxt)
+      return self._launch("middle", step, self.layers[m.layer], self.layers[m.layer + 1], m.x, attn,
                           m.positions)
     if m.sampling is None:
       return None
-    return self._launch("last", functools.partial(self._last, greedy_only=greedy_only), self.outer,
+    return self._launch("last", functools.partial(self._last, greedy_only=greedy_only), self.outer_last,
                         self.layers[-1], m.x, attn, *m.sampling, tag=(greedy_only,))
 
   def _launch(self, kind: str, fn, *args, tag=()):

@@ -32,8 +32,9 @@ class PipelineTimes:
   link_out: float = 0.0
   tier2: float = 0.0
   link_back: float = 0.0
-  propagation: float = 0.0  # one way
+  propagation: float = 0.0  # one way: pure delay (network, RPC stack latency, injected delay)
   head: float = 0.0  # LM head after the last layer, on the last slice
+  host: float = 0.0  # tier-1 host work per layer besides `tier1` (e.g. the RPC send), on its station
 
   @property
   def num_layers(self) -> int:
@@ -41,7 +42,7 @@ class PipelineTimes:
 
   def cycle(self) -> float:
     """One micro-batch's time per token with nothing else in flight."""
-    per_layer = self.tier1 + self.link_out + self.tier2 + self.link_back + 2 * self.propagation
+    per_layer = self.tier1 + self.host + self.link_out + self.tier2 + self.link_back + 2 * self.propagation
     return self.num_layers * per_layer + self.head
 
   def station_work(self) -> dict[str, float]:
@@ -49,7 +50,7 @@ class PipelineTimes:
     work = {}
     last = len(self.layers_per_slice) - 1
     for s, n in enumerate(self.layers_per_slice):
-      work[f"tier1[{s}]"] = n * self.tier1 + (self.head if s == last else 0.0)
+      work[f"tier1[{s}]"] = n * (self.tier1 + self.host) + (self.head if s == last else 0.0)
       work[f"link_out[{s}]"] = n * self.link_out
       work[f"tier2[{s}]"] = n * self.tier2
       work[f"link_back[{s}]"] = n * self.link_back
@@ -117,6 +118,28 @@ def simulate(times: PipelineTimes, in_flight: int, tokens: int = 0, stagger: boo
   started together, deterministic micro-batches stay in a convoy and queue behind each other.
   """
   tokens = tokens or 20 * in_flight
+  starts = [mb * times.cycle() / in_flight if stagger else 0.0 for mb in range(in_flight)]
+  loop, stations, done = _run(times, starts, steps=0, stop=lambda done: len(done) >= tokens)
+  completions = np.asarray(done)
+  # A whole number of rounds of k completions from the second half: steady state, no start-up.
+  rounds = max(1, (len(completions) // 2) // in_flight)
+  window = rounds * in_flight
+  span = completions[-1] - completions[-1 - window]
+  util = {name: st.busy_time / loop.now for name, st in stations.items()}
+  return SimResult(throughput=window / span, completions=completions, utilization=util)
+
+
+def makespan(times: PipelineTimes, in_flight: int, steps: int) -> float:
+  """Seconds until `in_flight` micro-batches, all ready at time 0, have each made `steps` tokens (one
+  fused decode call of the pipelined runner: the micro-batches start together and the call ends
+  with the last)."""
+  loop, _, _ = _run(times, [0.0] * in_flight, steps=steps, stop=lambda done: False)
+  return loop.now
+
+
+def _run(times: PipelineTimes, starts: list[float], steps: int, stop):
+  """The event model: micro-batch j enters at starts[j]; each stops after `steps` tokens (0 = never);
+  runs until `stop(done)` or no event is left. Returns (loop, stations, token completion times)."""
   loop = EventLoop()
   n_slices = len(times.layers_per_slice)
   slice_of = np.repeat(np.arange(n_slices), times.layers_per_slice)
@@ -132,7 +155,7 @@ def simulate(times: PipelineTimes, in_flight: int, tokens: int = 0, stagger: boo
 
   def to_tier1(mb, step, layer):
     s = slice_of[layer]
-    stations[f"tier1[{s}]"].submit(times.tier1, to_link_out, mb, step, layer,
+    stations[f"tier1[{s}]"].submit(times.tier1 + times.host, to_link_out, mb, step, layer,
                                    priority=priority(step, layer))
 
   def to_link_out(mb, step, layer):
@@ -164,15 +187,10 @@ def simulate(times: PipelineTimes, in_flight: int, tokens: int = 0, stagger: boo
 
   def token_done(mb, step):
     done.append(loop.now)
-    to_tier1(mb, step + 1, 0)
+    if not steps or step + 1 < steps:
+      to_tier1(mb, step + 1, 0)
 
-  for mb in range(in_flight):
-    loop.at(mb * times.cycle() / in_flight if stagger else 0.0, to_tier1, mb, 0, 0)
-  loop.run(stop=lambda: len(done) >= tokens)
-  completions = np.asarray(done)
-  # A whole number of rounds of k completions from the second half: steady state, no start-up.
-  rounds = max(1, (len(completions) // 2) // in_flight)
-  window = rounds * in_flight
-  span = completions[-1] - completions[-1 - window]
-  util = {name: st.busy_time / loop.now for name, st in stations.items()}
-  return SimResult(throughput=window / span, completions=completions, utilization=util)
+  for mb, start in enumerate(starts):
+    loop.at(start, to_tier1, mb, 0, 0)
+  loop.run(stop=lambda: stop(done))
+  return loop, stations, done

@@ -1,0 +1,58 @@
+"""The worker service on the wire: raw-bytes gRPC methods, JSON control messages, K,V tensor messages.
+
+Control calls (Submit, Begin, Commit, Abort, Poll) carry small JSON objects (never pickle). A layer's
+K,V (KV) is an append-only request of the tier-2 tensor wire (protos/tensor_wire.py): its header, the
+transfer id repeated per token, the tokens' positions and k, v: [N, KV, D] in the model dtype.
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import numpy as np
+
+from glinthawk_jax.protos import tensor_wire
+from glinthawk_jax.requests import SamplingParams
+
+SERVICE = "glinthawk.splitwise.Worker"
+METHODS = ("Submit", "Begin", "KV", "Commit", "Abort", "Poll")
+MAX_MESSAGE_BYTES = 2**31 - 1
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+
+
+def params_to_json(p: SamplingParams) -> dict:
+  return {"max_tokens": p.max_tokens, "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
+          "seed": p.seed, "stop": list(p.stop), "stop_token_ids": list(p.stop_token_ids),
+          "ignore_eos": p.ignore_eos}
+
+
+def params_from_json(d: dict) -> SamplingParams:
+  return SamplingParams(**d)
+
+
+def encode_kv(uid: int, layer: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray, num_heads: int) -> bytes:
+  """One layer's K,V of request `uid` at `positions`: [N]; k, v: [N, KV, D]."""
+  parts = tensor_wire.request_parts(uid, layer, np.full(len(positions), uid, np.int64), positions, None, k, v,
+                                    num_heads)
+  return b"".join(p.tobytes() for p in parts)
+
+
+class WorkerStub:
+  """Calls one worker; JSON methods take and return dicts, KV takes encoded bytes."""
+
+  def __init__(self, address: str):
+    self.address = address
+    self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    self._calls = {m: self.channel.unary_unary(f"/{SERVICE}/{m}") for m in METHODS}
+
+  def call(self, method: str, message: dict, timeout_s: float) -> dict:
+    reply = self._calls[method](json.dumps(message).encode(), timeout=timeout_s)
+    return json.loads(reply) if reply else {}
+
+  def send_kv(self, payload: bytes, timeout_s: float) -> None:
+    self._calls["KV"](payload, timeout=timeout_s)
+
+  def close(self) -> None:
+    self.channel.close()

@@ -1,0 +1,408 @@
+"""A Splitwise worker: one engine loop over a local paged KV cache that prefills, decodes, or both.
+
+Every worker holds the whole model; its role tells the router what to send it and, for prefill workers,
+adds K,V shipping to the prefill. One loop thread owns the device state; gRPC handlers (server.py) only
+queue work under `lock`. A request reaches a worker in one of three ways:
+- Submit without a decode address: prefilled and decoded here (colocated, mixed pool, recompute);
+- Submit with a decode address (prefill role): Begin reserves its KV there, it is prefilled here while
+  each layer's K,V streams out (kv_sender.py), then Commit; its pages here are freed at once;
+- Begin/KV/Commit from a prefill worker: pages reserved at Begin, each layer written into the paged cache
+  as it arrives, and at Commit the request joins the decode batch. A transfer not committed within
+  splitwise.kv_timeout_s, or aborted, frees its pages.
+Times reported to the router are wall-clock seconds (time.time()), comparable across local processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+
+import grpc
+import jax
+import ml_collections
+import numpy as np
+
+from glinthawk_jax.engine import Engine
+from glinthawk_jax.model_runner import LocalPagedAttention
+from glinthawk_jax.paged_cache import SCRATCH_PAGE, PageAllocator
+from glinthawk_jax.protos import tensor_wire
+from glinthawk_jax.scheduler import MIN_PREFILL_TOKENS, Scheduler, Sequence, pow2_at_least
+from glinthawk_jax.splitwise.kv_sender import KVSender, ShippingPagedAttention
+from glinthawk_jax.splitwise.wire import params_from_json
+
+BEGIN_RETRY_S = 0.02  # a decode worker that was full is asked again after this
+
+
+class WorkerError(Exception):
+  """A call the worker refuses; `code` is the grpc.StatusCode name the server answers with."""
+
+  def __init__(self, code: str, message: str):
+    super().__init__(message)
+    self.code = code
+
+
+@dataclasses.dataclass
+class Incoming:
+  """A request whose KV another worker is sending here."""
+  seq: Sequence
+  num_kv_tokens: int
+  received: np.ndarray  # [layers, num_kv_tokens] bool
+  deadline: float
+  layer_received_s: list  # per layer: wall time of its first K,V message (nan until then)
+  committed_s: float = 0.0  # when Commit came (the loop then admits it after writing its K,V)
+
+
+class Worker:
+  """The engine loop and the state the gRPC handlers share with it (all behind `lock`)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.role = config.role
+    ship = self.role == "prefill"
+    self.engine = Engine(config, attention=ShippingPagedAttention if ship else LocalPagedAttention)
+    self.model = self.engine.model_config
+    ec = config.engine
+    self.page_size = ec.page_size
+    self.max_num_seqs = ec.max_num_seqs
+    self.timeout_s = config.splitwise.kv_timeout_s
+    self.sender = None
+    if ship:
+      self.sender = KVSender(self.model.num_heads, self.timeout_s, config.splitwise.send_threads)
+      for sl in self.engine.runner.slices:
+        sl.backend.sender = self.sender
+    device = jax.devices()[0]
+    self.device = f"{len(jax.devices())} x {device.platform} {device.device_kind}"
+    self.scheduler = Scheduler(ec, PageAllocator(self.engine.num_pages), ec.decode_steps_per_call)
+    self.lock = threading.Lock()
+    self.wake = threading.Event()
+    self.submits: list[tuple[Sequence, dict]] = []  # (sequence, Submit message) not yet admitted
+    self.blocked: list[tuple[Sequence, dict, float]] = []  # ship requests waiting for Begin, next try time
+    self.ship: dict[int, str] = {}  # uid -> decode address, for requests prefilled here for another worker
+    self.local: dict[int, Sequence] = {}  # uid -> sequence in this worker's scheduler
+    self.incoming: dict[int, Incoming] = {}
+    self.kv_info: dict[int, dict] = {}  # uid -> transfer timings, attached to the request's output
+    self.writes: list[tuple] = []  # (uid, layer, positions, k, v) received, not yet in the cache
+    self.aborts: set[int] = set()
+    self.outputs: list[dict] = []
+    self.events: list[dict] = []
+
+  # ---- called from gRPC handler threads ----
+
+  def submit(self, msg: dict) -> None:
+    seq = self._sequence(msg)
+    with self.lock:
+      self.submits.append((seq, msg))
+    self.wake.set()
+
+  def begin(self, msg: dict) -> None:
+    """Reserves pages for a request's incoming KV; RESOURCE_EXHAUSTED when slots or pages are short."""
+    seq = self._sequence(msg)
+    uid, n = seq.index, msg.get("num_kv_tokens")
+    if n != len(seq.prompt_ids) - 1:
+      raise WorkerError("INVALID_ARGUMENT", f"request {uid}: num_kv_tokens={n}, expected prompt length - 1 = "
+                                            f"{len(seq.prompt_ids) - 1}")
+    with self.lock:
+      if uid in self.incoming or uid in self.local:
+        raise WorkerError("ALREADY_EXISTS", f"request {uid} is already on this worker")
+      if self._num_seqs() >= self.max_num_seqs:
+        raise WorkerError("RESOURCE_EXHAUSTED", f"request {uid}: all {self.max_num_seqs} slots taken")
+      need = math.ceil(n / self.page_size)
+      spare = self.scheduler.allocator.num_free - len(self.scheduler.running)
+      if need > spare:
+        raise WorkerError("RESOURCE_EXHAUSTED", f"request {uid}: needs {need} pages, {spare} spare")
+      seq.pages = self.scheduler.allocator.allocate(need)
+      self.incoming[uid] = Incoming(seq, n, np.zeros((self.model.num_layers, n), bool),
+                                    time.monotonic() + self.timeout_s, [math.nan] * self.model.num_layers)
+
+  def receive_kv(self, payload: bytes) -> None:
+    """One layer's K,V; checks it against the model and the request before it goes to the device."""
+    now = time.time()
+    try:
+      r = tensor_wire.decode_request(payload)
+    except tensor_wire.WireError as e:
+      raise WorkerError("INVALID_ARGUMENT", str(e)) from None
+    m, uid = self.model, r.request_id
+    expected = (m.num_kv_heads, m.head_dim)
+    if r.k.shape[1:] != expected or r.q.shape[1] != m.num_heads:
+      raise WorkerError("INVALID_ARGUMENT", f"request {uid} layer {r.layer}: k, v shape {r.k.shape} with "
+                                            f"{r.q.shape[1]} heads, expected (N, {expected[0]}, {expected[1]}) "
+                                            f"with {m.num_heads} heads")
+    if r.k.dtype != np.dtype(m.dtype):
+      raise WorkerError("INVALID_ARGUMENT", f"request {uid} layer {r.layer}: k, v dtype {r.k.dtype}, "
+                                            f"expected {m.dtype}")
+    if not 0 <= r.layer < m.num_layers:
+      raise WorkerError("INVALID_ARGUMENT", f"request {uid}: layer {r.layer}, expected 0..{m.num_layers - 1}")
+    with self.lock:
+      inc = self.incoming.get(uid)
+    if inc is None:
+      raise WorkerError("NOT_FOUND", f"request {uid}: no transfer begun here (aborted or timed out)")
+    pos = r.positions
+    if pos.min() < 0 or pos.max() >= inc.num_kv_tokens:
+      raise WorkerError("INVALID_ARGUMENT", f"request {uid} layer {r.layer}: positions {pos.min()}..{pos.max()} "
+                                            f"outside the prompt's 0..{inc.num_kv_tokens - 1}")
+    t = max(pow2_at_least(len(pos)), MIN_PREFILL_TOKENS)  # bucketed: a few compiled writes
+    k = np.zeros((t,) + expected, r.k.dtype)
+    v = np.zeros_like(k)
+    k[:len(pos)], v[:len(pos)] = r.k, r.v
+    k, v = jax.device_put(k), jax.device_put(v)
+    with self.lock:
+      inc.received[r.layer, pos] = True
+      if math.isnan(inc.layer_received_s[r.layer]):
+        inc.layer_received_s[r.layer] = now
+      self.writes.append((uid, r.layer, np.array(pos), k, v))
+    self.wake.set()
+
+  def commit(self, msg: dict) -> None:
+    """Every layer of the request's prompt has arrived: it joins the decode batch."""
+    uid = int(msg["uid"])
+    with self.lock:
+      inc = self.incoming.get(uid)
+      if inc is None:
+        raise WorkerError("NOT_FOUND", f"request {uid}: no transfer begun here (aborted or timed out)")
+      missing = inc.num_kv_tokens - inc.received.sum(axis=1)
+      if missing.any():
+        layer = int(np.argmax(missing > 0))
+        raise WorkerError("FAILED_PRECONDITION", f"request {uid}: layer {layer} is missing {missing[layer]} of "
+                                                 f"{inc.num_kv_tokens} tokens")
+      inc.committed_s = time.time()
+    self.wake.set()
+
+  def abort(self, msg: dict) -> None:
+    """Drops a request wherever it is here and frees its KV (done by the loop, within a step)."""
+    uid = int(msg["uid"])
+    with self.lock:
+      inc = self.incoming.pop(uid, None)
+      if inc is not None:
+        self.scheduler.allocator.free(inc.seq.pages)
+        inc.seq.pages = []
+      else:
+        self.aborts.add(uid)
+    self.wake.set()
+
+  def poll(self) -> dict:
+    """Finished outputs and events since the last poll, and this worker's load."""
+    with self.lock:
+      outputs, self.outputs = self.outputs, []
+      events, self.events = self.events, []
+      return {"outputs": outputs, "events": events, "stats": self._stats()}
+
+  # ---- the loop thread ----
+
+  def run(self, stop: threading.Event) -> None:
+    while not stop.is_set():
+      if not self.step():
+        self.wake.wait(0.005)
+        self.wake.clear()
+    if self.sender is not None:
+      self.sender.close()
+
+  def step(self) -> bool:
+    """One round: queued aborts, admissions and KV writes, one prefill batch, one decode call."""
+    with self.lock:
+      self._apply_aborts()
+      self._admit()
+      self._expire()
+      writes = self._take_writes()
+      self._admit_committed()
+    did = self._begin_blocked()
+    for layer, k, v, page_ids, offsets in writes:
+      self.engine.runner.write_layer_kv(layer, k, v, page_ids, offsets)
+    did = self._prefill() or did
+    did = self._decode() or did
+    return did or bool(writes)
+
+  def _sequence(self, msg: dict) -> Sequence:
+    try:
+      params = params_from_json(msg["params"])
+      seq = self.engine._sequences([msg["prompt_ids"]], params, [msg["request_id"]])[0]  # noqa: SLF001
+      seq.index = int(msg["uid"])
+    except KeyError as e:
+      raise WorkerError("INVALID_ARGUMENT", f"request {msg.get('uid')}: missing field {e}") from None
+    except (TypeError, ValueError) as e:
+      raise WorkerError("INVALID_ARGUMENT", f"request {msg.get('uid')}: {e}") from None
+    return seq
+
+  def _num_seqs(self) -> int:
+    return len(self.local) + len(self.incoming)
+
+  def _admit(self) -> None:
+    """Submitted requests enter the scheduler (local) or wait for their Begin (ship) while slots last."""
+    while self.submits:
+      seq, msg = self.submits[0]
+      address = msg.get("decode_address", "")
+      if not address and self._num_seqs() >= self.max_num_seqs:
+        break
+      self.submits.pop(0)
+      if address:
+        self.blocked.append((seq, msg, 0.0))
+      else:
+        self.local[seq.index] = seq
+        self.scheduler.add(seq)
+
+  def _begin_blocked(self) -> bool:
+    """Asks each ship request's decode worker to reserve its KV; admits the accepted ones."""
+    with self.lock:
+      due = [b for b in self.blocked if b[2] <= time.monotonic()]
+    did = False
+    for entry in due:
+      seq, msg, _ = entry
+      uid, address = seq.index, msg["decode_address"]
+      begin = {k: msg[k] for k in ("uid", "request_id", "prompt_ids", "params")}
+      begin["num_kv_tokens"] = len(seq.prompt_ids) - 1
+      error = None
+      try:
+        self.sender.begin(uid, address, begin)
+      except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+          with self.lock:
+            if entry in self.blocked:
+              self.blocked[self.blocked.index(entry)] = (seq, msg, time.monotonic() + BEGIN_RETRY_S)
+          continue
+        error = e
+      did = True
+      with self.lock:
+        if entry not in self.blocked:  # aborted meanwhile
+          if error is None:
+            self.sender.cancel(uid)
+            self.sender.finish(uid, False, self._transfer_done)
+          continue
+        self.blocked.remove(entry)
+        if error is not None:
+          self.events.append({"uid": uid, "event": "transfer_failed", "error": _describe(error)})
+        elif begin["num_kv_tokens"] == 0:  # nothing to prefill
+          self.sender.finish(uid, True, self._transfer_done)
+        else:
+          self.ship[uid] = address
+          self.local[uid] = seq
+          self.scheduler.add(seq)
+    return did
+
+  def _prefill(self) -> bool:
+    with self.lock:
+      batch = self.scheduler.schedule_prefill()
+    if batch is None:
+      return False
+    seq_ids = np.full((len(batch.tokens),), -1, np.int32)
+    for i, (seq, _) in enumerate(batch.rows):
+      if seq.index in self.ship:
+        seq_ids[i] = seq.index
+    runner = self.engine.runner
+    runner.prefill(batch.tokens, batch.positions, batch.page_ids, batch.offsets, batch.block_tables,
+                   batch.context_lens, seq_ids)
+    if (seq_ids >= 0).any():
+      jax.block_until_ready([sl.state for sl in runner.slices])  # every layer's callback has run: its K,V is queued to send
+    now = time.time()
+    with self.lock:
+      batch.commit()
+      for seq, _ in batch.rows:
+        uid = seq.index
+        if uid in self.ship and seq.decode_ready and seq in self.scheduler.running:
+          self.scheduler.finish(seq)
+          del self.ship[uid], self.local[uid]
+          self.events.append({"uid": uid, "event": "prefilled", "prefill_end_s": now})
+          self.sender.finish(uid, True, self._transfer_done)
+    return True
+
+  def _decode(self) -> bool:
+    with self.lock:
+      batch = self.scheduler.schedule_decode()
+    if batch is None:
+      return False
+    start = time.time()
+    tokens = self.engine.runner.decode(batch.tokens, batch.positions, batch.block_tables, batch.token_index,
+                                       batch.temperature, batch.top_k, batch.top_p, batch.seeds,
+                                       batch.greedy_only)
+    now = time.time()
+    steps = tokens.shape[0]
+    with self.lock:
+      for i, seq in enumerate(batch.seqs):
+        for step in range(steps):
+          # A fused call's tokens are spread evenly over the call, as Engine.generate does.
+          if self.engine._append(seq, int(tokens[step, i]), start + (now - start) * (step + 1) / steps):  # noqa: SLF001
+            self._finish(seq)
+            break
+        else:
+          seq.num_computed = seq.num_tokens - 1
+    return True
+
+  def _finish(self, seq: Sequence) -> None:
+    self.scheduler.finish(seq)
+    del self.local[seq.index]
+    out = {"uid": seq.index, "request_id": seq.request_id, "token_ids": list(seq.output_ids),
+           "finish_reason": seq.finish_reason, "text": seq.text, "token_times_s": list(seq.token_times_s)}
+    out.update(self.kv_info.pop(seq.index, {}))
+    self.outputs.append(out)
+
+  def _transfer_done(self, uid: int, error: Exception | None, info: dict) -> None:
+    with self.lock:
+      if error is None:
+        self.events.append({"uid": uid, "event": "transferred", **info})
+      else:
+        self.events.append({"uid": uid, "event": "transfer_failed", "error": _describe(error), **info})
+
+  def _apply_aborts(self) -> None:
+    for uid in self.aborts:
+      self.submits = [s for s in self.submits if s[0].index != uid]
+      self.blocked = [b for b in self.blocked if b[0].index != uid]
+      seq = self.local.pop(uid, None)
+      if seq is not None:
+        if seq in self.scheduler.running:
+          self.scheduler.finish(seq)
+        elif seq in self.scheduler.waiting:
+          self.scheduler.waiting.remove(seq)
+      if self.ship.pop(uid, None) is not None:
+        self.sender.cancel(uid)
+        self.sender.finish(uid, False, lambda *_: None)
+      self.kv_info.pop(uid, None)
+    self.aborts.clear()
+
+  def _expire(self) -> None:
+    now = time.monotonic()
+    for uid in [u for u, inc in self.incoming.items() if inc.deadline < now and not inc.committed_s]:
+      inc = self.incoming.pop(uid)
+      self.scheduler.allocator.free(inc.seq.pages)
+      self.events.append({"uid": uid, "event": "kv_timeout"})
+
+  def _admit_committed(self) -> None:
+    """Committed transfers join the decode batch (their writes were taken just before)."""
+    for uid in [u for u, inc in self.incoming.items() if inc.committed_s]:
+      inc = self.incoming.pop(uid)
+      inc.seq.num_computed = inc.num_kv_tokens
+      self.local[uid] = inc.seq
+      self.kv_info[uid] = {"kv_layer_received_s": inc.layer_received_s, "commit_s": inc.committed_s}
+      self.scheduler.admit_prefilled(inc.seq)
+
+  def _take_writes(self) -> list[tuple]:
+    """Received K,V whose request still holds its pages, with their page ids and offsets: [T]."""
+    out = []
+    for uid, layer, pos, k, v in self.writes:
+      seq = self.incoming[uid].seq if uid in self.incoming else None
+      if seq is None:
+        continue
+      page_ids = np.full((k.shape[0],), SCRATCH_PAGE, np.int32)
+      offsets = np.zeros((k.shape[0],), np.int32)
+      page_ids[:len(pos)] = np.asarray(seq.pages, np.int32)[pos // self.page_size]
+      offsets[:len(pos)] = pos % self.page_size
+      out.append((np.int32(layer), k, v, page_ids, offsets))
+    self.writes = []
+    return out
+
+  def _stats(self) -> dict:
+    s = self.scheduler
+    pending = sum(len(q.prompt_ids) for q, *_ in self.submits + self.blocked)
+    pending += sum(q.num_tokens - 1 - q.num_computed for q in self.local.values() if not q.decode_ready)
+    held = [q for q in self.local.values() if q.index not in self.ship] + [i.seq for i in self.incoming.values()]
+    held += [q for q, m in self.submits if not m.get("decode_address")]
+    return {"role": self.role, "device": self.device, "pending_prompt_tokens": int(pending),
+            "kv_reserved_tokens": int(sum(len(q.prompt_ids) + q.max_tokens for q in held)),
+            "kv_capacity_tokens": (self.engine.num_pages - 1) * self.page_size,
+            "kv_used_pages": self.engine.num_pages - 1 - s.allocator.num_free,
+            "num_seqs": len(held), "max_num_seqs": self.max_num_seqs, "num_incoming": len(self.incoming),
+            "num_shipping": len(self.ship) + len(self.blocked)}
+
+
+def _describe(error: Exception) -> str:
+  if isinstance(error, grpc.RpcError):
+    return f"{error.code().name}: {error.details()}"
+  return str(error)

@@ -1,0 +1,141 @@
+"""A Splitwise worker's KV receipt in-process: validation of each K,V message, commit, abort and
+timeouts freeing the pages, and a prefill worker whose decode worker is unreachable freeing its own."""
+
+import time
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from glinthawk_jax.requests import SamplingParams
+from glinthawk_jax.splitwise.server import build_server
+from glinthawk_jax.splitwise.wire import encode_kv, params_to_json
+from glinthawk_jax.splitwise.worker import Worker, WorkerError
+
+PROMPT = list(range(1, 40))  # 38 tokens of KV
+
+
+def _config(role):
+  c = tiny.get_config()
+  c.placement, c.role = "local", role
+  c.engine.max_num_seqs = 2
+  c.splitwise.kv_timeout_s = 0.5
+  return c
+
+
+@pytest.fixture(scope="module")
+def decode():
+  return Worker(_config("decode"))
+
+
+def _msg(uid, prompt=PROMPT, **extra):
+  return {"uid": uid, "request_id": f"r{uid}", "prompt_ids": prompt,
+          "params": params_to_json(SamplingParams(max_tokens=4)), **extra}
+
+
+def _kv(worker, uid, layer, n=len(PROMPT) - 1, kv_heads=None, dtype=np.float32):
+  m = worker.model
+  shape = (n, kv_heads or m.num_kv_heads, m.head_dim)
+  return encode_kv(uid, layer, np.arange(n), np.ones(shape, dtype), np.ones(shape, dtype), m.num_heads)
+
+
+def _used(worker):
+  worker.step()
+  return worker.poll()["stats"]["kv_used_pages"]
+
+
+def _error(fn, *args):
+  with pytest.raises(WorkerError) as e:
+    fn(*args)
+  return e.value
+
+
+def test_kv_messages_are_validated_and_commit_needs_every_layer(decode):
+  decode.begin(_msg(1, num_kv_tokens=len(PROMPT) - 1))
+  assert _used(decode) == 3  # 38 tokens in pages of 16
+  e = _error(decode.receive_kv, _kv(decode, 1, 0, kv_heads=3))
+  assert e.code == "INVALID_ARGUMENT" and "k, v shape (38, 3, 16)" in str(e)
+  e = _error(decode.receive_kv, _kv(decode, 1, 0, dtype=np.float16))
+  assert e.code == "INVALID_ARGUMENT" and "dtype float16" in str(e)
+  e = _error(decode.receive_kv, _kv(decode, 1, 7))
+  assert e.code == "INVALID_ARGUMENT" and "layer 7" in str(e)
+  e = _error(decode.receive_kv, _kv(decode, 1, 0, n=50))
+  assert e.code == "INVALID_ARGUMENT" and "positions 0..49" in str(e)
+  e = _error(decode.receive_kv, b"junk" * 20)
+  assert e.code == "INVALID_ARGUMENT" and "magic" in str(e)
+  assert _error(decode.receive_kv, _kv(decode, 99, 0)).code == "NOT_FOUND"
+  decode.receive_kv(_kv(decode, 1, 0))
+  e = _error(decode.commit, {"uid": 1})
+  assert e.code == "FAILED_PRECONDITION" and "layer 1 is missing 38 of 38" in str(e)
+  decode.abort({"uid": 1})
+  assert _used(decode) == 0
+  assert _error(decode.receive_kv, _kv(decode, 1, 1)).code == "NOT_FOUND"
+
+
+def test_uncommitted_transfer_times_out_and_frees_its_pages(decode):
+  decode.begin(_msg(2, num_kv_tokens=len(PROMPT) - 1))
+  decode.receive_kv(_kv(decode, 2, 0))
+  assert _used(decode) == 3
+  time.sleep(0.6)
+  decode.step()
+  reply = decode.poll()
+  assert reply["stats"]["kv_used_pages"] == 0
+  assert {"uid": 2, "event": "kv_timeout"} in reply["events"]
+  assert _error(decode.commit, {"uid": 2}).code == "NOT_FOUND"
+
+
+def test_begin_refuses_when_slots_are_taken_and_checks_its_message(decode):
+  e = _error(decode.begin, _msg(3, num_kv_tokens=5))
+  assert e.code == "INVALID_ARGUMENT" and "num_kv_tokens=5" in str(e)
+  e = _error(decode.begin, {"uid": 3, "prompt_ids": PROMPT, "num_kv_tokens": 38})
+  assert e.code == "INVALID_ARGUMENT" and "missing field 'params'" in str(e)
+  e = _error(decode.begin, _msg(3, prompt=[1, 9999], num_kv_tokens=1))
+  assert e.code == "INVALID_ARGUMENT" and "token ids must lie in [0, 512)" in str(e)
+  decode.begin(_msg(4, num_kv_tokens=len(PROMPT) - 1))
+  decode.begin(_msg(5, num_kv_tokens=len(PROMPT) - 1))
+  assert _error(decode.begin, _msg(6, num_kv_tokens=len(PROMPT) - 1)).code == "RESOURCE_EXHAUSTED"
+  decode.abort({"uid": 4})
+  decode.abort({"uid": 5})
+  assert _used(decode) == 0
+
+
+@pytest.fixture(scope="module")
+def prefill():
+  worker = Worker(_config("prefill"))
+  worker.sender.timeout_s = 2.0
+  yield worker
+  worker.sender.close()
+
+
+def test_cancelled_request_strands_no_kv_on_either_side(decode, prefill):
+  """Prefill worker -> decode worker served over gRPC; the request is cancelled on both (as the cluster
+  does) right after its prefill: neither keeps pages, and nothing reaches the decode batch."""
+  server, port = build_server(decode, "127.0.0.1", 0)
+  try:
+    prefill.submit(_msg(8, decode_address=f"127.0.0.1:{port}"))
+    prefill.step()  # Begin at the decode worker, prefill, layers queued to send, commit queued
+    assert [e["event"] for e in prefill.poll()["events"]] == ["prefilled"]
+    prefill.abort({"uid": 8})
+    decode.abort({"uid": 8})
+    time.sleep(0.5)  # the sender's commit (or abort) lands
+    for _ in range(3):
+      decode.step()
+      prefill.step()
+    assert prefill.poll()["stats"]["kv_used_pages"] == 0
+    stats = decode.poll()["stats"]
+    assert stats["kv_used_pages"] == 0 and stats["num_incoming"] == 0 and stats["num_seqs"] == 0
+    assert decode.poll()["outputs"] == []
+  finally:
+    server.stop(0)
+
+
+def test_prefill_worker_with_unreachable_decode_worker_frees_its_kv(prefill):
+  prefill.submit(_msg(7, decode_address="127.0.0.1:1"))
+  deadline = time.monotonic() + 30
+  events = []
+  while not events and time.monotonic() < deadline:
+    prefill.step()
+    events = [e for e in prefill.poll()["events"] if e["event"] == "transfer_failed"]
+  assert events and events[0]["uid"] == 7 and "UNAVAILABLE" in events[0]["error"]
+  stats = prefill.poll()["stats"]
+  assert stats["kv_used_pages"] == 0 and stats["num_shipping"] == 0 and stats["pending_prompt_tokens"] == 0

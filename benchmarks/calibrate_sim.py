@@ -73,10 +73,11 @@ def base_config(args):
   from benchmarks.two_tier import make_config
 
   shapes = args.shapes
-  ns = argparse.Namespace(small=args.small, batch=max(s[0] for s in shapes), prompt_len=max(s[1] for s in shapes),
-                          output_len=max(s[2] for s in shapes), decode_steps=args.decode_steps, spawn=args.spawn,
-                          kv_cache_gb=args.kv_cache_gb, in_flight=1)
-  c = make_config(ns, args.model, "pipelined")
+  ns = argparse.Namespace(smoke=args.small, decode_steps=args.decode_steps, spawn=args.spawn, in_flight=1,
+                          host_ram_gb=args.kv_cache_gb * args.spawn)
+  largest = dict(batch=max(s[0] for s in shapes), prompt=max(s[1] for s in shapes), output=max(s[2] for s in shapes))
+  c = make_config(ns, args.model, "pipelined", largest)
+  c.tier2.kv_cache_gb = args.kv_cache_gb
   if args.num_layers:
     c.model.num_layers = args.num_layers
   return c

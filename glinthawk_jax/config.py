@@ -107,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.splitwise = ml_collections.ConfigDict()  # phase splitting: workers, KV transfer, router (launch/worker.py)
   c.splitwise.kv_timeout_s = 30.0  # a KV transfer not committed within this is abandoned; its KV freed
   c.splitwise.on_transfer_failure = "recompute"  # recompute: route the request again; fail: report an error
+  c.splitwise.max_attempts = 3  # routes a request gets under recompute before it ends with an error
   c.splitwise.mixed_pool = True  # an idle worker of one role may take the other role's work (router)
   c.splitwise.send_threads = 4  # threads a prefill worker sends layers' K,V with
   c.splitwise.poll_interval_s = 0.002  # how often the router polls each worker for outputs and load

@@ -60,7 +60,7 @@ def main(argv):
   print(f"starting {len(roles)} workers: {', '.join(roles)}", file=sys.stderr, flush=True)
   envs = worker_envs(len(roles), _DEVICES.value, _MEM_FRACTION.value)
   with Cluster(config_flags.get_config_filename(flags.FLAGS["config"]), roles, overrides, envs,
-               on_transfer_failure=config.splitwise.on_transfer_failure,
+               on_transfer_failure=config.splitwise.on_transfer_failure, max_attempts=config.splitwise.max_attempts,
                mixed_pool=config.splitwise.mixed_pool, poll_interval_s=config.splitwise.poll_interval_s) as cluster:
     warm_up(cluster, spec, max(float(r) for r in _RATES.value))
     result = replay(cluster, spec, [float(r) for r in _RATES.value], _SLO_TTFT.value, _SLO_TBT.value,

@@ -1,7 +1,7 @@
 """Splitwise with real worker processes on loopback: split prefill/decode gives the colocated engine's
 greedy tokens, each layer's KV reaches the decode worker while the prefill still runs, a burst is never
-dropped, a wrong-shaped K,V is refused over the wire, and a killed decode worker's requests are
-recomputed on the other one."""
+dropped, a wrong-shaped K,V is refused over the wire, failed transfers are recomputed a bounded number
+of times, and a killed decode worker's requests are recomputed on the other one."""
 
 import grpc
 import numpy as np
@@ -87,6 +87,22 @@ def test_wrong_shaped_kv_is_refused_with_invalid_argument(cluster):
   assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "(18, 3, 64)" in e.value.details()
   stub.call("Abort", {"uid": 10**6}, 10)
   stub.close()
+
+
+def test_failed_transfers_are_recomputed_up_to_max_attempts_then_reported():
+  """Every transfer expires at the decode worker (kv_timeout_s = 1 ms): recompute gives up after
+  max_attempts routes, fail after one; both end the request with an error and strand no KV."""
+  expiring = OVERRIDES + ["--config.splitwise.kv_timeout_s=0.001"]
+  with Cluster("configs/tiny.py", ["prefill", "decode"], expiring, ready_timeout_s=300, mixed_pool=False,
+               max_attempts=2) as cluster:
+    [out] = cluster.run(_requests(_prompts([100])), timeout_s=120)
+    assert out.finish_reason == "error" and out.attempts == 2 and "gave up after 2 attempts" in out.error
+    cluster.on_transfer_failure = "fail"
+    [out] = cluster.run(_requests(_prompts([100])), timeout_s=120)
+    assert out.finish_reason == "error" and out.attempts == 1 and out.token_ids == []
+    for name in cluster.stubs:
+      stats = cluster.stubs[name].call("Poll", {}, 10)["stats"]
+      assert stats["kv_used_pages"] == 0 and stats["num_incoming"] == 0 and stats["num_shipping"] == 0
 
 
 @pytest.mark.slow

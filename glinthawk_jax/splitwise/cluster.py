@@ -105,8 +105,9 @@ class Cluster:
   def __init__(self, config_path: str, roles: list[str], overrides: list[str] = (),
                envs: list[dict[str, str]] | None = None, ready_timeout_s: float = 300.0,
                on_transfer_failure: str = "recompute", mixed_pool: bool = True, poll_interval_s: float = 0.002,
-               rpc_timeout_s: float = 60.0):
+               rpc_timeout_s: float = 60.0, max_attempts: int = 3):
     self.on_transfer_failure = on_transfer_failure
+    self.max_attempts = max_attempts
     self.poll_interval_s = poll_interval_s
     self.rpc_timeout_s = rpc_timeout_s
     self.processes: dict[str, WorkerProcess] = {}
@@ -255,9 +256,13 @@ class _Run:
       self.on_output(output)
 
   def _retry_or_fail(self, a: _Attempt, error: str) -> int:
+    """A failed transfer: route the request again (recompute, up to max_attempts routes), else end it."""
+    attempts = self.num_attempts[a.index]
     if self.c.on_transfer_failure == "recompute":
-      self.waiting.appendleft(a.index)
-      return 0
+      if attempts < self.c.max_attempts:
+        self.waiting.appendleft(a.index)
+        return 0
+      error = f"gave up after {attempts} attempts (splitwise.max_attempts); last: {error}"
     r = self.requests[a.index]
     self._done(a.index, ClusterOutput(r.request_id, len(r.prompt_ids), [], FINISH_ERROR, float("nan"), [],
                                       self.num_attempts[a.index], (a.route.prefill, a.route.decode), error=error))

@@ -125,23 +125,6 @@ def wire_bytes_per_token_layer(model, dtype: str) -> int:
   return (2 * model.num_heads + 2 * model.num_kv_heads) * model.head_dim * _DTYPE_BYTES[dtype]
 
 
-def device_copy_gb_s(smoke: bool) -> float:
-  """Read + write bytes per second of a jitted a + 1 over a large array on the default device."""
-  import jax
-  import jax.numpy as jnp
-
-  n = (64 if smoke else 1024) * 2**20 // 2
-  x = jnp.ones((n,), jnp.bfloat16)
-  f = jax.jit(lambda a: a + 1)
-  f(x).block_until_ready()
-  best = float("inf")
-  for _ in range(5 if smoke else 20):
-    t = time.perf_counter()
-    f(x).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * x.nbytes / best / 1e9
-
-
 def host_attention_gb_s(args, model, s: dict, kv_dtype: str) -> float:
   """The tier-2 kernel's KV-read GB/s summed over `spawn` pinned processes (benchmarks/tier2.py)."""
   from benchmarks.tier2 import kernel_rows
@@ -276,7 +259,9 @@ def main(argv=None):
   results = {"device": f"{jax.devices()[0].device_kind} x{len(jax.devices())}",
              "host_cores": len(os.sched_getaffinity(0)), "date": datetime.datetime.now().isoformat(),
              "command": " ".join([sys.executable] + sys.argv), "args": vars(args), "floors": {}, "runs": [], "errors": []}
-  copy_gb_s = device_copy_gb_s(args.smoke)
+  from benchmarks.device_ceilings import copy_bandwidth_gbs
+
+  copy_gb_s = copy_bandwidth_gbs(64 << 20 if args.smoke else 4 << 30)
   for model_name in args.models:
     for shape_name in args.shapes:
       model = model_config(importlib.import_module(f"configs.{model_name}").get_config())

@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.device_ceilings import copy_bandwidth_gbs  # noqa: E402
+from benchmarks.device_ceilings import copy_bandwidth_gbs, seconds_per_call  # noqa: E402
 from glinthawk_jax import paged_attention, pallas_paged_attention  # noqa: E402
 from glinthawk_jax.scheduler import width_bucket  # noqa: E402
 
@@ -37,16 +36,6 @@ def parse_args(argv=None):
   p.add_argument("--contexts", default="192,1024")
   p.add_argument("--iters", type=int, default=50)
   return p.parse_args(argv)
-
-
-def time_it(fn, args, iters: int) -> float:
-  out = fn(*args)
-  out.block_until_ready()
-  start = time.perf_counter()
-  for _ in range(iters):
-    out = fn(*args)
-  out.block_until_ready()
-  return (time.perf_counter() - start) / iters
 
 
 def run_case(batch, context, heads, kv_heads, head_dim, page_size, dtype, iters, interpret, rng):
@@ -66,7 +55,7 @@ def run_case(batch, context, heads, kv_heads, head_dim, page_size, dtype, iters,
   live_bytes = 2 * batch * context * kv_heads * head_dim * jnp.dtype(dtype).itemsize
   row = dict(batch=batch, context=context, width_pages=width, live_kv_mb=live_bytes / 1e6, pallas_rel_err=rel_err)
   for name, fn, args in (("xla", xla, (q, k, v, tables, lens)), ("pallas", pallas, (q, k, v, tables, lens))):
-    s = time_it(fn, args, iters)
+    s = seconds_per_call(fn, args, iters)
     row[f"{name}_us"] = s * 1e6
     row[f"{name}_gbs"] = live_bytes / s / 1e9
   return row

@@ -170,7 +170,8 @@ def table(engine_rows, hf_rows) -> str:
     h = hf.get(r["batch"])
     lines.append(f"{r['batch']:>6} {r['output_tok_s']:>13,.0f} {h or float('nan'):>9,.0f} "
                  f"{(r['output_tok_s'] / h if h else float('nan')):>6.2f} {r['decode_step_ms']:>8.2f} "
-                 f"{r['floor_step_ms']:>9.2f} {r['floor_output_tok_s']:>12,.0f} {r['x_floor']:>8.2f} {r['x_run_floor']:>12.2f} "
+                 f"{r['floor_step_ms']:>9.2f} {r['floor_output_tok_s']:>12,.0f} {r['x_floor']:>8.2f} "
+                 f"{r['x_run_floor']:>12.2f} "
                  f"{r['num_compilations']:>9}")
   return "\n".join(lines)
 

@@ -67,7 +67,8 @@ def run_offline_job(config: ml_collections.ConfigDict, input_path: str | None, o
   summary.update({
       "config": config.name, "placement": config.placement, "dtype": config.dtype,
       "checkpoint": config.checkpoint or "random weights", "input": source, "output": output_path,
-      "process": f"{share.process_id} of {share.num_processes}", "num_bad_input_lines": len(problems), "num_resumed_requests": len(requests) - len(pending),
+      "process": f"{share.process_id} of {share.num_processes}", "num_bad_input_lines": len(problems),
+      "num_resumed_requests": len(requests) - len(pending),
       "engine_stats": engine.stats_dict(),
   })
   summary_path = summary_path or os.path.splitext(output_path)[0] + ".summary.json"

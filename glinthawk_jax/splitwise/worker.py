@@ -291,7 +291,8 @@ class Worker:
     runner.prefill(batch.tokens, batch.positions, batch.page_ids, batch.offsets, batch.block_tables,
                    batch.context_lens, seq_ids)
     if (seq_ids >= 0).any():
-      jax.block_until_ready([sl.state for sl in runner.slices])  # every layer's callback has run: its K,V is queued to send
+      # Every layer's callback has run: its K,V is queued to send.
+      jax.block_until_ready([sl.state for sl in runner.slices])
     now = time.time()
     with self.lock:
       batch.commit()

@@ -95,7 +95,7 @@ def run_config(base, shape, addresses):
 
 
 def _prefill_budget(shape) -> int:
-  """engine.max_prefill_tokens of a run, as benchmarks/two_tier.py sets it."""
+  """engine.max_prefill_tokens of a run: the batch's prompts in chunks of at most 16 rows."""
   return max(shape[1], 16) * min(shape[0], 16)
 
 
@@ -121,11 +121,11 @@ def measure_run(config, model, shape, repeats: int) -> dict:
     engine.generate(prompts, SamplingParams(max_tokens=min(2, output), ignore_eos=True))
     runs = []
     for _ in range(repeats):
-      before = dict(vars(engine.stats))
+      before = engine.stats_dict()
       start = time.perf_counter()
       outs = engine.generate(prompts, SamplingParams(max_tokens=output, ignore_eos=True))
       wall = time.perf_counter() - start
-      s = {k: v - before[k] for k, v in vars(engine.stats).items() if isinstance(v, (int, float))}
+      s = {k: v - before[k] for k, v in engine.stats_dict().items()}
       runs.append({"output_tok_s": sum(len(o.token_ids) for o in outs) / wall, "wall_s": wall,
                    "prefill_s": s["prefill_time_s"], "decode_s": s["decode_time_s"],
                    "decode_calls": s["num_decode_calls"]})
@@ -196,7 +196,7 @@ def main(argv=None):
                      "measured": real[shape], "simulated": sim, "error": err})
   errors = np.abs([r["error"] for r in rows_out])
   results = {"device": str(jax.devices()[0].device_kind), "date": datetime.datetime.now().isoformat(),
-             "command": " ".join([sys.executable] + sys.argv), "args": {k: v for k, v in vars(args).items()},
+             "command": " ".join([sys.executable] + sys.argv), "args": dict(vars(args)),
              "profile": args.profile_out, "num_layers": m.num_layers, "runs": rows_out,
              "max_abs_error": float(errors.max()), "mean_abs_error": float(errors.mean()),
              "within_tolerance": bool((errors <= args.tolerance).all()), "seconds": time.perf_counter() - t0}

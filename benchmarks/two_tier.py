@@ -36,9 +36,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from glinthawk_jax.sim import cost_model  # noqa: E402
+from glinthawk_jax.sim.measure import wire_dtype  # noqa: E402
+
 PLACEMENTS = ("local", "callback", "pipelined")
 GIB = 2**30
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
 
 
 def parse_args(argv=None):
@@ -117,12 +119,12 @@ def sweep_depth(base_row: dict | None, delay_ms: float) -> int:
 
 def kv_bytes_per_token(model, kv_dtype: str) -> int:
   """Tier-2 K, V bytes of one token over all layers."""
-  return 2 * model.num_layers * model.num_kv_heads * model.head_dim * _DTYPE_BYTES[kv_dtype]
+  return model.num_layers * cost_model.kv_bytes_per_token_layer(model, wire_dtype(kv_dtype).itemsize)
 
 
 def wire_bytes_per_token_layer(model, dtype: str) -> int:
   """q, k, v out and the attention output back, per token and layer."""
-  return (2 * model.num_heads + 2 * model.num_kv_heads) * model.head_dim * _DTYPE_BYTES[dtype]
+  return sum(cost_model.wire_bytes_per_token_layer(model, wire_dtype(dtype).itemsize))
 
 
 def host_attention_gb_s(args, model, s: dict, kv_dtype: str) -> float:
@@ -137,7 +139,7 @@ def host_attention_gb_s(args, model, s: dict, kv_dtype: str) -> float:
   return kernel_rows(cfg, [procs])[0]["gb_per_s"]
 
 
-def run_one(args, config, s: dict, output_len: int) -> dict:
+def run_one(config, s: dict, output_len: int) -> dict:
   """Builds the engine, warms it (compiles; measures the auto depth), then one timed run."""
   import numpy as np
 
@@ -178,13 +180,14 @@ def add_floors(row: dict, model, s: dict, floors: dict, dtype: str, kv_dtype: st
   """Tier floors (seconds per decode step) and the efficiency against the slower one."""
   context = s["prompt"] + row["output"] / 2
   kv_step = s["batch"] * context * kv_bytes_per_token(model, kv_dtype)
-  t1 = model.param_count() * _DTYPE_BYTES[dtype] / (floors["device_copy_gb_s"] * 1e9)
+  t1 = model.param_count() * wire_dtype(dtype).itemsize / (floors["device_copy_gb_s"] * 1e9)
   t2 = kv_step / (floors["host_attention_gb_s"] * 1e9)
   two_tier = row["placement"] != "local"
   floor_s = max(t1, t2) if two_tier else t1 + s["batch"] * context * model.kv_bytes_per_token / (
       floors["device_copy_gb_s"] * 1e9)
   row.update(tier1_floor_ms=1e3 * t1, tier2_floor_ms=1e3 * t2,
-             bound="tier 2" if two_tier and t2 > t1 else "tier 1", floor_tok_s=s["batch"] / floor_s, efficiency=row["decode_tok_s"] * floor_s / s["batch"])
+             bound="tier 2" if two_tier and t2 > t1 else "tier 1", floor_tok_s=s["batch"] / floor_s,
+             efficiency=row["decode_tok_s"] * floor_s / s["batch"])
   if two_tier:
     row["wire_bytes_per_token_layer"] = wire_bytes_per_token_layer(model, dtype)
     row["tier2_kv_gb_s"] = kv_step * row["decode_tok_s"] / s["batch"] / 1e9
@@ -216,7 +219,7 @@ def plot(rows: list[dict], path: str) -> str | None:
   return path
 
 
-def roundtrip(args) -> None:
+def roundtrip() -> None:
   """Host cost of the pipelined path: a small model (8 layers, batch 32, context ~96) whose tier-1 steps
   and tier-2 attention are cheap, so decode time per (step, layer) is mostly the round trip's overhead
   (dispatch, device-to-host copy, RPC, server, reply). Best of 3 runs."""
@@ -248,7 +251,7 @@ def roundtrip(args) -> None:
 def main(argv=None):
   args = parse_args(argv)
   if args.roundtrip:
-    return roundtrip(args)
+    return roundtrip()
   if args.smoke:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
@@ -284,7 +287,7 @@ def main(argv=None):
         depth = sweep_depth(base_row, delay) if delay > 0 else None
         config = make_config(args, model_name, placement, s, delay, depth, 1 if delay > 0 else None)
         try:
-          row = {"model": model_name, "shape": shape_name, **run_one(args, config, s, out_len)}
+          row = {"model": model_name, "shape": shape_name, **run_one(config, s, out_len)}
         except Exception as e:  # noqa: BLE001 (one failed run must not lose the others' numbers)
           if args.smoke:
             raise

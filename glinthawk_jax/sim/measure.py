@@ -212,11 +212,10 @@ def control_rtt(client, reps: int) -> float:
 
 
 def two_tier_tables(m, client, rows: list[int], contexts: list[int], prefill: list[tuple[int, int]],
-                    queue: int, reps: int, dtype, runner: dict | None = None) -> dict:
+                    queue: int, reps: int, dtype) -> dict:
   """Every stage time generation.predict needs: tier-1 steps by rows, bulk prefill steps by (rows,
-  tokens), RPCs by rows and context (and appends by tokens), control RPCs; with `runner`
-  (runner_overheads' config, model, prompt_len, output_len; config.tier2.addresses = the client's
-  servers) also the pipelined runner's own per-layer costs by rows."""
+  tokens), RPCs by rows and context (and appends by tokens), control RPCs. The pipelined runner's own
+  per-layer costs (tables["runner"]) come from runner_overheads, measured beside the runs."""
   steps = Tier1Steps(m)
   tables = {"tier1_step": [steps.decode_step(r, reps) for r in rows],
             "bulk_step": [steps.bulk_step(r, t, reps) for r, t in prefill], "rpc": [], "append": []}
@@ -226,8 +225,6 @@ def two_tier_tables(m, client, rows: list[int], contexts: list[int], prefill: li
       tables["rpc"].append(rpc)
       tables["append"].append(append)
   tables["control_rtt_s"] = control_rtt(client, reps)
-  if runner is not None:
-    tables["runner"] = runner_overheads(rows=rows, **runner)
   return tables
 
 
@@ -242,7 +239,6 @@ def roofline_tables(m, tiny: bool) -> dict:
   attention by batch and context (CPU device), host -> device -> host copies by size."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from flax import nnx
   from models.llama import DecoderLayer
 

@@ -210,9 +210,12 @@ class Tier2Service:
       except PoolFullError as e:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request {r.request_id}: {e}")
       self.pool.write(layer, self.pages.slots(r.seq_ids, r.positions), r.k, r.v)
-      for s, p in zip(r.seq_ids.tolist(), r.positions.tolist()):
+      seqs, inverse = np.unique(r.seq_ids, return_inverse=True)
+      ends = np.zeros(len(seqs), np.int64)
+      np.maximum.at(ends, inverse, r.positions + 1)  # per sequence, one past its last position here
+      for s, end in zip(seqs.tolist(), ends.tolist()):
         lengths = self._lengths[s]
-        lengths[layer] = max(lengths[layer], p + 1)
+        lengths[layer] = max(lengths[layer], end)
       self.requests_served += 1
       self.tokens_served += len(r.seq_ids)
       if r.append_only:
@@ -244,10 +247,11 @@ class Tier2Service:
     """Every sequence known, and no position past the keys written so far plus this request's."""
     order = np.lexsort((r.positions, r.seq_ids))
     seq_ids, positions = r.seq_ids[order], r.positions[order]
-    unknown = [s for s in np.unique(seq_ids).tolist() if s not in self.pages]
+    seqs, inverse = np.unique(seq_ids, return_inverse=True)
+    unknown = [s for s in seqs.tolist() if s not in self.pages]
     if unknown:
       context.abort(grpc.StatusCode.NOT_FOUND, f"request {r.request_id}: sequence {unknown[0]} is not allocated")
-    written = np.fromiter((self._lengths[s][layer] for s in seq_ids.tolist()), np.int64, len(seq_ids))
+    written = np.array([self._lengths[s][layer] for s in seqs.tolist()], np.int64)[inverse]
     # In (sequence, position) order a position is fine if its key exists or the previous one of its
     # sequence is right before it (pairs are unique, so positions of a sequence increase).
     follows = np.zeros(len(seq_ids), bool)

@@ -33,7 +33,13 @@ def summarize(outputs: Sequence[RequestOutput], elapsed_time: float) -> dict:
       "num_output_tokens": output_tokens,
       "output_tokens_per_second": output_tokens / elapsed,
   }
-  summary.update(percentiles([o.ttft_s for o in outputs], "ttft_s"))
-  summary.update(percentiles([t for o in outputs for t in o.time_between_tokens_s], "tbt_s"))
-  summary.update(percentiles([o.ttft_s + o.decode_time_s for o in outputs], "e2e_s"))
+  summary.update(latency_percentiles(outputs))
   return summary
+
+
+def latency_percentiles(outputs: Sequence) -> dict[str, float | None]:
+  """TTFT, time-between-tokens and end-to-end percentiles (seconds) of outputs that have `ttft_s`,
+  `time_between_tokens_s` and `e2e_s` (RequestOutput, a Splitwise ClusterOutput)."""
+  return {**percentiles([o.ttft_s for o in outputs], "ttft_s"),
+          **percentiles([t for o in outputs for t in o.time_between_tokens_s], "tbt_s"),
+          **percentiles([o.e2e_s for o in outputs], "e2e_s")}

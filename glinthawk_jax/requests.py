@@ -54,5 +54,14 @@ class RequestOutput:
 
   @property
   def time_between_tokens_s(self) -> list[float]:
-    t = self.token_times_s
-    return [b - a for a, b in zip(t, t[1:])]
+    return token_gaps(self.token_times_s)
+
+  @property
+  def e2e_s(self) -> float:
+    """Arrival (the run's start) to the last token."""
+    return self.ttft_s + self.decode_time_s
+
+
+def token_gaps(token_times_s: list[float]) -> list[float]:
+  """Time between consecutive tokens."""
+  return [b - a for a, b in zip(token_times_s, token_times_s[1:])]

@@ -19,30 +19,37 @@ _READY = re.compile(r"^tier2 ready on (\S+:\d+)$", re.M)
 
 
 class ServerProcess:
-  """A running server: `address` is "host:port"; `stop()` ends it (SIGTERM, then SIGKILL)."""
+  """A running server: `address` is "host:port"; `stop()` ends it (SIGTERM, then SIGKILL). Subclasses
+  for other launchers set `launcher`, `ready` (the ready line's pattern) and `label`."""
 
-  def __init__(self, args: list[str]):
+  launcher = LAUNCHER
+  ready = _READY
+
+  def __init__(self, args: list[str], env: dict[str, str] | None = None):
     self.args = args
     self.log = tempfile.TemporaryFile(mode="w+")
     self.process = subprocess.Popen(
-        [sys.executable, LAUNCHER, *args, f"--exit_with_parent_pid={os.getpid()}"], cwd=REPO_ROOT,
-        stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        [sys.executable, self.launcher, *args, f"--exit_with_parent_pid={os.getpid()}"], cwd=REPO_ROOT,
+        env={**os.environ, **env} if env else None, stdout=self.log, stderr=subprocess.STDOUT, text=True)
     self.address = ""
+
+  @property
+  def label(self) -> str:
+    return f"tier-2 server {self.args}"
 
   def wait_ready(self, timeout_s: float) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-      match = _READY.search(self.output())
+      match = self.ready.search(self.output())
       if match:
         self.address = match.group(1)
         return self.address
       if self.process.poll() is not None:
-        raise RuntimeError(f"tier-2 server {self.args} exited with {self.process.returncode}:\n"
-                           f"{self.output()[-3000:]}")
+        raise RuntimeError(f"{self.label} exited with {self.process.returncode}:\n{self.output()[-3000:]}")
       time.sleep(0.05)
     log_tail = self.output()[-3000:]
     self.stop()
-    raise TimeoutError(f"tier-2 server {self.args}: no ready line in {timeout_s} s:\n{log_tail}")
+    raise TimeoutError(f"{self.label}: no ready line in {timeout_s} s:\n{log_tail}")
 
   def output(self) -> str:
     self.log.seek(0)

@@ -16,16 +16,13 @@ import itertools
 import logging
 import os
 import re
-import subprocess
-import sys
-import tempfile
 import time
 from typing import Callable
 
 import grpc
 
 from glinthawk_jax.config import REPO_ROOT
-from glinthawk_jax.requests import SamplingParams
+from glinthawk_jax.requests import SamplingParams, token_gaps
 from glinthawk_jax.splitwise.router import Route, Router, WorkerLoad
 from glinthawk_jax.splitwise.wire import WorkerStub, params_to_json
 from tier2_cpu.process import ServerProcess, stop_servers
@@ -36,27 +33,18 @@ FINISH_ERROR = "error"  # a request ended by a failed transfer under on_transfer
 
 
 class WorkerProcess(ServerProcess):
-  """A running worker; `address` is "host:port" once ready; `stop()` ends it (SIGTERM, then SIGKILL)."""
+  """A running worker (launch/worker.py); `address` is "host:port" once ready; `stop()` ends it."""
 
-  def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None):  # own launcher and env
+  launcher = LAUNCHER
+  ready = _READY
+
+  def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None):
     self.name = name
-    self.args = args
-    self.log = tempfile.TemporaryFile(mode="w+")
-    self.process = subprocess.Popen([sys.executable, LAUNCHER, *args, f"--exit_with_parent_pid={os.getpid()}"],
-                                    cwd=REPO_ROOT, env={**os.environ, **(env or {})}, stdout=self.log,
-                                    stderr=subprocess.STDOUT, text=True)
-    self.address = ""
+    super().__init__(args, env)
 
-  def wait_ready(self, timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-      if match := _READY.search(self.output()):
-        self.address = match.group(1)
-        return self.address
-      if self.process.poll() is not None:
-        raise RuntimeError(f"worker {self.name} exited with {self.process.returncode}:\n{self.output()[-3000:]}")
-      time.sleep(0.05)
-    raise TimeoutError(f"worker {self.name}: no ready line in {timeout_s} s:\n{self.output()[-3000:]}")
+  @property
+  def label(self) -> str:
+    return f"worker {self.name}"
 
 
 @dataclasses.dataclass
@@ -88,8 +76,7 @@ class ClusterOutput:
 
   @property
   def time_between_tokens_s(self) -> list[float]:
-    t = self.token_times_s
-    return [b - a for a, b in zip(t, t[1:])]
+    return token_gaps(self.token_times_s)
 
 
 @dataclasses.dataclass

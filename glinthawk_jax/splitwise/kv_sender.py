@@ -116,6 +116,11 @@ class KVSender:
       if t is not None:
         t.cancelled = True
 
+  def abort(self, uid: int, on_done: Callable[[int, Exception | None, dict], None]) -> None:
+    """cancel() then finish() without commit: the decode worker frees what it reserved."""
+    self.cancel(uid)
+    self.finish(uid, False, on_done)
+
   def _finish(self, uid: int, t: Transfer, commit: bool, on_done) -> None:
     error = None
     try:

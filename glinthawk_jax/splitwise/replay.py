@@ -10,12 +10,13 @@ rate whose attainment reaches `slo_target`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 
 import numpy as np
 
-from glinthawk_jax.metrics import percentiles
+from glinthawk_jax.metrics import latency_percentiles
 from glinthawk_jax.requests import SamplingParams
 from glinthawk_jax.sim import traces
 from glinthawk_jax.splitwise.cluster import FINISH_ERROR, Cluster, ClusterOutput, ClusterRequest
@@ -32,10 +33,16 @@ class ReplaySpec:
   seed: int = 0
 
 
+@functools.lru_cache(maxsize=None)
+def _trace(name: str) -> tuple:
+  """The parsed trace, read once a process (warm-ups and every rate sample from it)."""
+  return tuple(traces.load_azure(name))
+
+
 def trace_requests(spec: ReplaySpec, rate: float) -> list[ClusterRequest]:
   """`spec.num_requests` requests with trace lengths (sampled with replacement) and Poisson arrivals."""
   rng = np.random.default_rng(spec.seed)
-  pool = traces.load_azure(spec.trace)
+  pool = _trace(spec.trace)
   picked = [pool[i] for i in rng.integers(0, len(pool), spec.num_requests)]
   out = []
   for i, r in enumerate(traces.poisson(rate, spec.num_requests, picked, seed=spec.seed)):
@@ -62,9 +69,7 @@ def summarize(outputs: list[ClusterOutput], elapsed_s: float, slo_ttft_s: float,
        "kv_visible_s_p50": float(np.median([o.kv_visible_s for o in split])) if split else None,
        "kv_visible_share_of_ttft_p50": (float(np.median([o.kv_visible_s / o.ttft_s for o in split]))
                                         if split else None)}
-  s.update(percentiles([o.ttft_s for o in ok], "ttft_s"))
-  s.update(percentiles([t for o in ok for t in o.time_between_tokens_s], "tbt_s"))
-  s.update(percentiles([o.e2e_s for o in ok], "e2e_s"))
+  s.update(latency_percentiles(ok))
   return s
 
 

@@ -78,7 +78,7 @@ class Worker:
     self.wake = threading.Event()
     self.submits: list[tuple[Sequence, dict]] = []  # (sequence, Submit message) not yet admitted
     self.blocked: list[tuple[Sequence, dict, float]] = []  # ship requests waiting for Begin, next try time
-    self.ship: dict[int, str] = {}  # uid -> decode address, for requests prefilled here for another worker
+    self.ship: set[int] = set()  # uids of requests prefilled here for another worker
     self.local: dict[int, Sequence] = {}  # uid -> sequence in this worker's scheduler
     self.incoming: dict[int, Incoming] = {}
     self.kv_info: dict[int, dict] = {}  # uid -> transfer timings, attached to the request's output
@@ -264,8 +264,7 @@ class Worker:
       with self.lock:
         if entry not in self.blocked:  # aborted meanwhile
           if error is None:
-            self.sender.cancel(uid)
-            self.sender.finish(uid, False, self._transfer_done)
+            self.sender.abort(uid, self._transfer_done)
           continue
         self.blocked.remove(entry)
         if error is not None:
@@ -273,7 +272,7 @@ class Worker:
         elif begin["num_kv_tokens"] == 0:  # nothing to prefill
           self.sender.finish(uid, True, self._transfer_done)
         else:
-          self.ship[uid] = address
+          self.ship.add(uid)
           self.local[uid] = seq
           self.scheduler.add(seq)
     return did
@@ -300,7 +299,8 @@ class Worker:
         uid = seq.index
         if uid in self.ship and seq.decode_ready and seq in self.scheduler.running:
           self.scheduler.finish(seq)
-          del self.ship[uid], self.local[uid]
+          self.ship.discard(uid)
+          del self.local[uid]
           self.events.append({"uid": uid, "event": "prefilled", "prefill_end_s": now})
           self.sender.finish(uid, True, self._transfer_done)
     return True
@@ -315,16 +315,8 @@ class Worker:
                                        batch.temperature, batch.top_k, batch.top_p, batch.seeds,
                                        batch.greedy_only)
     now = time.time()
-    steps = tokens.shape[0]
     with self.lock:
-      for i, seq in enumerate(batch.seqs):
-        for step in range(steps):
-          # A fused call's tokens are spread evenly over the call, as Engine.generate does.
-          if self.engine._append(seq, int(tokens[step, i]), start + (now - start) * (step + 1) / steps):  # noqa: SLF001
-            self._finish(seq)
-            break
-        else:
-          seq.num_computed = seq.num_tokens - 1
+      self.engine.append_decoded(batch.seqs, tokens, start, now, self._finish)
     return True
 
   def _finish(self, seq: Sequence) -> None:
@@ -352,9 +344,9 @@ class Worker:
           self.scheduler.finish(seq)
         elif seq in self.scheduler.waiting:
           self.scheduler.waiting.remove(seq)
-      if self.ship.pop(uid, None) is not None:
-        self.sender.cancel(uid)
-        self.sender.finish(uid, False, lambda *_: None)
+      if uid in self.ship:
+        self.ship.discard(uid)
+        self.sender.abort(uid, lambda *_: None)
       self.kv_info.pop(uid, None)
     self.aborts.clear()
 

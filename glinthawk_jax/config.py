@@ -116,15 +116,11 @@ def base_config() -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first bad key and what is allowed."""
-  _one_of(config, "placement", PLACEMENTS)
-  _one_of(config, "dtype", DTYPES)
-  _one_of(config, "role", ROLES)
-  if config.engine.layer_loop not in LAYER_LOOPS:
-    raise ConfigError(f"engine.layer_loop={config.engine.layer_loop!r}: expected one of "
-                      f"{', '.join(LAYER_LOOPS)}")
-  if config.engine.decode_attention not in DECODE_ATTENTION_KERNELS:
-    raise ConfigError(f"engine.decode_attention={config.engine.decode_attention!r}: expected one of "
-                      f"{', '.join(DECODE_ATTENTION_KERNELS)}")
+  _one_of("placement", config.placement, PLACEMENTS)
+  _one_of("dtype", config.dtype, DTYPES)
+  _one_of("role", config.role, ROLES)
+  _one_of("engine.layer_loop", config.engine.layer_loop, LAYER_LOOPS)
+  _one_of("engine.decode_attention", config.engine.decode_attention, DECODE_ATTENTION_KERNELS)
   if config.engine.decode_attention == "pallas" and config.engine.layer_loop != "unrolled":
     raise ConfigError("engine.decode_attention='pallas' needs engine.layer_loop='unrolled' (a static layer "
                       "index per kernel call)")
@@ -156,13 +152,11 @@ def _validate_tier2(t, slices: int) -> None:
   if t.addresses and len(groups) != slices:
     raise ConfigError(f"tier2.addresses: {len(groups)} \";\"-separated groups for engine.layer_slices={slices}")
   for a in filter(None, re.split("[,;]", t.addresses)):
-    host, _, port = a.strip().rpartition(":")
-    if not host or not port.isdigit():
+    if not _is_host_port(a.strip()):
       raise ConfigError(f"tier2.addresses: {a!r}: expected host:port")
   if not t.addresses and t.spawn == 0:
     raise ConfigError("tier2.spawn=0 and tier2.addresses is empty: no tier-2 server to use")
-  if t.kv_dtype not in TIER2_KV_DTYPES:
-    raise ConfigError(f"tier2.kv_dtype={t.kv_dtype!r}: expected one of {', '.join(TIER2_KV_DTYPES)}")
+  _one_of("tier2.kv_dtype", t.kv_dtype, TIER2_KV_DTYPES)
   if t.kv_cache_gb <= 0:
     raise ConfigError(f"tier2.kv_cache_gb={t.kv_cache_gb}: expected > 0")
   if t.cpus != "auto" and not all(part.strip() for part in t.cpus.split(";")):
@@ -172,8 +166,7 @@ def _validate_tier2(t, slices: int) -> None:
                       f"x engine.layer_slices={slices} servers")
   if t.timeout_s <= 0:
     raise ConfigError(f"tier2.timeout_s={t.timeout_s}: expected > 0")
-  if t.transport not in TIER2_TRANSPORTS:
-    raise ConfigError(f"tier2.transport={t.transport!r}: expected one of {', '.join(TIER2_TRANSPORTS)}")
+  _one_of("tier2.transport", t.transport, TIER2_TRANSPORTS)
   if not isinstance(t.in_flight, int) or not 0 <= t.in_flight <= MAX_IN_FLIGHT:
     raise ConfigError(f"tier2.in_flight={t.in_flight!r}: expected an integer in [0, {MAX_IN_FLIGHT}]")
   if t.inject_delay_ms < 0:
@@ -187,10 +180,8 @@ def _validate_tier2(t, slices: int) -> None:
 
 
 def _validate_distributed(d) -> None:
-  if d.coordinator_address:
-    host, _, port = d.coordinator_address.rpartition(":")
-    if not host or not port.isdigit():
-      raise ConfigError(f"distributed.coordinator_address={d.coordinator_address!r}: expected host:port")
+  if d.coordinator_address and not _is_host_port(d.coordinator_address):
+    raise ConfigError(f"distributed.coordinator_address={d.coordinator_address!r}: expected host:port")
   if not isinstance(d.num_processes, int) or d.num_processes < 1:
     raise ConfigError(f"distributed.num_processes={d.num_processes!r}: expected a positive integer")
   if not isinstance(d.process_id, int) or not 0 <= d.process_id < d.num_processes:
@@ -209,9 +200,7 @@ def _validate_splitwise(config) -> None:
   s = config.splitwise
   if config.role != "colocated" and config.placement != "local":
     raise ConfigError(f"role={config.role!r} needs placement='local' (got {config.placement!r})")
-  if s.on_transfer_failure not in TRANSFER_FAILURE_POLICIES:
-    raise ConfigError(f"splitwise.on_transfer_failure={s.on_transfer_failure!r}: expected one of "
-                      f"{', '.join(TRANSFER_FAILURE_POLICIES)}")
+  _one_of("splitwise.on_transfer_failure", s.on_transfer_failure, TRANSFER_FAILURE_POLICIES)
   for key in ("kv_timeout_s", "poll_interval_s"):
     if not s[key] > 0:
       raise ConfigError(f"splitwise.{key}={s[key]}: expected > 0")
@@ -258,10 +247,14 @@ def tokenizer_path(config: ml_collections.ConfigDict) -> str:
   return TINY_TOKENIZER
 
 
-def _one_of(config, key, allowed):
-  value = config[key]
+def _one_of(key: str, value, allowed) -> None:
   if value not in allowed:
     raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+
+
+def _is_host_port(address: str) -> bool:
+  host, _, port = address.rpartition(":")
+  return bool(host) and port.isdigit()
 
 
 def _positive(config, dotted):

@@ -92,17 +92,13 @@ class Engine:
     """Scheduler pages of a two-tier placement (scratch page included): tier 2's capacity in
     engine.page_size pages, at most every slot at full length, so preemption follows tier 2's room."""
     ec = self.config.engine
-    fleets = [[row["num_pages"] * row["page_size"] for row in c.stats()] for c in self._tier2_fleets()]
+    fleets = [[row["num_pages"] * row["page_size"] for row in c.stats()] for c in self.tier2.fleets]
     largest = min(max(tokens) for tokens in fleets)
     if largest < ec.max_model_len:
       raise KVCacheTooSmallError(f"tier2.kv_cache_gb={self.config.tier2.kv_cache_gb}: the largest tier-2 pool "
                                  f"holds {largest} tokens, less than engine.max_model_len={ec.max_model_len}")
     full = ec.max_num_seqs * pages_per_sequence(ec.max_model_len, ec.page_size)
     return min(full, min(sum(t // ec.page_size for t in tokens) for tokens in fleets)) + 1
-
-  def _tier2_fleets(self) -> list:
-    """One Tier2Client per layer slice (each slice's servers hold every sequence's KV of its layers)."""
-    return getattr(self.tier2.client, "clients", [self.tier2.client])
 
   def _two_tier_runner(self, model):
     from glinthawk_jax.placements.callback import CallbackAttention  # noqa: PLC0415
@@ -183,17 +179,7 @@ class Engine:
         now = time.perf_counter()
         self.stats.decode_time_s += now - t
         self.stats.num_decode_calls += 1
-        steps = tokens.shape[0]
-        # A fused call's tokens reach the host together; spread their times evenly over the call, in
-        # the order the device produced them, so time-between-tokens stays meaningful.
-        step_times = [t - start + (now - t) * (step + 1) / steps for step in range(steps)]
-        for i, seq in enumerate(batch.seqs):
-          for step in range(steps):
-            if self._append(seq, int(tokens[step, i]), step_times[step]):
-              finish(seq)
-              break
-          else:
-            seq.num_computed = seq.num_tokens - 1
+        self.append_decoded(batch.seqs, tokens, t - start, now - start, finish)
     finally:
       self._release_tier2(list(self._tier2_ids), best_effort=True)
       bar.close()
@@ -270,7 +256,7 @@ class Engine:
     """A shard's pool is full (sequences grew unevenly across shards, or another client holds pages):
     preempts the newest running sequence on it and frees its KV there; the failed step reruns (like
     _fail_over)."""
-    fleet = next((c for c in self._tier2_fleets() if error.address in c.addresses), None)
+    fleet = next((c for c in self.tier2.fleets if error.address in c.addresses), None)
     if fleet is None:
       raise error
     shard = fleet.addresses.index(error.address)
@@ -284,7 +270,7 @@ class Engine:
     # leaves the scheduler's free list for this run; else the preempted sequence would come straight back.
     page = self.config.engine.page_size
     free = min(sum((row["num_pages"] - row["pages_in_use"]) * row["page_size"] // page for row in c.stats())
-               for c in self._tier2_fleets())
+               for c in self.tier2.fleets)
     if scheduler.allocator.num_free > free:
       scheduler.allocator.allocate(scheduler.allocator.num_free - free)
 
@@ -334,6 +320,21 @@ class Engine:
       ids.update(getattr(self.tokenizer, "eos_token_ids", None) or (self.tokenizer.eos_token_id,))
     ids.discard(None)
     return frozenset(ids)
+
+  def append_decoded(self, seqs: list[Sequence], tokens: np.ndarray, call_start_s: float, call_end_s: float,
+                     on_finish: Callable[[Sequence], None]) -> None:
+    """Adds a decode call's tokens [steps, B] to its sequences, applying the stop rules; each finished
+    sequence goes to on_finish. A fused call's tokens reach the host together: their times are spread
+    evenly over the call, in the order the device produced them, so time-between-tokens stays meaningful."""
+    steps = tokens.shape[0]
+    step_times = [call_start_s + (call_end_s - call_start_s) * (step + 1) / steps for step in range(steps)]
+    for i, seq in enumerate(seqs):
+      for step in range(steps):
+        if self._append(seq, int(tokens[step, i]), step_times[step]):
+          on_finish(seq)
+          break
+      else:
+        seq.num_computed = seq.num_tokens - 1
 
   def _append(self, seq: Sequence, token: int, now: float) -> bool:
     """Adds a sampled token and applies the stop rules; True when the sequence is finished."""

@@ -33,7 +33,7 @@ from glinthawk_jax import paged_attention, paged_cache, pallas_paged_attention
 from glinthawk_jax.config import DECODE_ATTENTION_KERNELS, LAYER_LOOPS
 from glinthawk_jax.sampling import sample
 from glinthawk_jax.sharding import Layout
-from models.llama import Llama
+from models.llama import Llama, scan_layers
 from models.model_config import ModelConfig
 
 
@@ -66,7 +66,8 @@ class LocalPagedAttention:
   def init_state(self) -> Any:
     return paged_cache.init_pool(self.model, self.num_pages, self.page_size, self.num_layers, self.sharding)
 
-  def _write(self, state, layer, k, v, page_ids, offsets):
+  def write(self, state, layer, k, v, page_ids, offsets):
+    """Stores k, v of model layer `layer` at (page_ids, offsets); returns (slice-local layer, k_pool, v_pool)."""
     k_pool, v_pool = state
     layer = layer - self.first_layer
     k_pool = paged_attention.write_kv(k_pool, layer, k, page_ids, offsets)
@@ -81,7 +82,7 @@ class LocalPagedAttention:
     window = self.model.sliding_window
 
     def attend(layer, q, k, v, state):
-      layer, k_pool, v_pool = self._write(state, layer, k, v, page_ids, offsets)
+      layer, k_pool, v_pool = self.write(state, layer, k, v, page_ids, offsets)
       out = paged_attention.paged_prefill_attention(q, k_pool, v_pool, layer, block_tables, q_positions,
                                                     context_lens, window)
       return out, (k_pool, v_pool)
@@ -93,7 +94,7 @@ class LocalPagedAttention:
     window = self.model.sliding_window
 
     def attend(layer, q, k, v, state):
-      layer, k_pool, v_pool = self._write(state, layer, k, v, page_ids, offsets)
+      layer, k_pool, v_pool = self.write(state, layer, k, v, page_ids, offsets)
       out = self._decode_kernel(layer)(q[:, 0], k_pool, v_pool, layer, block_tables, context_lens, window)
       return out[:, None], (k_pool, v_pool)
 
@@ -147,6 +148,7 @@ class ModelRunner:
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnames=("slice_index",))
     self._decode = jax.jit(self._decode_fn, donate_argnums=(1,),
                            static_argnames=("slice_index", "steps", "greedy_only"))
+    self._write_kv = jax.jit(self._write_kv_fn, donate_argnums=(0,), static_argnames=("slice_index",))
     self.compiled_shapes: set[tuple] = set()
 
   @property
@@ -192,7 +194,12 @@ class ModelRunner:
     """Stores k, v: [T, KV, D] of model layer `layer` at (page_ids, offsets): [T] in its slice's pools
     (KV computed elsewhere, e.g. received from a prefill worker)."""
     sl = next(sl for sl in self.slices if sl.first_layer <= layer < sl.first_layer + sl.num_layers)
-    sl.state = _write_layer(sl.state, layer - sl.first_layer, k, v, page_ids, offsets)
+    sl.state = self._write_kv(sl.state, layer, k[None], v[None], page_ids[None], offsets[None],
+                              slice_index=sl.index)
+
+  def _write_kv_fn(self, state, layer, k, v, page_ids, offsets, *, slice_index):
+    _, k_pool, v_pool = self.slices[slice_index].backend.write(state, layer, k, v, page_ids, offsets)
+    return k_pool, v_pool
 
   def _merge(self, sl: _Slice, params):
     """(model for embed/logits, run_layers(x, positions, attend, state) -> (x, state)) of a slice;
@@ -209,18 +216,7 @@ class ModelRunner:
           out, state = attend(sl.first_layer + i, q, k, v, state)
           x = layer.post_attention(x, out)
         return x, state
-
-      def body(carry, xs):
-        h, st = carry
-        layer_state, index = xs
-        layer = nnx.merge(self.layer_graphdef, layer_state)
-        q, k, v = layer.pre_attention(h, positions)
-        out, st = attend(index, q, k, v, st)
-        return (layer.post_attention(h, out), st), None
-
-      indices = sl.first_layer + jnp.arange(sl.num_layers, dtype=jnp.int32)
-      (x, state), _ = jax.lax.scan(body, (x, state), (layers, indices))
-      return x, state
+      return scan_layers(self.layer_graphdef, layers, x, positions, attend, state, sl.first_layer)
 
     return nnx.merge(self.graphdef, outer), run_layers
 
@@ -259,13 +255,6 @@ class ModelRunner:
     carry = (inp, state, jnp.zeros((steps, positions.shape[0]), jnp.int32))
     h, state, out = step(0, carry) if steps == 1 else jax.lax.fori_loop(0, steps, step, carry)
     return state, (out if last else h)
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _write_layer(state, layer, k, v, page_ids, offsets):
-  k_pool, v_pool = state
-  return (paged_attention.write_kv(k_pool, layer, k[None], page_ids[None], offsets[None]),
-          paged_attention.write_kv(v_pool, layer, v[None], page_ids[None], offsets[None]))
 
 
 def _row_ids(seq_ids, rows: int) -> np.ndarray:

@@ -31,6 +31,12 @@ ROW_PARALLEL = ("o_proj", "down_proj", "embed_tokens")
 KV_POOL_SPEC = P(None, None, None, MODEL)  # trailing None dropped, as jit outputs name it
 
 
+def layer_bounds(num_layers: int, slices: int) -> list[tuple[int, int]]:
+  """[first, end) of each of `slices` equal, contiguous layer ranges (slices divides num_layers)."""
+  per = num_layers // slices
+  return [(s * per, (s + 1) * per) for s in range(slices)]
+
+
 class Layout:
   """Where tier 1's weights and KV live: `layer_slices` slices of `tensor_parallel` devices each."""
 
@@ -41,7 +47,7 @@ class Layout:
     self.mesh = Mesh(np.array(devices, dtype=object).reshape(layer_slices, tensor_parallel), (STAGE, MODEL))
     self.slice_meshes = [Mesh(self.mesh.devices[s], (MODEL,)) for s in range(layer_slices)]
     self.layers_per_slice = num_layers // layer_slices
-    self.bounds = [(s * self.layers_per_slice, (s + 1) * self.layers_per_slice) for s in range(layer_slices)]
+    self.bounds = layer_bounds(num_layers, layer_slices)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, model: ModelConfig) -> "Layout":

@@ -13,6 +13,7 @@ import os
 
 import ml_collections
 
+from glinthawk_jax.sharding import layer_bounds
 from glinthawk_jax.tier2_client import Tier2Client
 from glinthawk_jax.tier2_slices import SlicedTier2Client
 from models.model_config import ModelConfig
@@ -48,17 +49,17 @@ def core_lists(spec: str, count: int) -> list[str]:
 
 class Tier2Servers:
   """The servers a run uses and a connected Tier2Client (a SlicedTier2Client with engine.layer_slices > 1);
-  owns the processes it spawned."""
+  `fleets` holds one Tier2Client per layer slice. Owns the processes it spawned."""
 
   def __init__(self, config: ml_collections.ConfigDict, model: ModelConfig, ready_timeout_s: float = 120.0):
     from tier2_cpu.process import ServerProcess  # noqa: PLC0415 (only when spawning)
 
     t = config.tier2
     self.client = None
+    self.fleets: list[Tier2Client] = []
     self.processes = []
     slices = config.engine.layer_slices
-    per = model.num_layers // slices
-    ranges = [(s * per, (s + 1) * per) for s in range(slices)]
+    ranges = layer_bounds(model.num_layers, slices)
     groups = [[a.strip() for a in group.split(",") if a.strip()] for group in t.addresses.split(";")]
     try:
       if not t.addresses:
@@ -71,14 +72,13 @@ class Tier2Servers:
         logging.info("spawned %d tier-2 servers: %s", len(spawned), ", ".join(spawned))
         groups = [spawned[s * t.spawn:(s + 1) * t.spawn] for s in range(slices)]
       self.addresses = [a for group in groups for a in group]
-      clients = []
-      self.client = SlicedTier2Client(clients, per)  # closes whatever connected if a later one fails
+      self.client = SlicedTier2Client(self.fleets, ranges[0][1])  # closes whatever connected if one fails
       for group, layers in zip(groups, ranges):
-        clients.append(Tier2Client.for_model(group, model, layers=layers, timeout_s=t.timeout_s,
+        self.fleets.append(Tier2Client.for_model(group, model, layers=layers, timeout_s=t.timeout_s,
                                              transport=t.transport, auth_token=t.auth_token,
                                              tls_ca=t.tls_ca))  # set with addresses only
       if slices == 1:
-        self.client = clients[0]
+        self.client = self.fleets[0]
     except BaseException:
       self.close()
       raise

@@ -127,18 +127,7 @@ class Llama(nnx.Module):
     Returns (x after the last layer, final state).
     """
     graphdef, stacked = nnx.split(self.layers)
-
-    def body(carry, xs):
-      h, st = carry
-      layer_state, index = xs
-      layer = nnx.merge(graphdef, layer_state)
-      q, k, v = layer.pre_attention(h, positions)
-      out, st = attend(index, q, k, v, st)
-      return (layer.post_attention(h, out), st), None
-
-    indices = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-    (x, state), _ = jax.lax.scan(body, (x, state), (stacked, indices))
-    return x, state
+    return scan_layers(graphdef, stacked, x, positions, attend, state)
 
   def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None) -> jnp.ndarray:
     """Full causal forward (prefill, scoring): tokens [B, T] -> float32 logits [B, T, vocab].
@@ -169,3 +158,25 @@ def init_model(config: ModelConfig, seed: int = 0) -> Llama:
 def abstract_model(config: ModelConfig) -> Llama:
   """The model's structure with ShapeDtypeStruct leaves (no memory), for checkpoint loading."""
   return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(params=0)))
+
+
+def scan_layers(graphdef, stacked, x: jnp.ndarray, positions: jnp.ndarray, attend: AttendFn, state: Any = None,
+                first_layer: int = 0):
+  """Scans the decoder layers of `stacked` (nnx state, layers on the leading axis; `graphdef` of one
+  DecoderLayer stack); attend gets layer indices first_layer, first_layer + 1, ...
+
+  Returns (x after the last layer, final state).
+  """
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+
+  def body(carry, xs):
+    h, st = carry
+    layer_state, index = xs
+    layer = nnx.merge(graphdef, layer_state)
+    q, k, v = layer.pre_attention(h, positions)
+    out, st = attend(index, q, k, v, st)
+    return (layer.post_attention(h, out), st), None
+
+  indices = first_layer + jnp.arange(num_layers, dtype=jnp.int32)
+  (x, state), _ = jax.lax.scan(body, (x, state), (stacked, indices))
+  return x, state

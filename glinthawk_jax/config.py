@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # seed of random weights and of the default sampling seed
   c.placement = "local"  # where attention runs: local (paged on tier 1), callback, pipelined
   c.role = "colocated"  # Splitwise worker role: colocated (prefill and decode), prefill or decode
+  # Two-tier placements: share of sequences (weighted by prompt + max_tokens) whose KV lives in tier 1's
+  # paged cache and which attend there, the others on tier 2; 0 = all on tier 2, 1 = all local.
+  c.local_attention_fraction = 0.0
 
   c.model = ml_collections.ConfigDict()  # model dimensions; replaced by config.json when checkpoint is set
   c.model.vocab_size = 512
@@ -138,11 +141,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"sampling.temperature={config.sampling.temperature}: expected >= 0")
   if not 0.0 < config.sampling.top_p <= 1.0:
     raise ConfigError(f"sampling.top_p={config.sampling.top_p}: expected a value in (0, 1]")
+  _validate_local_share(config)
   _validate_tier2(config.tier2, config.engine.layer_slices)
   _validate_distributed(config.distributed)
   _validate_splitwise(config)
   if config.checkpoint and not os.path.isdir(config.checkpoint):
     raise ConfigError(f"checkpoint={config.checkpoint!r}: no such directory")
+
+
+def _validate_local_share(config) -> None:
+  f = config.local_attention_fraction
+  if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
+    raise ConfigError(f"local_attention_fraction={f!r}: expected a number in [0, 1]")
+  if f > 0 and config.placement == "pipelined" and config.engine.decode_attention == "pallas":
+    raise ConfigError("local_attention_fraction > 0 with placement='pipelined' needs engine.decode_attention="
+                      "'xla': its per-layer steps take the layer as a traced index, the Pallas kernel a static one")
 
 
 def _validate_tier2(t, slices: int) -> None:

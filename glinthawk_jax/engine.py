@@ -21,6 +21,7 @@ from glinthawk_jax import config as config_lib
 from glinthawk_jax.checkpoint import load_model
 from glinthawk_jax.model_runner import LocalPagedAttention, ModelRunner
 from glinthawk_jax.paged_cache import GIB, KVCacheTooSmallError, PageAllocator, num_pages_for, pages_per_sequence
+from glinthawk_jax.placements.tokens import LOCAL_ROW, PADDING_ROW
 from glinthawk_jax.requests import FINISH_LENGTH, FINISH_STOP, RequestOutput, SamplingParams
 from glinthawk_jax.scheduler import Scheduler, Sequence
 from glinthawk_jax.sharding import Layout
@@ -49,6 +50,9 @@ class EngineStats:
   decode_time_s: float = 0.0
   num_compilations: int = 0  # distinct jitted shapes run (each compiled once)
   num_tier2_failovers: int = 0  # tier-2 shards lost mid-run (their sequences re-prefilled elsewhere)
+  num_local_pages: int = 0  # pages of tier 1's paged cache (two-tier placements: local_attention_fraction > 0)
+  num_local_admissions: int = 0  # sequences admitted with their KV on tier 1 (re-admissions counted)
+  num_tier2_admissions: int = 0  # sequences admitted with their KV on tier 2
 
 
 class Engine:
@@ -71,6 +75,7 @@ class Engine:
     self.tier2 = None  # Tier2Servers for the two-tier placements
     self._tier2_ids: dict[Sequence, int] = {}  # sequences holding KV on tier 2 -> their tier-2 id
     self._next_tier2_id = itertools.count()
+    self.num_local_pages = 0  # tier 1's paged cache beside tier 2 (local_attention_fraction > 0)
     if config.placement == "local":
       self.num_pages = num_pages_for(ec, self.model_config, self.layout.devices[0], self.layout.num_devices)
       backend = attention(self.model_config, self.num_pages, ec.page_size, ec.decode_attention)
@@ -79,14 +84,20 @@ class Engine:
       self.tier2 = Tier2Servers(config, self.model_config)
       try:
         self.num_pages = self._tier2_pages()
-        self.runner = self._two_tier_runner(model)
+        if config.local_attention_fraction > 0:
+          self.num_local_pages = num_pages_for(ec, self.model_config, self.layout.devices[0],
+                                               self.layout.num_devices)
+        self.runner = self._two_tier_runner(model, attention)
       except Exception:
         self.close()
         raise
     del model  # with layer_loop="unrolled" the runner holds per-layer copies; let the stacked ones go
-    kv_bytes = (self.num_pages * ec.page_size * self.model_config.kv_bytes_per_token if self.tier2 is None else
-                sum(row["kv_bytes_capacity"] for row in self.tier2.client.stats()))  # tier 2's pools
-    self.stats = EngineStats(num_pages=self.num_pages, page_size=ec.page_size, kv_pool_gib=kv_bytes / GIB)
+    local_pages = self.num_pages if self.tier2 is None else self.num_local_pages
+    kv_bytes = local_pages * ec.page_size * self.model_config.kv_bytes_per_token
+    if self.tier2 is not None:
+      kv_bytes += sum(row["kv_bytes_capacity"] for row in self.tier2.client.stats())  # tier 2's pools
+    self.stats = EngineStats(num_pages=self.num_pages, page_size=ec.page_size, kv_pool_gib=kv_bytes / GIB,
+                             num_local_pages=self.num_local_pages)
 
   def _tier2_pages(self) -> int:
     """Scheduler pages of a two-tier placement (scratch page included): tier 2's capacity in
@@ -100,16 +111,22 @@ class Engine:
     full = ec.max_num_seqs * pages_per_sequence(ec.max_model_len, ec.page_size)
     return min(full, min(sum(t // ec.page_size for t in tokens) for tokens in fleets)) + 1
 
-  def _two_tier_runner(self, model):
-    from glinthawk_jax.placements.callback import CallbackAttention  # noqa: PLC0415
+  def _two_tier_runner(self, model, attention):
+    """The placement's runner; with local_attention_fraction > 0 it also holds tier 1's paged cache
+    (`attention` backend), where the rows of local sequences attend."""
+    from glinthawk_jax.placements.callback import CallbackAttention, SharedAttention  # noqa: PLC0415
     from glinthawk_jax.placements.pipelined import PipelinedRunner  # noqa: PLC0415
 
     ec, t = self.config.engine, self.config.tier2
+    local = (attention(self.model_config, self.num_local_pages, ec.page_size, ec.decode_attention)
+             if self.num_local_pages else None)
     if self.config.placement == "callback":
       backend = CallbackAttention(self.tier2.client, ec.page_size, self.num_pages, t.timeout_s)
+      if local is not None:
+        backend = SharedAttention(local, backend)
       return ModelRunner(model, backend, ec.decode_steps_per_call, ec.layer_loop, self.layout)
     return PipelinedRunner(model, self.tier2.client, ec.decode_steps_per_call, t.in_flight, t.timeout_s,
-                           self.layout)
+                           self.layout, local)
 
   def close(self) -> None:
     """Stops the tier-2 servers this engine spawned (no-op for placement local)."""
@@ -138,7 +155,9 @@ class Engine:
     seqs = self._sequences(prompts, sampling, request_ids)
     start = time.perf_counter()
     ec = self.config.engine
-    scheduler = Scheduler(ec, PageAllocator(self.num_pages), ec.decode_steps_per_call)
+    scheduler = Scheduler(ec, PageAllocator(self.num_pages), ec.decode_steps_per_call,
+                          PageAllocator(self.num_local_pages) if self.num_local_pages else None,
+                          self.config.local_attention_fraction)
     for seq in seqs:
       scheduler.add(seq)
     outputs: list[RequestOutput | None] = [None] * len(seqs)
@@ -184,6 +203,9 @@ class Engine:
       self._release_tier2(list(self._tier2_ids), best_effort=True)
       bar.close()
       self.stats.num_preemptions += scheduler.num_preemptions - preemptions_before
+      local = scheduler.num_local_admissions if self.tier2 is not None else scheduler.num_admissions
+      self.stats.num_local_admissions += local
+      self.stats.num_tier2_admissions += scheduler.num_admissions - local
       self.stats.num_compilations = self.runner.num_compilations
     return outputs
 
@@ -212,16 +234,17 @@ class Engine:
     return ran
 
   def _tier2_rows(self, seqs: list[Sequence], rows: int):
-    """[rows] tier-2 ids of the batch's sequences (allocating new ones), -1 for padding; None if local."""
+    """[rows] tier-2 ids of the batch's sequences (allocating new ones), PADDING_ROW for padding and
+    LOCAL_ROW for sequences attending on tier 1; None if placement local."""
     if self.tier2 is None:
       return None
-    new = [s for s in seqs if s not in self._tier2_ids]
+    new = [s for s in seqs if s not in self._tier2_ids and not s.local]
     if new:
       ids = [next(self._next_tier2_id) for _ in new]
       self.tier2.client.allocate(ids, expected_tokens=max(s.num_tokens + s.max_tokens for s in new))
       self._tier2_ids.update(zip(new, ids))
-    out = np.full((rows,), -1, np.int32)
-    out[:len(seqs)] = [self._tier2_ids[s] for s in seqs]
+    out = np.full((rows,), PADDING_ROW, np.int32)
+    out[:len(seqs)] = [LOCAL_ROW if s.local else self._tier2_ids[s] for s in seqs]
     return out
 
   def _release_tier2(self, seqs: list[Sequence], best_effort: bool = False) -> None:

@@ -4,7 +4,14 @@ A sequence's tokens are its prompt then its outputs. The cache holds `num_comput
 fills it up to all but the last token (in chunks within engine.max_prefill_tokens), and decode feeds the
 last token, so every token is sampled by decode. When pages run out the newest running sequence is
 preempted by recompute: its pages are freed and it waits again with its outputs kept, to be prefilled
-anew. Shapes are bucketed (rows and tokens to powers of two, block-table widths to 2^k and 1.5 * 2^k)
+anew.
+
+Two-tier placements with local_attention_fraction > 0 have two pools: `allocator` books tier 2's room
+and `local_allocator` hands out pages of tier 1's paged cache. Each admission places the sequence on one
+side (`Sequence.local`) so the running sequences' expected KV stays near the fraction, on the other side
+when the preferred one has no room; its KV stays there until it finishes or is preempted, and
+preemption frees pages on its own side only. Batches carry the real pages of local sequences and the
+scratch page for the others (their KV is on tier 2), so tier 1 writes only local KV. Shapes are bucketed (rows and tokens to powers of two, block-table widths to 2^k and 1.5 * 2^k)
 so the jitted calls compile a handful of times.
 """
 
@@ -39,6 +46,7 @@ class Sequence:
   stop_ids: frozenset[int] = frozenset()  # token ids that finish the request (EOS unless ignore_eos)
   output_ids: list[int] = dataclasses.field(default_factory=list)
   pages: list[int] = dataclasses.field(default_factory=list)
+  local: bool = False  # KV in tier 1's paged cache under local_attention_fraction (set at admission)
   num_computed: int = 0  # tokens whose K, V are in the pages
   token_times_s: list[float] = dataclasses.field(default_factory=list)
   finish_reason: str | None = None
@@ -105,7 +113,8 @@ def width_bucket(pages: int, limit: int) -> int:
 class Scheduler:
   """FIFO admission, prefill before decode, LIFO preemption by recompute."""
 
-  def __init__(self, engine_config, allocator: PageAllocator, decode_steps: int):
+  def __init__(self, engine_config, allocator: PageAllocator, decode_steps: int,
+               local_allocator: PageAllocator | None = None, local_fraction: float = 0.0):
     self.page_size = engine_config.page_size
     self.max_num_seqs = engine_config.max_num_seqs
     self.max_model_len = engine_config.max_model_len
@@ -113,11 +122,15 @@ class Scheduler:
     self.chunk_cap = 1 << int(math.log2(engine_config.max_prefill_tokens))
     self.max_width = pages_per_sequence(engine_config.max_model_len, engine_config.page_size)
     self.allocator = allocator
+    self.local_allocator = local_allocator  # tier 1's pool when some two-tier sequences attend locally
+    self.local_fraction = local_fraction if local_allocator is not None else 0.0
     self.decode_steps = decode_steps
     self.waiting: list[Sequence] = []  # sorted by index
     self.running: list[Sequence] = []  # in admission order
     self.num_preemptions = 0
     self.preempted: list[Sequence] = []  # sent back to waiting since the last take_preempted()
+    self.num_admissions = 0
+    self.num_local_admissions = 0  # admissions to local_allocator's pool
 
   def add(self, seq: Sequence) -> None:
     bisect.insort(self.waiting, seq, key=lambda s: s.index)
@@ -132,7 +145,7 @@ class Scheduler:
   def finish(self, seq: Sequence) -> None:
     """Removes a finished sequence and frees its pages."""
     self.running.remove(seq)
-    self.allocator.free(seq.pages)
+    self._pool(seq).free(seq.pages)
     seq.pages = []
 
   def requeue(self, seq: Sequence) -> None:
@@ -149,12 +162,40 @@ class Scheduler:
     taken, self.preempted = self.preempted, []
     return taken
 
+  def _pool(self, seq: Sequence) -> PageAllocator:
+    return self.local_allocator if seq.local else self.allocator
+
+  def _device_pages(self, seq: Sequence) -> list[int]:
+    """Pages a batch carries: none for a tier-2 sequence beside a local pool (it writes to scratch)."""
+    return seq.pages if seq.local or self.local_allocator is None else []
+
+  def _place(self, seq: Sequence, pages: int) -> bool:
+    """Chooses seq's side for admission (sets seq.local); False when neither side has `pages` free
+    beyond the decode reserve of its running sequences."""
+    if self.local_allocator is None:
+      return self._room(False, pages)
+    size = len(seq.prompt_ids) + seq.max_tokens
+    local_kv = sum(len(s.prompt_ids) + s.max_tokens for s in self.running if s.local)
+    all_kv = sum(len(s.prompt_ids) + s.max_tokens for s in self.running)
+    prefer = local_kv + size / 2 <= self.local_fraction * (all_kv + size)  # the share closest to the fraction
+    sides = [prefer] if self.local_fraction in (0.0, 1.0) else [prefer, not prefer]
+    for local in sides:
+      if self._room(local, pages):
+        seq.local = local
+        return True
+    return False
+
+  def _room(self, local: bool, pages: int) -> bool:
+    pool = self.local_allocator if local else self.allocator
+    running = sum(s.local == local for s in self.running)
+    return pages + running * math.ceil(self.decode_steps / self.page_size) <= pool.num_free
+
   def _pages_for(self, seq: Sequence, num_cached: int) -> int:
     return max(0, math.ceil(num_cached / self.page_size) - len(seq.pages))
 
   def _preempt(self, seq: Sequence) -> None:
     self.running.remove(seq)
-    self.allocator.free(seq.pages)
+    self._pool(seq).free(seq.pages)
     seq.pages = []
     seq.num_computed = 0
     self.num_preemptions += 1
@@ -162,13 +203,15 @@ class Scheduler:
     self.add(seq)
 
   def _reserve(self, seq: Sequence, need: int) -> bool:
-    """Allocates `need` pages to a running seq, preempting the newest others; False if seq was preempted."""
-    while need > self.allocator.num_free:
-      victim = self.running[-1]
+    """Allocates `need` pages to a running seq, preempting the newest others on its side; False if seq
+    was preempted."""
+    pool = self._pool(seq)
+    while need > pool.num_free:
+      victim = [s for s in self.running if s.local == seq.local][-1]
       self._preempt(victim)
       if victim is seq:
         return False
-    seq.pages += self.allocator.allocate(need)
+    seq.pages += pool.allocate(need)
     return True
 
   def schedule_prefill(self) -> PrefillBatch | None:
@@ -189,15 +232,16 @@ class Scheduler:
       if chunk and rows and not self._fits(len(rows) + 1, max(longest, chunk)):
         break
       need = self._pages_for(seq, seq.num_computed + chunk)
-      reserve = len(self.running) * math.ceil(self.decode_steps / self.page_size)
       # Admitted only if its whole prompt and first decode call fit: else its later chunks would
       # preempt it (it is the newest) and it would be admitted again, forever, while nothing decodes.
       whole = self._pages_for(seq, min(seq.num_tokens - 1 + self.decode_steps, self.max_model_len))
-      if max(need, whole) + reserve > self.allocator.num_free:
+      if not self._place(seq, max(need, whole)):
         break
       self.waiting.pop(0)
       self.running.append(seq)
-      seq.pages += self.allocator.allocate(need)
+      self.num_admissions += 1
+      self.num_local_admissions += seq.local
+      seq.pages += self._pool(seq).allocate(need)
       if chunk:
         rows.append((seq, chunk))
         longest = max(longest, chunk)
@@ -214,7 +258,7 @@ class Scheduler:
 
   def _prefill_batch(self, rows, longest) -> PrefillBatch:
     r, t = pow2_at_least(len(rows)), self._token_bucket(longest)
-    w = self._width(max(len(s.pages) for s, _ in rows))
+    w = self._width(max(len(self._device_pages(s)) for s, _ in rows))
     tokens = np.zeros((r, t), np.int32)
     positions = np.zeros((r, t), np.int32)
     page_ids = np.full((r, t), SCRATCH_PAGE, np.int32)
@@ -224,11 +268,12 @@ class Scheduler:
     for i, (seq, chunk) in enumerate(rows):
       start = seq.num_computed
       pos = np.arange(start, start + chunk, dtype=np.int32)
-      pages = np.asarray(seq.pages, np.int32)
+      pages = np.asarray(self._device_pages(seq), np.int32)
       tokens[i, :chunk] = [seq.token(p) for p in pos]
       positions[i, :chunk] = pos
       positions[i, chunk:] = pos[-1]
-      page_ids[i, :chunk] = pages[pos // self.page_size]
+      if len(pages):
+        page_ids[i, :chunk] = pages[pos // self.page_size]
       offsets[i, :chunk] = pos % self.page_size
       block_tables[i, :len(pages)] = pages
       context_lens[i] = start + chunk
@@ -244,7 +289,7 @@ class Scheduler:
     if not seqs:
       return None
     b = min(pow2_at_least(max(len(seqs), MIN_DECODE_ROWS)), self.max_num_seqs)
-    w = self._width(max(len(s.pages) for s in seqs))
+    w = self._width(max(len(self._device_pages(s)) for s in seqs))
     batch = DecodeBatch(
         seqs=seqs, tokens=np.zeros((b,), np.int32), positions=np.zeros((b,), np.int32),
         block_tables=np.full((b, w), SCRATCH_PAGE, np.int32), token_index=np.zeros((b,), np.int32),
@@ -254,7 +299,8 @@ class Scheduler:
     for i, seq in enumerate(seqs):
       batch.tokens[i] = seq.token(seq.num_tokens - 1)
       batch.positions[i] = seq.num_tokens - 1
-      batch.block_tables[i, :len(seq.pages)] = seq.pages
+      pages = self._device_pages(seq)
+      batch.block_tables[i, :len(pages)] = pages
       batch.token_index[i] = len(seq.output_ids)
       batch.temperature[i] = seq.params.temperature
       batch.top_k[i] = seq.params.top_k

@@ -17,6 +17,14 @@ Prefill: a prompt's first chunk runs on tier 1 alone (`bulk`, attention over the
 each layer's K, V goes to tier 2 with an append-only request while the next layer computes. Later
 chunks of prompts longer than engine.max_prefill_tokens attend through tier 2 like decode (tier 2
 holds the earlier chunks' keys).
+
+Local share (local_attention_fraction > 0, `local` = tier 1's paged cache): rows whose seq_id is
+LOCAL_ROW keep their KV on tier 1. Right behind each step that makes a micro-batch's q, k, v, a jitted
+local step writes those rows' k, v into the paged cache and attends there (`_attend_locally`; pages from
+the block tables, so decode steps fused in one call find theirs); the tier-2 request carries only the
+other rows, and when its reply arrives the two are merged row by row (`_with_local`) before the next
+step. Bulk prefill writes local rows' k, v into the cache instead of appending them to tier 2. Tier-2
+rows write to the scratch page (the scheduler gives them no pages here).
 """
 
 from __future__ import annotations
@@ -33,7 +41,9 @@ import numpy as np
 from flax import nnx
 
 from glinthawk_jax.config import MAX_IN_FLIGHT
-from glinthawk_jax.placements.tokens import valid_tokens
+from glinthawk_jax.model_runner import LocalPagedAttention
+from glinthawk_jax.paged_cache import SCRATCH_PAGE
+from glinthawk_jax.placements.tokens import LOCAL_ROW, PADDING_ROW, valid_tokens
 from glinthawk_jax.sampling import sample
 from glinthawk_jax.scheduler import pow2_at_least
 from glinthawk_jax.sharding import Layout
@@ -60,6 +70,8 @@ class _Micro:
   real_ids: np.ndarray | None = None  # their sequence ids and positions
   real_positions: np.ndarray | None = None
   results: list = dataclasses.field(default_factory=list)  # sampled tokens [R] of each decode step
+  block_tables: np.ndarray | None = None  # [R, W] pages of tier 1's cache; None without LOCAL_ROW rows
+  local_out: jax.Array | None = None  # local attention [R', T, H, D] of m.layer (LOCAL_ROW rows valid)
 
 
 @dataclasses.dataclass
@@ -78,7 +90,7 @@ class PipelinedRunner:
   """Same prefill/decode interface as ModelRunner, attention on tier 2 through `client`."""
 
   def __init__(self, model, client: Tier2Client, decode_steps: int, in_flight: int, timeout_s: float,
-               layout: Layout | None = None):
+               layout: Layout | None = None, local: LocalPagedAttention | None = None):
     self.client = client
     self.decode_steps = decode_steps
     self.timeout_s = timeout_s
@@ -102,6 +114,14 @@ class PipelinedRunner:
         x, positions)))
     self._embed = jax.jit(lambda outer, tokens: nnx.merge(self.graphdef, outer).embed(tokens))
     self._bulk = jax.jit(self._bulk_fn)
+    # Tier 1's paged cache of local sequences, one backend and pool per layer slice.
+    self.local = [] if local is None else [local.for_slice(first, end - first, self.layout.kv_sharding(s))
+                                           for s, (first, end) in enumerate(self.layout.bounds)]
+    self.local_states = [backend.init_state() for backend in self.local]
+    self._local_attend = jax.jit(self._local_attend_fn, donate_argnums=(0,), static_argnames=("slice_index",))
+    self._local_write = jax.jit(self._local_write_fn, donate_argnums=(0,), static_argnames=("slice_index",))
+    self._merge = jax.jit(lambda local_rows, local_out, remote: jnp.where(
+        local_rows[:, None, None, None], local_out, remote.astype(local_out.dtype)))
     self.stats = PipelineStats()
     self.compiled_shapes: set[tuple] = set()
 
@@ -136,25 +156,68 @@ class PipelinedRunner:
     mask = causal_mask(positions, positions, self.sliding_window) & real_keys
     return layer.post_attention(x, grouped_attention(q, k, v, mask)), k, v
 
+  def _local_attend_fn(self, state, layer, qkv, block_tables, positions, context_lens, *, slice_index):
+    """Writes k, v of the real tokens (positions [R, T], the first context_lens - positions[:, 0] of a
+    row) at their pages in block_tables [R, W] and attends over the cache: (out [R, T, H, D], state)."""
+    backend = self.local[slice_index]
+    h, kv = self.num_heads, self.num_kv_heads
+    q, k, v = qkv[:, :, :h], qkv[:, :, h:h + kv], qkv[:, :, h + kv:]
+    t, width = positions.shape[1], block_tables.shape[1]
+    col = positions // backend.page_size
+    page = jnp.take_along_axis(block_tables, jnp.minimum(col, width - 1), axis=1)
+    real = jnp.arange(t)[None, :] < (context_lens - positions[:, 0])[:, None]
+    page = jnp.where(real & (col < width), page, SCRATCH_PAGE)
+    offsets = positions % backend.page_size
+    attend = (backend.decode_attend(page, offsets, block_tables, context_lens) if t == 1 else
+              backend.prefill_attend(page, offsets, block_tables, positions, context_lens))
+    return attend(layer, q, k, v, state)
+
+  def _local_write_fn(self, state, layer, k, v, page_ids, offsets, *, slice_index):
+    _, k_pool, v_pool = self.local[slice_index].write(state, layer, k, v, page_ids, offsets)
+    return k_pool, v_pool
+
+  def _attend_locally(self, m: _Micro, layer: int, step):
+    """Enqueues the local attention of m's LOCAL_ROW rows for `layer` behind `step` (which made its
+    q, k, v); returns step."""
+    if m.block_tables is None or step is None or step[0] == "last":
+      return step
+    s = self.layout.slice_of(layer)
+    context_lens = _pad(m.context_lens, 1)
+    self.compiled_shapes.add(("local", m.positions.shape, m.block_tables.shape, s))
+    m.local_out, self.local_states[s] = self._local_attend(
+        self.local_states[s], np.int32(layer), step[1][1], m.block_tables, m.positions, context_lens,
+        slice_index=s)
+    return step
+
+  def _with_local(self, m: _Micro, attn: np.ndarray):
+    """Tier 2's attention [R', T, H, D] with m's LOCAL_ROW rows taken from the local attention."""
+    if m.block_tables is None:
+      return attn
+    return self._merge(_pad(m.seq_ids, PADDING_ROW) == LOCAL_ROW, m.local_out, attn)
+
   # The ModelRunner interface.
 
   def prefill(self, tokens, positions, page_ids, offsets, block_tables, context_lens, seq_ids) -> None:
     """Puts every layer's K, V of tokens: [B, T] on tier 2: first chunks computed on tier 1 and
     appended in bulk, later chunks with attention through tier 2."""
-    del page_ids, offsets, block_tables
-    real = seq_ids >= 0
+    real = seq_ids != PADDING_ROW
     first = real & (positions[:, 0] == 0)
     if first.any():
-      self._bulk_prefill(tokens[first], positions[first], context_lens[first], seq_ids[first])
+      self._bulk_prefill(tokens[first], positions[first], context_lens[first], seq_ids[first], page_ids[first],
+                         offsets[first])
     later = np.flatnonzero(real & ~first)
     if later.size:
       micros = [_Micro(rows, tokens[later][rows], positions[later][rows], context_lens[later][rows],
-                       seq_ids[later][rows], None) for rows in self._split(len(later), seq_ids[later])]
+                       seq_ids[later][rows], None, block_tables=_local_tables(seq_ids[later][rows],
+                                                                              block_tables[later][rows]))
+                for rows in self._split(len(later), seq_ids[later])]
       self._run(micros, greedy_only=True, measure=False)
 
-  def _bulk_prefill(self, tokens, positions, context_lens, seq_ids) -> None:
-    """Layer by layer on tier 1; layer L's K, V are appended while layer L + 1 computes."""
-    tokens, positions = _pad(tokens), _pad(positions)
+  def _bulk_prefill(self, tokens, positions, context_lens, seq_ids, page_ids, offsets) -> None:
+    """Layer by layer on tier 1; layer L's K, V are appended while layer L + 1 computes (LOCAL_ROW rows'
+    written to the local cache at page_ids, offsets: [B, T])."""
+    local = bool(np.any(seq_ids == LOCAL_ROW))
+    tokens, positions, page_ids, offsets = _pad(tokens), _pad(positions), _pad(page_ids), _pad(offsets)
     counts = _pad(context_lens - positions[:len(context_lens), 0], 0)
     rows, cols = valid_tokens(_pad(seq_ids, -1), positions, _pad(context_lens, 1))
     ids, pos = seq_ids[rows], positions[rows, cols]
@@ -163,8 +226,11 @@ class PipelinedRunner:
     x = self._embed(self.outer, tokens)
     sent, previous = [], None
     for layer in range(self.num_layers):
-      x, k, v = self._bulk(self.layers[layer], self.layout.to_slice(x, self.layout.slice_of(layer)), positions,
-                           counts)
+      s = self.layout.slice_of(layer)
+      x, k, v = self._bulk(self.layers[layer], self.layout.to_slice(x, s), positions, counts)
+      if local:
+        self.local_states[s] = self._local_write(self.local_states[s], np.int32(layer), k, v, page_ids, offsets,
+                                                 slice_index=s)
       k.copy_to_host_async()
       v.copy_to_host_async()
       if previous is not None:
@@ -185,13 +251,14 @@ class PipelinedRunner:
   def decode(self, tokens, positions, block_tables, token_index, temperature, top_k, top_p, seeds,
              greedy_only, seq_ids) -> np.ndarray:
     """`decode_steps` steps from tokens: [B] at positions: [B]; returns sampled tokens [steps, B]."""
-    del block_tables
     order = self._by_shard(seq_ids)
-    tokens, positions, seq_ids, temperature, top_k, top_p, seeds, token_index = (
-        np.asarray(a)[order] for a in (tokens, positions, seq_ids, temperature, top_k, top_p, seeds, token_index))
+    tokens, positions, seq_ids, temperature, top_k, top_p, seeds, token_index, block_tables = (
+        np.asarray(a)[order] for a in (tokens, positions, seq_ids, temperature, top_k, top_p, seeds, token_index,
+                                       block_tables))
     tokens = tokens.astype(np.int32)
     micros = [_Micro(rows, tokens[rows, None], positions[rows, None], positions[rows] + 1, seq_ids[rows],
-                     (temperature[rows], top_k[rows], top_p[rows], seeds[rows], token_index[rows]))
+                     (temperature[rows], top_k[rows], top_p[rows], seeds[rows], token_index[rows]),
+                     block_tables=_local_tables(seq_ids[rows], block_tables[rows]))
               for rows in self._split(len(tokens), seq_ids)]
     self._run(micros, greedy_only, measure=self.depth == 0)
     out = np.zeros((self.decode_steps, len(tokens)), np.int32)
@@ -200,7 +267,7 @@ class PipelinedRunner:
     return out
 
   def _by_shard(self, seq_ids: np.ndarray) -> np.ndarray:
-    """Row order with the real rows grouped by tier-2 shard (padding rows stay last), so a micro-batch
+    """Row order with the tier-2 rows grouped by shard (LOCAL_ROW, then padding rows last), so a micro-batch
     talks to few shards: each shard in a request costs tier 1 a call's host work (fan-out)."""
     real = np.flatnonzero(seq_ids >= 0)
     shard_of = getattr(self.client, "shard_of", None)  # a client of layer slices has a fleet per slice
@@ -213,7 +280,7 @@ class PipelinedRunner:
 
   def _split(self, num_rows: int, seq_ids: np.ndarray) -> list[slice]:
     """Up to `depth` micro-batches of the real rows, each a power of two rows (padding rows at the end)."""
-    real = int(np.count_nonzero(seq_ids >= 0)) or 1
+    real = int(np.count_nonzero(seq_ids != PADDING_ROW)) or 1
     parts = min(max(self.depth, 1), real)
     size = pow2_at_least(math.ceil(real / parts))
     return [slice(s, min(s + size, num_rows)) for s in range(0, real, size)]
@@ -231,7 +298,7 @@ class PipelinedRunner:
       ready = sorted((m for m in active if m.pending.done()), key=lambda m: (len(m.results), m.layer),
                      reverse=True)
       if ready:
-        launched = [(m, self._dispatch(m, self._reply(m), greedy_only)) for m in ready]
+        launched = [(m, self._dispatch(m, self._with_local(m, self._reply(m)), greedy_only)) for m in ready]
         for m, step in launched:
           if not self._complete(m, step):
             active.remove(m)
@@ -240,6 +307,8 @@ class PipelinedRunner:
         m.tokens, m.positions = _pad(m.tokens), _pad(m.positions)
         if m.sampling is not None:
           m.sampling = tuple(_pad(a) for a in m.sampling)
+        if m.block_tables is not None:
+          m.block_tables = _pad(m.block_tables)
         self._complete(m, self._dispatch_first(m))
         active.append(m)
       else:
@@ -252,7 +321,8 @@ class PipelinedRunner:
                               (s.rtt_s - b.rtt_s) / max(s.num_round_trips - b.num_round_trips, 1))
 
   def _dispatch_first(self, m: _Micro):
-    return self._launch("first", self._first, self.outer, self.layers[0], m.tokens, m.positions)
+    return self._attend_locally(m, 0, self._launch("first", self._first, self.outer, self.layers[0], m.tokens,
+                                                   m.positions))
 
   def _dispatch(self, m: _Micro, attn: np.ndarray, greedy_only: bool):
     """Enqueues m's next tier-1 step after the attention of m.layer: (kind, device outputs), or None
@@ -260,8 +330,8 @@ class PipelinedRunner:
     if m.layer < self.num_layers - 1:
       nxt = self.layout.slice_of(m.layer + 1)
       step = self._middle if self.layout.slice_of(m.layer) == nxt else functools.partial(self._cross, nxt)
-      return self._launch("middle", step, self.layers[m.layer], self.layers[m.layer + 1], m.x, attn,
-                          m.positions)
+      return self._attend_locally(m, m.layer + 1, self._launch("middle", step, self.layers[m.layer],
+                                                               self.layers[m.layer + 1], m.x, attn, m.positions))
     if m.sampling is None:
       return None
     return self._launch("last", functools.partial(self._last, greedy_only=greedy_only), self.outer_last,
@@ -337,6 +407,11 @@ class PipelinedRunner:
 def auto_depth(t1_s: float, rtt_s: float) -> int:
   """Micro-batches that keep tier 1 busy: ceil((t1 + rtt) / t1), clamped to [1, MAX_IN_FLIGHT]."""
   return int(min(max(math.ceil((t1_s + rtt_s) / max(t1_s, 1e-6)), 1), MAX_IN_FLIGHT))
+
+
+def _local_tables(seq_ids: np.ndarray, block_tables: np.ndarray) -> np.ndarray | None:
+  """A micro-batch's block tables when it has LOCAL_ROW rows, else None (no local step)."""
+  return block_tables if np.any(seq_ids == LOCAL_ROW) else None
 
 
 _EVERY_ROW = ("every row",)  # _Micro.index of a decode step without padding rows

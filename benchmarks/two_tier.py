@@ -4,6 +4,7 @@ pipelined under injected tier-2 delay. One command, a table last, every number i
   python benchmarks/two_tier.py --out two_tier.json     # 1-2 GPUs + 16-32 host cores, about 8 minutes
   python benchmarks/two_tier.py --smoke --out /tmp/t.json  # tiny model on the CPU, about a minute
   python benchmarks/two_tier.py --roundtrip                # CPU: host cost of one layer round trip
+  python benchmarks/two_tier.py --local_fraction 0.25 ...  # two-tier runs keep ~1/4 of the KV on tier 1
 
 Per model (Llama-2-7B and Llama-3-8B shapes, random weights, bf16 weights and tier-2 KV) it runs two
 shapes: `short` (batch 64, prompt 128: tier 1 dominates) and `long` (batch 256, context ~1024 for GQA,
@@ -21,6 +22,10 @@ wire B/tok/layer = q, k, v out plus the attention output back, per token and lay
 bytes read by the attention kernels / decode time. The delay sweep reruns pipelined (short shape, first
 model, one decode step per call) on servers started with tier2.inject_delay_ms, at the in-flight depth
 auto mode's rule gives for the no-delay run's step time and round trip plus the delay.
+
+--local_fraction F sets config.local_attention_fraction of every two-tier run (the share of sequences
+whose KV and attention stay on tier 1). Floors then split the KV read: tier 1 adds F of it at the
+device's copy bandwidth, tier 2 reads the other 1 - F; `local share` is the measured share of admissions.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ def parse_args(argv=None):
   p.add_argument("--roundtrip", action="store_true",
                  help="only the per-layer round trip of the pipelined path on a small model (CPU)")
   p.add_argument("--host_ram_gb", type=float, default=110.0, help="cap on all tier-2 pools together")
+  p.add_argument("--local_fraction", type=float, default=0.0,
+                 help="config.local_attention_fraction of the two-tier runs (0 = all KV on tier 2)")
   args = p.parse_args(argv)
   args.models = (args.models or ("tiny" if args.smoke else "llama2_7b,llama3_8b")).split(",")
   args.shapes = [s for s in args.shapes.split(",") if s]
@@ -104,6 +111,7 @@ def make_config(args, model_name: str, placement: str, s: dict, delay_ms: float 
   c.tier2.kv_cache_gb = min(need, args.host_ram_gb) / args.spawn + 0.01
   c.tier2.inject_delay_ms = delay_ms
   c.tier2.in_flight = args.in_flight if in_flight is None else in_flight
+  c.local_attention_fraction = args.local_fraction
   return c
 
 
@@ -156,15 +164,21 @@ def run_one(config, s: dict, output_len: int) -> dict:
       engine.generate(prompts, warm)  # the measured depth's own shapes compile here
     before = dict(vars(runner.stats)) if hasattr(runner, "stats") else None
     decode_before = engine.stats.decode_time_s
+    admitted_before = (engine.stats.num_local_admissions, engine.stats.num_tier2_admissions)
     start = time.perf_counter()
     outs = engine.generate(prompts, SamplingParams(max_tokens=output_len, ignore_eos=True))
     wall = time.perf_counter() - start
     decode_s = engine.stats.decode_time_s - decode_before
     tokens = sum(len(o.token_ids) for o in outs)
     decode_tokens = tokens - len(outs)  # each request's first token comes from its first decode call too
+    local = engine.stats.num_local_admissions - admitted_before[0]
+    admitted = local + engine.stats.num_tier2_admissions - admitted_before[1]
+    two_tier = config.placement != "local"
     row = {"placement": config.placement, "delay_ms": config.tier2.inject_delay_ms, "batch": s["batch"],
            "prompt": s["prompt"], "output": output_len, "output_tok_s": tokens / wall, "wall_s": wall,
-           "decode_s": decode_s, "decode_tok_s": max(decode_tokens, 1) / max(decode_s, 1e-9)}
+           "decode_s": decode_s, "decode_tok_s": max(decode_tokens, 1) / max(decode_s, 1e-9),
+           "local_fraction": config.local_attention_fraction if two_tier else 1.0,
+           "local_share": local / max(admitted, 1)}
     if before is not None:
       d = {k: v - before[k] for k, v in vars(runner.stats).items()}
       row.update(in_flight=runner.depth, tier1_busy_fraction=d["tier1_s"] / wall,
@@ -179,12 +193,13 @@ def run_one(config, s: dict, output_len: int) -> dict:
 def add_floors(row: dict, model, s: dict, floors: dict, dtype: str, kv_dtype: str) -> None:
   """Tier floors (seconds per decode step) and the efficiency against the slower one."""
   context = s["prompt"] + row["output"] / 2
-  kv_step = s["batch"] * context * kv_bytes_per_token(model, kv_dtype)
-  t1 = model.param_count() * wire_dtype(dtype).itemsize / (floors["device_copy_gb_s"] * 1e9)
-  t2 = kv_step / (floors["host_attention_gb_s"] * 1e9)
   two_tier = row["placement"] != "local"
-  floor_s = max(t1, t2) if two_tier else t1 + s["batch"] * context * model.kv_bytes_per_token / (
-      floors["device_copy_gb_s"] * 1e9)
+  local = row["local_fraction"] if two_tier else 0.0  # share of the KV read on tier 1 beside tier 2
+  tier1_kv = s["batch"] * context * model.kv_bytes_per_token
+  kv_step = (1 - local) * s["batch"] * context * kv_bytes_per_token(model, kv_dtype)
+  t1 = (model.param_count() * wire_dtype(dtype).itemsize + local * tier1_kv) / (floors["device_copy_gb_s"] * 1e9)
+  t2 = kv_step / (floors["host_attention_gb_s"] * 1e9)
+  floor_s = max(t1, t2) if two_tier else t1 + tier1_kv / (floors["device_copy_gb_s"] * 1e9)
   row.update(tier1_floor_ms=1e3 * t1, tier2_floor_ms=1e3 * t2,
              bound="tier 2" if two_tier and t2 > t1 else "tier 1", floor_tok_s=s["batch"] / floor_s,
              efficiency=row["decode_tok_s"] * floor_s / s["batch"])
@@ -319,13 +334,14 @@ def print_table(results: dict) -> None:
   print(f"\nTwo-tier generation on {results['device']}, {results['host_cores']} host cores, "
         f"{results['args']['spawn']} tier-2 processes, {results['elapsed_s']:.0f} s")
   head = (f"{'model':>10} {'shape':>5} {'batch':>5} {'ctx':>5} {'placement':>9} {'delay':>5} {'tok/s':>8} "
-          f"{'dec tok/s':>9} {'depth':>5} {'t1 busy':>7} {'t2 KV GB/s':>10} {'wire B':>7} {'t1 fl ms':>8} "
+          f"{'dec tok/s':>9} {'local':>5} {'depth':>5} {'t1 busy':>7} {'t2 KV GB/s':>10} {'wire B':>7} {'t1 fl ms':>8} "
           f"{'t2 fl ms':>8} {'bound':>6} {'eff':>6}")
   print(head)
   for r in results["runs"]:
     f = lambda k, spec: format(r[k], spec) if k in r else ""  # noqa: E731
     print(f"{r['model']:>10} {r['shape']:>5} {r['batch']:>5} {r['prompt'] + r['output']:>5} {r['placement']:>9} "
-          f"{r['delay_ms']:>5.0f} {r['output_tok_s']:>8.1f} {r['decode_tok_s']:>9.1f} {f('in_flight', 'd'):>5} "
+          f"{r['delay_ms']:>5.0f} {r['output_tok_s']:>8.1f} {r['decode_tok_s']:>9.1f} {r['local_share']:>5.2f} "
+          f"{f('in_flight', 'd'):>5} "
           f"{f('tier1_busy_fraction', '.2f'):>7} {f('tier2_kv_gb_s', '.2f'):>10} "
           f"{f('wire_bytes_per_token_layer', 'd'):>7} {r['tier1_floor_ms']:>8.2f} {r['tier2_floor_ms']:>8.2f} "
           f"{r['bound']:>6} {r['efficiency']:>6.3f}")

@@ -1,7 +1,7 @@
 """Runs the multi-device cases of tests/test_multi_device.py in a process whose JAX sees 4 host devices.
 
 python -m tests.multi_device_run CASE... prints one JSON line {case: greedy token ids per prompt};
-a case is "placement tp=N slices=M", or "checkpoint tp=N slices=M" (a Hugging Face checkpoint loaded
+a case is "placement tp=N slices=M" (placement "pipelined@F": local_attention_fraction F), or "checkpoint tp=N slices=M" (a Hugging Face checkpoint loaded
 sharded vs whole: equal values, and the q_proj sharding). XLA_FLAGS must hold --xla_force_host_platform_device_count=4
 before this starts (JAX reads it once); the test sets it in the subprocess's environment.
 """
@@ -30,7 +30,8 @@ GREEDY = SamplingParams(max_tokens=4, ignore_eos=True)
 def config(placement: str, tp: int, slices: int, addresses: str = ""):
   """tiny with 8 heads / 4 KV heads (GQA; tensor_parallel 4 divides both), 4 layers, fp32."""
   c = tiny.get_config()
-  c.placement = placement
+  c.placement, _, fraction = placement.partition("@")
+  c.local_attention_fraction = float(fraction or 0)
   c.model.update(dict(num_layers=4, num_heads=8, num_kv_heads=4, head_dim=8))
   c.engine.update(dict(max_num_seqs=4, page_size=4, kv_cache_gb=0.0, max_model_len=32, max_prefill_tokens=32,
                        decode_steps_per_call=2, tensor_parallel=tp, layer_slices=slices))
@@ -55,7 +56,7 @@ def main(cases: list[str]) -> None:
   rng = np.random.default_rng(0)
   prompts = [rng.integers(3, 500, n).tolist() for n in PROMPT_LENGTHS]
   parsed = [(p, int(tp[3:]), int(s[7:])) for p, tp, s in (case.split() for case in cases)]
-  remote = [slices for placement, _, slices in parsed if placement in ("callback", "pipelined")]
+  remote = [slices for placement, _, slices in parsed if placement.split("@")[0] in ("callback", "pipelined")]
   c = config("pipelined", 1, 1)
   ranges = ([None] if 1 in remote else []) + ([(0, 2), (2, 4)] if 2 in remote else [])
   servers = dict(zip(ranges, start_servers([server_args(c, model_config(c), "", r) for r in ranges])))

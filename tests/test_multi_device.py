@@ -3,7 +3,7 @@
 Token equality runs in a subprocess whose JAX sees 4 forced host devices (tests/multi_device_run.py):
 JAX reads XLA_FLAGS once, and the default run has started it before this module. Tensor-parallel (2, 4)
 and layer-sliced (2, and 2 x tensor-parallel 2) runs must give one device's greedy tokens (fp32, GQA),
-for the local and the pipelined placements. The in-process tests check validation.
+for the local and the pipelined placements (slow: with local_attention_fraction too). The in-process tests check validation.
 """
 
 import json
@@ -21,7 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = "local tp=1 slices=1"
 # The default run keeps to a few compilations (about 40 s of CPU); the slow set covers each feature alone.
 CASES = ["local tp=2 slices=1", "local tp=4 slices=1", "local tp=2 slices=2", "pipelined tp=2 slices=2"]
-SLOW_CASES = ["local tp=1 slices=2", "pipelined tp=2 slices=1", "pipelined tp=1 slices=2", "callback tp=2 slices=2"]
+SLOW_CASES = ["local tp=1 slices=2", "pipelined tp=2 slices=1", "pipelined tp=1 slices=2", "callback tp=2 slices=2",
+              "pipelined@0.5 tp=2 slices=2", "callback@0.5 tp=1 slices=2"]
 
 
 def _run(cases: list[str]) -> dict:

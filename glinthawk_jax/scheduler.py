@@ -11,8 +11,10 @@ and `local_allocator` hands out pages of tier 1's paged cache. Each admission pl
 side (`Sequence.local`) so the running sequences' expected KV stays near the fraction, on the other side
 when the preferred one has no room; its KV stays there until it finishes or is preempted, and
 preemption frees pages on its own side only. Batches carry the real pages of local sequences and the
-scratch page for the others (their KV is on tier 2), so tier 1 writes only local KV. Shapes are bucketed (rows and tokens to powers of two, block-table widths to 2^k and 1.5 * 2^k)
-so the jitted calls compile a handful of times.
+scratch page for the others (their KV is on tier 2), so tier 1 writes only local KV.
+
+Shapes are bucketed (rows and tokens to powers of two, block-table widths to 2^k and 1.5 * 2^k) so the
+jitted calls compile a handful of times.
 """
 
 from __future__ import annotations

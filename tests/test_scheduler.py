@@ -108,3 +108,50 @@ def test_a_prompt_is_admitted_only_when_all_its_chunks_fit():
   s.finish(s.running[0])
   _run_prefills(s)
   assert [q.index for q in s.running] == [1] and s.running[0].decode_ready and s.num_preemptions == 0
+
+
+def _shared(local_pages, fraction, tier2_pages=64):
+  """A two-tier scheduler with tier 1's pool beside tier 2's (local_attention_fraction)."""
+  c = ml_collections.ConfigDict(dict(max_num_seqs=4, page_size=4, max_model_len=64, max_prefill_tokens=64))
+  return Scheduler(c, PageAllocator(tier2_pages), 1, PageAllocator(local_pages), fraction)
+
+
+def test_local_share_places_sequences_near_the_fraction_and_batches_carry_only_local_pages():
+  s = _shared(64, 0.5)
+  for i in range(4):
+    s.add(_seq(i, 8))  # expected KV 8 + 16 each
+  _run_prefills(s)
+  assert [q.local for q in s.running] == [True, False, True, False]
+  assert (s.num_local_admissions, s.num_admissions) == (2, 4)
+  assert s.local_allocator.num_free == 63 - 4 and s.allocator.num_free == 63 - 4
+  d = s.schedule_decode()
+  for i, q in enumerate(d.seqs):
+    assert d.block_tables[i, :len(q.pages)].tolist() == (q.pages if q.local else [0] * len(q.pages))
+
+
+def test_local_share_uses_the_other_side_when_full_except_at_fraction_one():
+  s = _shared(3, 0.5)  # 2 free local pages: one 8-token prompt
+  for i in range(4):
+    s.add(_seq(i, 8))
+  _run_prefills(s)
+  assert [q.local for q in s.running] == [True, False, False, False]
+  s = _shared(3, 1.0)
+  for i in range(2):
+    s.add(_seq(i, 8))
+  _run_prefills(s)
+  assert [q.local for q in s.running] == [True] and len(s.waiting) == 1
+
+
+def test_a_local_sequence_out_of_pages_preempts_the_newest_local_one_not_a_tier2_one():
+  s = _shared(5, 0.5)  # 4 free local pages
+  for i, n in enumerate([8, 8, 4, 8]):
+    s.add(_seq(i, n))
+  _run_prefills(s)
+  first, _, newest_local, newest = s.running
+  assert [q.local for q in s.running] == [True, False, True, False]
+  for _ in range(5):  # the first sequence grows into two more pages; the local pool has one left
+    first.output_ids.append(7)
+    first.num_computed = first.num_tokens - 1
+    s.schedule_decode()
+  assert s.take_preempted() == [newest_local] and newest in s.running
+  assert s.local_allocator.num_free == 0 and len(first.pages) == 4

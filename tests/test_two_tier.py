@@ -99,6 +99,18 @@ def test_append_only_then_attend_matches_float64_reference(servers):
     client.release([501, 502])
 
 
+def kill_at_first_output(procs, finished: list):
+  """An on_output that appends each output to `finished` and kills the server processes `procs` at the first."""
+  def on_output(out):
+    finished.append(out)
+    if len(finished) == 1:
+      for p in procs:
+        p.process.kill()
+        p.process.wait()
+
+  return on_output
+
+
 @pytest.fixture
 def own_servers():
   c = _config()
@@ -112,15 +124,8 @@ def test_a_dead_shard_loses_only_its_kv(own_servers, local_tokens, placement):
   prompts, want = local_tokens
   addresses = ",".join(p.address for p in own_servers)
   finished = []
-
-  def kill_one_at_first_output(out):
-    finished.append(out.request_id)
-    if len(finished) == 1:
-      own_servers[1].process.kill()
-      own_servers[1].process.wait()
-
   with Engine(_config(placement, addresses, in_flight=2)) as engine:
-    got = engine.generate(prompts, GREEDY, on_output=kill_one_at_first_output)
+    got = engine.generate(prompts, GREEDY, on_output=kill_at_first_output(own_servers[1:], finished))
     assert [o.token_ids for o in got] == want
     assert engine.stats.num_tier2_failovers == 1 and len(finished) == len(prompts)
 
@@ -128,17 +133,9 @@ def test_a_dead_shard_loses_only_its_kv(own_servers, local_tokens, placement):
 def test_no_shard_left_is_a_clear_error_and_keeps_finished_outputs(own_servers, local_tokens):
   prompts, want = local_tokens
   finished = []
-
-  def kill_all_at_first_output(out):
-    finished.append(out)
-    if len(finished) == 1:
-      for p in own_servers:
-        p.process.kill()
-        p.process.wait()
-
   with Engine(_config("pipelined", ",".join(p.address for p in own_servers), in_flight=2)) as engine:
     with pytest.raises(Tier2Error, match="no tier-2 shard left"):
-      engine.generate(prompts, GREEDY, on_output=kill_all_at_first_output)
+      engine.generate(prompts, GREEDY, on_output=kill_at_first_output(own_servers, finished))
   assert 1 <= len(finished) < len(prompts)  # those finished in the step before the kill, all kept
   assert all(o.token_ids == want[int(o.request_id)] for o in finished)
 

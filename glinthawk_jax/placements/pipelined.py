@@ -87,7 +87,8 @@ class PipelineStats:
 
 
 class PipelinedRunner:
-  """Same prefill/decode interface as ModelRunner, attention on tier 2 through `client`."""
+  """Same prefill/decode interface as ModelRunner, attention on tier 2 through `client` (LOCAL_ROW rows
+  in `local`, tier 1's paged cache, when given)."""
 
   def __init__(self, model, client: Tier2Client, decode_steps: int, in_flight: int, timeout_s: float,
                layout: Layout | None = None, local: LocalPagedAttention | None = None):
@@ -198,8 +199,8 @@ class PipelinedRunner:
   # The ModelRunner interface.
 
   def prefill(self, tokens, positions, page_ids, offsets, block_tables, context_lens, seq_ids) -> None:
-    """Puts every layer's K, V of tokens: [B, T] on tier 2: first chunks computed on tier 1 and
-    appended in bulk, later chunks with attention through tier 2."""
+    """Puts every layer's K, V of tokens: [B, T] on tier 2 (LOCAL_ROW rows': in the local cache): first
+    chunks computed on tier 1 and appended in bulk, later chunks with attention through tier 2."""
     real = seq_ids != PADDING_ROW
     first = real & (positions[:, 0] == 0)
     if first.any():

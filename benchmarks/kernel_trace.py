@@ -112,8 +112,8 @@ def summarize(events: list[tuple[str, float]], hlo_text: str, steps: int, top: i
     rows.append(dict(kernel=name, group=group, ms_per_step=us / 1e3 / steps, launches_per_step=count / steps,
                      op_name=(info or {}).get("op_name", "")))
   rows.sort(key=lambda r: -r["ms_per_step"])
-  return dict(group_ms_per_step=groups, kernel_ms_per_step=sum(groups.values()), top_kernels=rows[:top],
-              num_kernels=len(rows))
+  return dict(group_ms_per_step=groups, kernel_ms_per_step=sum(groups.values()),
+              launches_per_step=sum(r["launches_per_step"] for r in rows), top_kernels=rows[:top], num_kernels=len(rows))
 
 
 _COPY = re.compile(r"^\s*(?:ROOT )?%(\S+) = ([a-z0-9]+)\[([0-9,]*)\]\S* copy\(")

@@ -38,19 +38,14 @@ from models.model_config import ModelConfig
 
 
 class LocalPagedAttention:
-  """Paged KV cache on the accelerator; state = (k_pool, v_pool), each [L, pages, page_size, KV, D], or
-  with `per_layer` (static layer indices: layer_loop="unrolled") one pool per layer: state = (k_pools,
-  v_pools), tuples of L arrays [1, pages, page_size, KV, D].
+  """Paged KV cache on the accelerator; state = (k_pool, v_pool), each [L, pages, page_size, KV, D].
 
-  Per-layer pools keep every array the kernels index under 4 GiB, so their offsets stay 32-bit: over a
-  stacked 7B pool (8.6 GB a side at batch 128) the Pallas kernel computes 64-bit offsets for every
-  element it loads (docs/BENCHMARKS.md).
   Holds layers [first_layer, first_layer + L) (all by default); attend() takes model layer indices.
   """
 
   def __init__(self, model: ModelConfig, num_pages: int, page_size: int, decode_kernel: str = "xla",
                first_layer: int = 0, num_layers: int | None = None,
-               sharding: jax.sharding.NamedSharding | None = None, per_layer: bool = False):
+               sharding: jax.sharding.NamedSharding | None = None):
     if decode_kernel not in DECODE_ATTENTION_KERNELS:
       raise ValueError(f"decode_kernel={decode_kernel!r}: expected one of {', '.join(DECODE_ATTENTION_KERNELS)}")
     self.model = model
@@ -60,54 +55,37 @@ class LocalPagedAttention:
     self.first_layer = first_layer
     self.num_layers = num_layers or model.num_layers
     self.sharding = sharding
-    self.per_layer = per_layer
 
-  def for_slice(self, first_layer: int, num_layers: int, sharding, per_layer: bool = False) -> "LocalPagedAttention":
-    """The backend of one layer slice: its layers' pages, split over its devices by `sharding`, stacked or
-    one pool per layer (a copy of this backend, so subclasses keep their behaviour)."""
+  def for_slice(self, first_layer: int, num_layers: int, sharding) -> "LocalPagedAttention":
+    """The backend of one layer slice: its layers' pages, split over its devices by `sharding` (a copy of
+    this backend, so subclasses keep their behaviour)."""
     clone = copy.copy(self)
-    clone.first_layer, clone.num_layers, clone.sharding, clone.per_layer = first_layer, num_layers, sharding, per_layer
+    clone.first_layer, clone.num_layers, clone.sharding = first_layer, num_layers, sharding
     return clone
 
   def init_state(self) -> Any:
-    if not self.per_layer:
-      return paged_cache.init_pool(self.model, self.num_pages, self.page_size, self.num_layers, self.sharding)
-    pools = [paged_cache.init_pool(self.model, self.num_pages, self.page_size, 1, self.sharding)
-             for _ in range(self.num_layers)]
-    return tuple(k for k, _ in pools), tuple(v for _, v in pools)
+    return paged_cache.init_pool(self.model, self.num_pages, self.page_size, self.num_layers, self.sharding)
 
   def write(self, state, layer, k, v, page_ids, offsets):
-    """Stores k, v of model layer `layer` at (page_ids, offsets).
-
-    Returns (index of the layer in k_pool/v_pool, k_pool, v_pool, new state): the pools the kernels read.
-    """
+    """Stores k, v of model layer `layer` at (page_ids, offsets); returns (slice-local layer, k_pool, v_pool)."""
     k_pool, v_pool = state
     layer = layer - self.first_layer
-    if not self.per_layer:
-      k_pool, v_pool = self.write_pools(k_pool, v_pool, layer, k, v, page_ids, offsets)
-      return layer, k_pool, v_pool, (k_pool, v_pool)
-    k_pool, v_pool = self.write_pools(k_pool[layer], v_pool[layer], 0, k, v, page_ids, offsets)
-    ks, vs = state
-    return 0, k_pool, v_pool, (_replace(ks, layer, k_pool), _replace(vs, layer, v_pool))
-
-  def write_pools(self, k_pool, v_pool, layer, k, v, page_ids, offsets):
-    """Stores k, v at (page_ids, offsets) of index `layer` of stacked pools; returns (k_pool, v_pool)."""
     k_pool = paged_attention.write_kv(k_pool, layer, k, page_ids, offsets)
     v_pool = paged_attention.write_kv(v_pool, layer, v, page_ids, offsets)
     if self.sharding is not None:  # keep the donated pools' layout (KV heads split) across calls
       k_pool = jax.lax.with_sharding_constraint(k_pool, self.sharding)
       v_pool = jax.lax.with_sharding_constraint(v_pool, self.sharding)
-    return k_pool, v_pool
+    return layer, k_pool, v_pool
 
   def prefill_attend(self, page_ids, offsets, block_tables, q_positions, context_lens, seq_ids=None):
     """attend for q: [B, T, H, D] whose k, v go to (page_ids, offsets): [B, T] (seq_ids unused here)."""
     window = self.model.sliding_window
 
     def attend(layer, q, k, v, state):
-      layer, k_pool, v_pool, state = self.write(state, layer, k, v, page_ids, offsets)
+      layer, k_pool, v_pool = self.write(state, layer, k, v, page_ids, offsets)
       out = paged_attention.paged_prefill_attention(q, k_pool, v_pool, layer, block_tables, q_positions,
                                                     context_lens, window)
-      return out, state
+      return out, (k_pool, v_pool)
 
     return attend
 
@@ -117,10 +95,10 @@ class LocalPagedAttention:
 
     def attend(layer, q, k, v, state):
       with jax.named_scope("kv_write"):  # scope names let profiles group kernels (benchmarks/profile_decode.py)
-        layer, k_pool, v_pool, state = self.write(state, layer, k, v, page_ids, offsets)
+        layer, k_pool, v_pool = self.write(state, layer, k, v, page_ids, offsets)
       with jax.named_scope("decode_attention"):
         out = self._decode_kernel(layer)(q[:, 0], k_pool, v_pool, layer, block_tables, context_lens, window)
-      return out[:, None], state
+      return out[:, None], (k_pool, v_pool)
 
     return attend
 
@@ -150,12 +128,7 @@ class ModelRunner:
   """Owns the weights, the backend's cache state and the jitted prefill/decode; counts compilations."""
 
   def __init__(self, model: Llama, backend: LocalPagedAttention, decode_steps: int, layer_loop: str = "scan",
-               layout: Layout | None = None, kv_per_layer: bool | None = None):
-    """kv_per_layer: one KV pool array per layer (default: with layer_loop="unrolled", which needs static
-    layer indices for it), else one stacked pool."""
-    kv_per_layer = layer_loop == "unrolled" if kv_per_layer is None else kv_per_layer
-    if kv_per_layer and layer_loop != "unrolled":
-      raise ValueError("kv_per_layer=True needs layer_loop='unrolled' (a static layer index per pool)")
+               layout: Layout | None = None):
     if layer_loop not in LAYER_LOOPS:
       raise ValueError(f"layer_loop={layer_loop!r}: expected one of {', '.join(LAYER_LOOPS)}")
     self.layer_loop = layer_loop
@@ -167,7 +140,7 @@ class ModelRunner:
     for s, (first, end) in enumerate(self.layout.bounds):
       outer, stacked = self.layout.slice_params(params, s)
       layers = self.layout.split_layers(stacked, s) if layer_loop == "unrolled" else stacked
-      slice_backend = (backend.for_slice(first, end - first, self.layout.kv_sharding(s), kv_per_layer)
+      slice_backend = (backend.for_slice(first, end - first, self.layout.kv_sharding(s))
                        if hasattr(backend, "for_slice") else backend)  # tier-2 backends: one for all slices
       self.slices.append(_Slice(s, first, end - first, slice_backend, (outer, layers)))
       self.slices[-1].state = slice_backend.init_state()
@@ -223,16 +196,12 @@ class ModelRunner:
     """Stores k, v: [T, KV, D] of model layer `layer` at (page_ids, offsets): [T] in its slice's pools
     (KV computed elsewhere, e.g. received from a prefill worker)."""
     sl = next(sl for sl in self.slices if sl.first_layer <= layer < sl.first_layer + sl.num_layers)
-    local, args = layer - sl.first_layer, (k[None], v[None], page_ids[None], offsets[None])
-    if not sl.backend.per_layer:
-      sl.state = self._write_kv(sl.state, local, *args, slice_index=sl.index)
-      return
-    ks, vs = sl.state  # that layer's pools only: one compiled shape for every layer
-    k_pool, v_pool = self._write_kv((ks[local], vs[local]), 0, *args, slice_index=sl.index)
-    sl.state = (_replace(ks, local, k_pool), _replace(vs, local, v_pool))
+    sl.state = self._write_kv(sl.state, layer, k[None], v[None], page_ids[None], offsets[None],
+                              slice_index=sl.index)
 
-  def _write_kv_fn(self, pools, layer, k, v, page_ids, offsets, *, slice_index):
-    return self.slices[slice_index].backend.write_pools(*pools, layer, k, v, page_ids, offsets)
+  def _write_kv_fn(self, state, layer, k, v, page_ids, offsets, *, slice_index):
+    _, k_pool, v_pool = self.slices[slice_index].backend.write(state, layer, k, v, page_ids, offsets)
+    return k_pool, v_pool
 
   def _merge(self, sl: _Slice, params):
     """(model for embed/logits, run_layers(x, positions, attend, state) -> (x, state)) of a slice;
@@ -290,10 +259,6 @@ class ModelRunner:
     carry = (inp, state, jnp.zeros((steps, positions.shape[0]), jnp.int32))
     h, state, out = step(0, carry) if steps == 1 else jax.lax.fori_loop(0, steps, step, carry)
     return state, (out if last else h)
-
-
-def _replace(items: tuple, index: int, item) -> tuple:
-  return items[:index] + (item,) + items[index + 1:]
 
 
 def _row_ids(seq_ids, rows: int) -> np.ndarray:

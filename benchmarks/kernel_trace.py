@@ -42,9 +42,8 @@ def hlo_instructions(hlo_text: str) -> dict[str, dict]:
   return out
 
 
-def classify(kernel: str, info: dict | None) -> str:
-  """The group of a kernel given its HLO instruction (None when the name matches none)."""
-  info = info or dict(opcode="", op_name="", target="", calls="")
+def classify(kernel: str, info: dict) -> str:
+  """The group of a kernel given its HLO instruction's opcode, target, callee and op_name."""
   text = " ".join((kernel, info["opcode"], info["target"], info["calls"])).lower()
   scope = info["op_name"]
   if "decode_attention" in scope or "paged_decode_attention" in text:
@@ -52,7 +51,7 @@ def classify(kernel: str, info: dict | None) -> str:
   if "kv_write" in scope:
     return "kv_write"
   if any(w in text for w in ("gemm", "cublas", "dot", "xmma", "nvjet", "cutlass", "matmul")) or (
-      scope.rsplit("/", 1)[-1] == "dot_general"):
+      "/dot_general" in scope):
     return "matmul"
   if "sampling" in scope:
     return "sampling"
@@ -70,9 +69,9 @@ def latest_trace(trace_dir: str) -> str:
   return max(paths, key=os.path.getmtime)
 
 
-def kernel_events(path: str) -> list[tuple[str, float]]:
-  """(kernel name, microseconds) of every device kernel in the trace; on a host-only trace (CPU), the
-  XLA thunks run on the CPU client's threads."""
+def kernel_events(path: str) -> list[tuple[str, float, str]]:
+  """(kernel name, microseconds, its string args joined: op names the profiler attached) of every device
+  kernel in the trace; on a host-only trace (CPU), the XLA thunks run on the CPU client's threads."""
   with gzip.open(path, "rt") as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -89,24 +88,29 @@ def kernel_events(path: str) -> list[tuple[str, float]]:
   out = []
   for e in device:
     args = e.get("args") or {}
-    name = args.get("hlo_op") or e["name"]
-    out.append((str(name), float(e["dur"])))
+    hint = " ".join(v for v in args.values() if isinstance(v, str) and len(v) < 1000)
+    out.append((str(args.get("hlo_op") or e["name"]), float(e["dur"]), hint))
   return out
 
 
-def summarize(events: list[tuple[str, float]], hlo_text: str, steps: int, top: int = 15) -> dict:
-  """Per decode step: ms by group and the `top` kernels by total time (name, group, ms, launches)."""
+def summarize(events: list[tuple[str, float, str]], hlo_text: str, steps: int, top: int = 15) -> dict:
+  """Per decode step: ms by group and the `top` kernels by total time (name, group, ms, launches).
+
+  A kernel whose name is no HLO instruction (a library kernel) is grouped by its name and trace args.
+  """
   instructions = hlo_instructions(hlo_text)
-  per_kernel = collections.defaultdict(lambda: [0.0, 0])
-  for name, us in events:
+  per_kernel = collections.defaultdict(lambda: [0.0, 0, ""])
+  for name, us, hint in events:
     per_kernel[name][0] += us
     per_kernel[name][1] += 1
+    per_kernel[name][2] = per_kernel[name][2] or hint
   groups = dict.fromkeys(GROUPS, 0.0)
   rows = []
-  for name, (us, count) in per_kernel.items():
+  for name, (us, count, hint) in per_kernel.items():
     info = instructions.get(name.replace(".", "_"))
     if info and info["opcode"] in CONTAINERS:
       continue
+    info = info or dict(opcode="", op_name=hint, target="", calls="")
     group = classify(name, info)
     groups[group] += us / 1e3 / steps
     rows.append(dict(kernel=name, group=group, ms_per_step=us / 1e3 / steps, launches_per_step=count / steps,

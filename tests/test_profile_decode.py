@@ -29,9 +29,10 @@ def _trace(path, events):
 
 
 def test_kernels_grouped_per_step_from_stream_lines(tmp_path):
-  kernel = lambda name, us, tid=7, pid=1: dict(ph="X", name=name, pid=pid, tid=tid, ts=0, dur=us)
+  kernel = lambda name, us, tid=7, pid=1, **args: dict(ph="X", name=name, pid=pid, tid=tid, ts=0, dur=us, args=args)
   events = [kernel("gemm_fusion_dot_82", 300), kernel("gemm_fusion_dot_82", 300),
-            kernel("input_reduce_fusion_8", 200), kernel("paged_decode_attention", 100),
+            kernel("input_reduce_fusion_8", 150), kernel("paged_decode_attention", 100),
+            kernel("some_library_kernel", 50, tf_op="jit(f)/while/body/decode_attention/reduce_sum"),
             kernel("input_scatter_fusion_2", 40), kernel("copy_3", 60), kernel("input_reduce_fusion", 20),
             kernel("MemcpyD2H", 10), kernel("some_loop_fusion", 10),
             kernel("input_reduce_fusion_8", 999, tid=8),  # the XLA Ops line repeats stream kernels
@@ -45,7 +46,7 @@ def test_kernels_grouped_per_step_from_stream_lines(tmp_path):
                                       sampling=0.01, other=0.005))
   top = summary["top_kernels"][0]
   assert (top["kernel"], top["group"], top["launches_per_step"]) == ("gemm_fusion_dot_82", "matmul", 1.0)
-  assert summary["launches_per_step"] == 4.5  # 9 stream kernels over 2 steps
+  assert summary["launches_per_step"] == 5  # 10 stream kernels over 2 steps
 
 
 def test_large_copies_found_in_hlo():

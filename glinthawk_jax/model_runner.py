@@ -94,8 +94,10 @@ class LocalPagedAttention:
     window = self.model.sliding_window
 
     def attend(layer, q, k, v, state):
-      layer, k_pool, v_pool = self.write(state, layer, k, v, page_ids, offsets)
-      out = self._decode_kernel(layer)(q[:, 0], k_pool, v_pool, layer, block_tables, context_lens, window)
+      with jax.named_scope("kv_write"):  # scope names let profiles group kernels (benchmarks/profile_decode.py)
+        layer, k_pool, v_pool = self.write(state, layer, k, v, page_ids, offsets)
+      with jax.named_scope("decode_attention"):
+        out = self._decode_kernel(layer)(q[:, 0], k_pool, v_pool, layer, block_tables, context_lens, window)
       return out[:, None], (k_pool, v_pool)
 
     return attend
@@ -249,7 +251,9 @@ class ModelRunner:
       x, st = run_layers(model.embed(h[:, None]) if first else h, pos[:, None], attend, st)
       if not last:
         return x, st, out
-      nxt = sample(model.logits(x[:, 0]), temperature, top_k, top_p, seeds, token_index + i, greedy_only)
+      logits = model.logits(x[:, 0])
+      with jax.named_scope("sampling"):
+        nxt = sample(logits, temperature, top_k, top_p, seeds, token_index + i, greedy_only)
       return nxt, st, out.at[i].set(nxt)
 
     carry = (inp, state, jnp.zeros((steps, positions.shape[0]), jnp.int32))

@@ -13,6 +13,8 @@ and writes JSON. Tier-2 servers are spawned once per injected delay and shared b
   python benchmarks/calibrate_sim.py                         # CPU, tiny model, about 2 minutes
   python benchmarks/calibrate_sim.py --num_layers=8          # CPU, tiny widths with 8 layers
   python benchmarks/calibrate_sim.py --config=configs/llama2_7b.py --out=calibrate_7b.json  # GPU
+  python benchmarks/calibrate_sim.py --replay=calibrate_7b.json --profile=out/calibrate_profile.json
+      # no runs: (c) and (d) again from a saved profile and saved measured runs (after a model change)
 """
 
 from __future__ import annotations
@@ -50,7 +52,13 @@ def parse_args(argv=None):
   p.add_argument("--tolerance", type=float, default=0.15, help="relative error that counts as a match")
   p.add_argument("--profile_out", default="out/calibrate_profile.json", help="the measured profile")
   p.add_argument("--out", default="out/calibrate_sim.json", help="JSON of every number")
+  p.add_argument("--replay", default="", help="a JSON this script wrote: predict its measured runs again "
+                 "from --profile, nothing run (the shapes and run settings come from that JSON)")
+  p.add_argument("--profile", default="", help="with --replay: the measured profile JSON (default: the "
+                 "one named in the --replay JSON)")
   args = p.parse_args(argv)
+  if args.profile and not args.replay:
+    p.error("--profile: only with --replay (a measuring run writes --profile_out)")
   args.model = os.path.splitext(os.path.basename(args.config))[0]
   args.small = args.model == "tiny"
   spec = args.shapes or (TINY_SHAPES if args.small else LARGE_SHAPES)
@@ -103,7 +111,8 @@ def _run_shape(args, shape):
   """The shape as generation.RunShape, with the run's decode steps and prefill budget."""
   from glinthawk_jax.sim import generation
 
-  return generation.RunShape(*shape, decode_steps=args.decode_steps, max_prefill_tokens=_prefill_budget(shape))
+  return generation.RunShape(*shape, decode_steps=args.decode_steps, max_prefill_tokens=_prefill_budget(shape),
+                             shards=args.spawn)
 
 
 def measure_run(config, model, shape, repeats: int) -> dict:
@@ -137,8 +146,10 @@ def measure_run(config, model, shape, repeats: int) -> dict:
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.replay:
+    replay(args)
+    return
   import jax
-  import numpy as np
 
   from glinthawk_jax.config import model_config
   from glinthawk_jax.sim import generation, measure, profiles
@@ -186,21 +197,36 @@ def main(argv=None):
   finally:
     for s in servers.values():
       s.close()
-  # (c) predictions from the profile just written (loaded back, as a user would).
+  # (c) predictions from the profile just written (loaded back, as a user would), (d) the table.
   meas = profiles.load(args.profile_out).measurements["two_tier"]
-  rows_out = []
+  report(compare(meas, m.num_layers, args, real), args, str(jax.devices()[0].device_kind), m.num_layers,
+         time.perf_counter() - t0)
+
+
+def compare(meas: dict, num_layers: int, args, real: dict) -> list[dict]:
+  """Each measured run beside its prediction from the profile's two-tier tables `meas`."""
+  from glinthawk_jax.sim import generation
+
+  rows = []
   for shape in args.shapes:
-    sim = generation.predict(meas, m.num_layers, _run_shape(args, shape))
-    err = sim["output_tok_s"] / real[shape]["output_tok_s"] - 1
-    rows_out.append({"shape": dict(zip(("batch", "prompt_len", "output_len", "in_flight", "delay_ms"), shape)),
-                     "measured": real[shape], "simulated": sim, "error": err})
+    sim = generation.predict(meas, num_layers, _run_shape(args, shape))
+    rows.append({"shape": dict(zip(("batch", "prompt_len", "output_len", "in_flight", "delay_ms"), shape)),
+                 "measured": real[shape], "simulated": sim, "error": sim["output_tok_s"] / real[shape]["output_tok_s"] - 1})
+  return rows
+
+
+def report(rows_out: list[dict], args, device: str, num_layers: int, seconds: float, **extra) -> None:
+  """Prints measured vs simulated (the table last) and writes the JSON."""
+  import numpy as np
+
   errors = np.abs([r["error"] for r in rows_out])
-  results = {"device": str(jax.devices()[0].device_kind), "date": datetime.datetime.now().isoformat(),
+  results = {"device": device, "date": datetime.datetime.now().isoformat(),
              "command": " ".join([sys.executable] + sys.argv), "args": dict(vars(args)),
-             "profile": args.profile_out, "num_layers": m.num_layers, "runs": rows_out,
+             "profile": args.profile or args.profile_out, "num_layers": num_layers, "runs": rows_out,
              "max_abs_error": float(errors.max()), "mean_abs_error": float(errors.mean()),
-             "within_tolerance": bool((errors <= args.tolerance).all()), "seconds": time.perf_counter() - t0}
-  print(f"\n{m.num_layers}-layer {args.model} on {results['device']}, decode_steps_per_call={args.decode_steps}")
+             "within_tolerance": bool((errors <= args.tolerance).all()), "seconds": seconds, **extra}
+  print(f"\n{num_layers}-layer {args.model} on {device}, decode_steps_per_call={args.decode_steps}, "
+        f"{args.spawn} tier-2 servers")
   print(f"{'batch':>5} {'prompt':>6} {'output':>6} {'depth':>5} {'delay':>5} | {'measured':>9} {'simulated':>9} "
         f"{'error':>7} | {'prefill s meas/sim':>18} {'decode s meas/sim':>18}")
   for r in rows_out:
@@ -215,6 +241,24 @@ def main(argv=None):
   with open(args.out, "w") as f:
     json.dump(results, f, indent=2)
   print(f"wrote {args.out}")
+
+
+def replay(args) -> None:
+  """Predicts the runs a previous invocation measured (args.replay) from a saved profile, no runs:
+  shapes, decode steps, servers and tolerance are that invocation's."""
+  from glinthawk_jax.sim import profiles
+
+  with open(args.replay) as f:
+    saved = json.load(f)
+  for key in ("decode_steps", "spawn", "tolerance", "model"):
+    setattr(args, key, saved["args"][key])
+  args.profile = args.profile or saved["profile"]
+  args.shapes = [tuple(s["shape"][k] for k in ("batch", "prompt_len", "output_len", "in_flight", "delay_ms"))
+                 for s in saved["runs"]]
+  real = {shape: r["measured"] for shape, r in zip(args.shapes, saved["runs"])}
+  meas = profiles.load(args.profile).measurements["two_tier"]
+  report(compare(meas, saved["num_layers"], args, real), args, saved["device"], saved["num_layers"], 0.0,
+         replay_of={"results": args.replay, "date": saved["date"], "command": saved["command"]})
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 One command: (a) profiles this machine for the config (glinthawk_jax/sim/measure.py, as
 launch/profile.py's measured mode: tier-1 step by micro-batch rows split into dispatch, compute and
 device-to-host copy; tier-2 RPC send, round trip and service by rows and context on real tier-2
-servers; bulk prefill steps and appends; control RPCs) and writes the profile JSON; (b) runs real
+servers, spread over the shards and with all of a micro-batch's rows on one shard; bulk prefill
+steps split into dispatch, compute, copy and gather, and appends at the prefill chunk's shape;
+control RPCs) and writes the profile JSON; (b) runs real
 generation with placement pipelined through the Engine for each shape (batch, prompt, output,
 in-flight depth, injected tier-2 delay), configs as benchmarks/two_tier.py builds them; (c) predicts
 each run from the profile alone (glinthawk_jax/sim/generation.py: the two-tier event model per fused
@@ -42,7 +44,8 @@ def parse_args(argv=None):
   p.add_argument("--spawn", type=int, default=None, help="tier-2 servers (default 2 tiny, 4 otherwise)")
   p.add_argument("--kv_cache_gb", type=float, default=None, help="KV pool per server (0.05 tiny, 4 otherwise)")
   p.add_argument("--decode_steps", type=int, default=4, help="engine.decode_steps_per_call")
-  p.add_argument("--reps", type=int, default=5, help="repetitions of each profiled timing (median)")
+  p.add_argument("--reps", type=int, default=9, help="repetitions of each profiled timing (median, after "
+                 "untimed warm-up calls)")
   p.add_argument("--repeats", type=int, default=None, help="timed runs of each shape and of each profile "
                  "runner run (median; default 3 tiny, 1 otherwise)")
   p.add_argument("--profile_output_len", type=int, default=16,
@@ -173,8 +176,12 @@ def main(argv=None):
     prefill = sorted({generation.prefill_chunk(_run_shape(args, s))[1:] for s in args.shapes})
     if delays[0] != 0:
       raise SystemExit("--shapes: at least one shape needs DELAY_MS=0 (the profile is measured without delay)")
+    # Rows a shard holds: in the runs' micro-batches (grouped by shard) and in the depth-1 runner runs.
+    shard_rows = sorted({n for s in args.shapes for mb in generation.micro_batch_shards(s[0], args.spawn, s[3])
+                         for n in mb.values()} | {max(r // args.spawn, 1) for r in rows})
     two_tier = dict(client=servers[0].client, rows=rows, contexts=contexts, prefill=prefill,
-                    queue=max(1, -(-8 // m.num_layers)), reps=args.reps, dtype=measure.wire_dtype(base.dtype))
+                    queue=max(1, -(-8 // m.num_layers)), reps=args.reps, dtype=measure.wire_dtype(base.dtype),
+                    shard_rows=shard_rows)
     profile = measure.measured_profile(base, tiny=not args.full_roofline, two_tier=two_tier,
                                        command=" ".join([sys.executable] + sys.argv))
     # The runner's own costs (depth-1 runs, one per micro-batch size), each measured just before

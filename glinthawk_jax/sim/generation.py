@@ -104,7 +104,7 @@ def micro_batch_shards(batch: int, shards: int, in_flight: int) -> list[dict[int
 
 def _fanout(row: dict, shards: int) -> int:
   """Shards a profiled request of row["rows"] sequences reached (spread evenly, as the engine does)."""
-  return row.get("shards") or max(min(row["rows"], shards), 1)
+  return row.get("fanout") or max(min(row["rows"], shards), 1)
 
 
 class Tier2Shard:

@@ -217,8 +217,9 @@ def compare(meas: dict, num_layers: int, args, real: dict) -> list[dict]:
   rows = []
   for shape in args.shapes:
     sim = generation.predict(meas, num_layers, _run_shape(args, shape))
+    error = sim["output_tok_s"] / real[shape]["output_tok_s"] - 1
     rows.append({"shape": dict(zip(("batch", "prompt_len", "output_len", "in_flight", "delay_ms"), shape)),
-                 "measured": real[shape], "simulated": sim, "error": sim["output_tok_s"] / real[shape]["output_tok_s"] - 1})
+                 "measured": real[shape], "simulated": sim, "error": error})
   return rows
 
 

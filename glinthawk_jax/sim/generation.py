@@ -231,7 +231,8 @@ def predict(meas: dict, num_layers: int, run: RunShape) -> dict:
   k, size = micro_batches(run.batch, run.in_flight)  # tier 1 runs `size` rows; padding is not sent
   decode, calls = 0.0, math.ceil(run.output_len / run.decode_steps)
   for j in range(calls):
-    decode += decode_call_time(meas, num_layers, run, run.prompt_len + j * run.decode_steps + (run.decode_steps + 1) / 2)
+    context = run.prompt_len + j * run.decode_steps + (run.decode_steps + 1) / 2
+    decode += decode_call_time(meas, num_layers, run, context)
   control = (chunks + run.batch) * meas["control_rtt_s"]
   wall = prefill + decode + control
   return {"prefill_s": prefill, "decode_s": decode, "control_s": control, "wall_s": wall,

@@ -254,8 +254,8 @@ def tier2_round_trips(client, m, rows: int, context: int, queue: int, reps: int,
       requests = [(layer, g) for g in range(queue) for layer in range(L)]
       timings.append(_rpc_timing(lambda i: client.attend_async(requests[i][0], groups[requests[i][1]], p,
                                                                q, k, k), len(requests)))
-    return {"rows": rows, "context": context, "fanout": _fanout(client, groups[0]), "bytes_out": q.nbytes + 2 * k.nbytes,
-            "bytes_back": q.nbytes, "queued": queue * L, **_median_rows(timings)}
+    return {"rows": rows, "context": context, "fanout": _fanout(client, groups[0]),
+            "bytes_out": q.nbytes + 2 * k.nbytes, "bytes_back": q.nbytes, "queued": queue * L, **_median_rows(timings)}
   finally:
     client.release(seqs.tolist())
 
@@ -303,7 +303,8 @@ def append_round_trips(client, m, rows: int, tokens: int, reps: int, dtype) -> d
     kv = rng.standard_normal((len(ids), m.num_kv_heads, m.head_dim)).astype(dtype)
     timings = [_rpc_timing(lambda layer: client.append_async(layer % L, ids, pos, kv, kv), max(L, 3))
                for _ in range(reps)]  # the same positions again and again: tier 2 overwrites
-    return {"tokens": len(ids), "seqs": rows, "fanout": _fanout(client, seqs), "bytes": 2 * kv.nbytes, **_median_rows(timings)}
+    return {"tokens": len(ids), "seqs": rows, "fanout": _fanout(client, seqs), "bytes": 2 * kv.nbytes,
+            **_median_rows(timings)}
   finally:
     client.release(seqs.tolist())
 

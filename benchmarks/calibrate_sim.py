@@ -3,7 +3,9 @@
 One command: (a) profiles this machine for the config (glinthawk_jax/sim/measure.py, as
 launch/profile.py's measured mode: tier-1 step by micro-batch rows split into dispatch, compute and
 device-to-host copy; tier-2 RPC send, round trip and service by rows and context on real tier-2
-servers; bulk prefill steps and appends; control RPCs) and writes the profile JSON; (b) runs real
+servers, spread over the shards and with all of a micro-batch's rows on one shard; bulk prefill
+steps split into dispatch, compute, copy and gather, and appends at the prefill chunk's shape;
+control RPCs) and writes the profile JSON; (b) runs real
 generation with placement pipelined through the Engine for each shape (batch, prompt, output,
 in-flight depth, injected tier-2 delay), configs as benchmarks/two_tier.py builds them; (c) predicts
 each run from the profile alone (glinthawk_jax/sim/generation.py: the two-tier event model per fused
@@ -13,6 +15,8 @@ and writes JSON. Tier-2 servers are spawned once per injected delay and shared b
   python benchmarks/calibrate_sim.py                         # CPU, tiny model, about 2 minutes
   python benchmarks/calibrate_sim.py --num_layers=8          # CPU, tiny widths with 8 layers
   python benchmarks/calibrate_sim.py --config=configs/llama2_7b.py --out=calibrate_7b.json  # GPU
+  python benchmarks/calibrate_sim.py --replay=calibrate_7b.json --profile=out/calibrate_profile.json
+      # no runs: (c) and (d) again from a saved profile and saved measured runs (after a model change)
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ def parse_args(argv=None):
   p.add_argument("--spawn", type=int, default=None, help="tier-2 servers (default 2 tiny, 4 otherwise)")
   p.add_argument("--kv_cache_gb", type=float, default=None, help="KV pool per server (0.05 tiny, 4 otherwise)")
   p.add_argument("--decode_steps", type=int, default=4, help="engine.decode_steps_per_call")
-  p.add_argument("--reps", type=int, default=5, help="repetitions of each profiled timing (median)")
+  p.add_argument("--reps", type=int, default=9, help="repetitions of each profiled timing (median, after "
+                 "untimed warm-up calls)")
   p.add_argument("--repeats", type=int, default=None, help="timed runs of each shape and of each profile "
                  "runner run (median; default 3 tiny, 1 otherwise)")
   p.add_argument("--profile_output_len", type=int, default=16,
@@ -50,7 +55,13 @@ def parse_args(argv=None):
   p.add_argument("--tolerance", type=float, default=0.15, help="relative error that counts as a match")
   p.add_argument("--profile_out", default="out/calibrate_profile.json", help="the measured profile")
   p.add_argument("--out", default="out/calibrate_sim.json", help="JSON of every number")
+  p.add_argument("--replay", default="", help="a JSON this script wrote: predict its measured runs again "
+                 "from --profile, nothing run (the shapes and run settings come from that JSON)")
+  p.add_argument("--profile", default="", help="with --replay: the measured profile JSON (default: the "
+                 "one named in the --replay JSON)")
   args = p.parse_args(argv)
+  if args.profile and not args.replay:
+    p.error("--profile: only with --replay (a measuring run writes --profile_out)")
   args.model = os.path.splitext(os.path.basename(args.config))[0]
   args.small = args.model == "tiny"
   spec = args.shapes or (TINY_SHAPES if args.small else LARGE_SHAPES)
@@ -103,7 +114,8 @@ def _run_shape(args, shape):
   """The shape as generation.RunShape, with the run's decode steps and prefill budget."""
   from glinthawk_jax.sim import generation
 
-  return generation.RunShape(*shape, decode_steps=args.decode_steps, max_prefill_tokens=_prefill_budget(shape))
+  return generation.RunShape(*shape, decode_steps=args.decode_steps, max_prefill_tokens=_prefill_budget(shape),
+                             shards=args.spawn)
 
 
 def measure_run(config, model, shape, repeats: int) -> dict:
@@ -137,8 +149,10 @@ def measure_run(config, model, shape, repeats: int) -> dict:
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.replay:
+    replay(args)
+    return
   import jax
-  import numpy as np
 
   from glinthawk_jax.config import model_config
   from glinthawk_jax.sim import generation, measure, profiles
@@ -162,8 +176,12 @@ def main(argv=None):
     prefill = sorted({generation.prefill_chunk(_run_shape(args, s))[1:] for s in args.shapes})
     if delays[0] != 0:
       raise SystemExit("--shapes: at least one shape needs DELAY_MS=0 (the profile is measured without delay)")
+    # Rows a shard holds: in the runs' micro-batches (grouped by shard) and in the depth-1 runner runs.
+    shard_rows = sorted({n for s in args.shapes for mb in generation.micro_batch_shards(s[0], args.spawn, s[3])
+                         for n in mb.values()} | {max(r // args.spawn, 1) for r in rows})
     two_tier = dict(client=servers[0].client, rows=rows, contexts=contexts, prefill=prefill,
-                    queue=max(1, -(-8 // m.num_layers)), reps=args.reps, dtype=measure.wire_dtype(base.dtype))
+                    queue=max(1, -(-8 // m.num_layers)), reps=args.reps, dtype=measure.wire_dtype(base.dtype),
+                    shard_rows=shard_rows)
     profile = measure.measured_profile(base, tiny=not args.full_roofline, two_tier=two_tier,
                                        command=" ".join([sys.executable] + sys.argv))
     # The runner's own costs (depth-1 runs, one per micro-batch size), each measured just before
@@ -186,21 +204,37 @@ def main(argv=None):
   finally:
     for s in servers.values():
       s.close()
-  # (c) predictions from the profile just written (loaded back, as a user would).
+  # (c) predictions from the profile just written (loaded back, as a user would), (d) the table.
   meas = profiles.load(args.profile_out).measurements["two_tier"]
-  rows_out = []
+  report(compare(meas, m.num_layers, args, real), args, str(jax.devices()[0].device_kind), m.num_layers,
+         time.perf_counter() - t0)
+
+
+def compare(meas: dict, num_layers: int, args, real: dict) -> list[dict]:
+  """Each measured run beside its prediction from the profile's two-tier tables `meas`."""
+  from glinthawk_jax.sim import generation
+
+  rows = []
   for shape in args.shapes:
-    sim = generation.predict(meas, m.num_layers, _run_shape(args, shape))
-    err = sim["output_tok_s"] / real[shape]["output_tok_s"] - 1
-    rows_out.append({"shape": dict(zip(("batch", "prompt_len", "output_len", "in_flight", "delay_ms"), shape)),
-                     "measured": real[shape], "simulated": sim, "error": err})
+    sim = generation.predict(meas, num_layers, _run_shape(args, shape))
+    error = sim["output_tok_s"] / real[shape]["output_tok_s"] - 1
+    rows.append({"shape": dict(zip(("batch", "prompt_len", "output_len", "in_flight", "delay_ms"), shape)),
+                 "measured": real[shape], "simulated": sim, "error": error})
+  return rows
+
+
+def report(rows_out: list[dict], args, device: str, num_layers: int, seconds: float, **extra) -> None:
+  """Prints measured vs simulated (the table last) and writes the JSON."""
+  import numpy as np
+
   errors = np.abs([r["error"] for r in rows_out])
-  results = {"device": str(jax.devices()[0].device_kind), "date": datetime.datetime.now().isoformat(),
+  results = {"device": device, "date": datetime.datetime.now().isoformat(),
              "command": " ".join([sys.executable] + sys.argv), "args": dict(vars(args)),
-             "profile": args.profile_out, "num_layers": m.num_layers, "runs": rows_out,
+             "profile": args.profile or args.profile_out, "num_layers": num_layers, "runs": rows_out,
              "max_abs_error": float(errors.max()), "mean_abs_error": float(errors.mean()),
-             "within_tolerance": bool((errors <= args.tolerance).all()), "seconds": time.perf_counter() - t0}
-  print(f"\n{m.num_layers}-layer {args.model} on {results['device']}, decode_steps_per_call={args.decode_steps}")
+             "within_tolerance": bool((errors <= args.tolerance).all()), "seconds": seconds, **extra}
+  print(f"\n{num_layers}-layer {args.model} on {device}, decode_steps_per_call={args.decode_steps}, "
+        f"{args.spawn} tier-2 servers")
   print(f"{'batch':>5} {'prompt':>6} {'output':>6} {'depth':>5} {'delay':>5} | {'measured':>9} {'simulated':>9} "
         f"{'error':>7} | {'prefill s meas/sim':>18} {'decode s meas/sim':>18}")
   for r in rows_out:
@@ -215,6 +249,24 @@ def main(argv=None):
   with open(args.out, "w") as f:
     json.dump(results, f, indent=2)
   print(f"wrote {args.out}")
+
+
+def replay(args) -> None:
+  """Predicts the runs a previous invocation measured (args.replay) from a saved profile, no runs:
+  shapes, decode steps, servers and tolerance are that invocation's."""
+  from glinthawk_jax.sim import profiles
+
+  with open(args.replay) as f:
+    saved = json.load(f)
+  for key in ("decode_steps", "spawn", "tolerance", "model"):
+    setattr(args, key, saved["args"][key])
+  args.profile = args.profile or saved["profile"]
+  args.shapes = [tuple(s["shape"][k] for k in ("batch", "prompt_len", "output_len", "in_flight", "delay_ms"))
+                 for s in saved["runs"]]
+  real = {shape: r["measured"] for shape, r in zip(args.shapes, saved["runs"])}
+  meas = profiles.load(args.profile).measurements["two_tier"]
+  report(compare(meas, saved["num_layers"], args, real), args, saved["device"], saved["num_layers"], 0.0,
+         replay_of={"results": args.replay, "date": saved["date"], "command": saved["command"]})
 
 
 if __name__ == "__main__":

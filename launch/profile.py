@@ -4,7 +4,8 @@
   # JAX device, decode attention by batch and context on the CPU device, host<->device copies, and
   # (--two_tier, default) the pipelined two-tier path's stages with real tier-2 servers
   # (glinthawk_jax/sim/measure.py): per-layer step split into dispatch / compute / copy, RPC send,
-  # round trip and tier-2 service by micro-batch rows and context, bulk prefill steps and appends.
+  # round trip and tier-2 service by micro-batch rows and context (spread over the shards, and all
+  # on one shard with every shard busy), bulk prefill steps (dispatch / compute / copy / gather) and appends.
   python launch/profile.py --config=configs/llama2_7b.py --price_per_hour=4.0 --rows=8,16,32 \
       --contexts=128,160 --prefill=16x128 --out=out/profile.json
   python launch/profile.py --config=configs/tiny.py --tiny --out=/tmp/profile.json   # seconds, CPU

@@ -4,7 +4,8 @@ import pytest
 
 from glinthawk_jax.sim import cost_model
 from glinthawk_jax.sim.profiles import HardwareProfile, Network
-from glinthawk_jax.sim.two_tier import PipelineTimes, makespan, simulate, split_layers, two_tier_times
+from glinthawk_jax.sim.two_tier import (PipelineTimes, ShardPart, makespan, simulate, split_layers,
+                                        two_tier_times)
 from models.model_config import ModelConfig
 
 LLAMA2_70B = ModelConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_layers=80,
@@ -89,3 +90,30 @@ def test_makespan_of_one_fused_call_closed_forms():
   # Host work per token 10, the rest of a round trip 1: two micro-batches keep the host busy except
   # for the last round trip of the last token.
   assert makespan(slow_host, 2, 3) == pytest.approx(2 * 3 * 10 + 1.0, rel=1e-12)
+
+
+def test_shard_parts_on_one_shard_are_the_single_tier2_station():
+  """Every micro-batch's request on shard 0 with the station's service and delay: the same run."""
+  t = PipelineTimes((3,), tier1=1.0, host=0.5, tier2=2.0, propagation=0.75, head=1.0)
+  flat = PipelineTimes((3,), tier1=1.0, host=0.5, head=1.0)
+  for k in (1, 2, 4):
+    parts = [[ShardPart(0, 2.0, 0.75)] for _ in range(k)]
+    assert makespan(flat, k, 3, shards=parts) == pytest.approx(makespan(t, k, 3), rel=1e-12)
+
+
+def test_micro_batches_on_their_own_shards_do_not_queue_at_tier2():
+  """k micro-batches, each on its own shard (service 3, no tier-1 work): steps x L x 3, as one
+  alone; on one shared shard the same work takes k times as long."""
+  t = PipelineTimes((4,), tier1=0.0)
+  own = [[ShardPart(j, 3.0, 0.0)] for j in range(4)]
+  shared = [[ShardPart(0, 3.0, 0.0)] for _ in range(4)]
+  assert makespan(t, 4, 2, shards=own) == pytest.approx(2 * 4 * 3.0, rel=1e-12)
+  assert makespan(t, 4, 2, shards=shared) == pytest.approx(4 * 2 * 4 * 3.0, rel=1e-12)
+
+
+def test_a_request_fanned_out_to_shards_waits_for_the_slowest():
+  t = PipelineTimes((2,), tier1=1.0, head=0.5)
+  parts = [[ShardPart(0, 1.0, 0.25), ShardPart(1, 2.0, 1.0), ShardPart(2, 0.5, 0.0)]]
+  assert makespan(t, 1, 3, shards=parts) == pytest.approx(3 * (2 * (1.0 + 2.0 + 2 * 1.0) + 0.5), rel=1e-12)
+  with pytest.raises(ValueError, match="expected in_flight=2"):
+    makespan(t, 2, 3, shards=parts)

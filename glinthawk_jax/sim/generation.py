@@ -1,17 +1,23 @@
 """Predicts one pipelined two-tier generation run (Engine.generate, placement pipelined) from the
 stage times a measured profile holds (measurements["two_tier"], glinthawk_jax/sim/measure.py).
 
-The run is modelled as the engine executes it today:
-  - prefill: prompts (all but their last token) in chunks that fit engine.max_prefill_tokens; each
-    chunk runs layer by layer on tier 1 (bulk step + the append's send on the host thread) while
-    tier 2 stores the previous layers' K, V; the chunk ends when the last append is stored;
+The run is modelled as PipelinedRunner executes it:
+  - prefill: prompts (all but their last token) in chunks that fit engine.max_prefill_tokens; a
+    chunk is a flow shop over the layers with three resources working at once: the accelerator
+    (bulk step of layer L + 1, then the device-to-host copy of its K, V), the host thread (gathering
+    layer L's real tokens and sending the append) and the tier-2 shards (storing appends, each its
+    share of the chunk's sequences); the chunk ends when the last append is stored;
   - decode: ceil(output / decode_steps) fused calls; in each, the batch is split into micro-batches
-    as PipelinedRunner._split does and the event model (two_tier.makespan) runs them together for
-    decode_steps tokens: per layer tier-1 step + RPC send (tier-1 host), RPC latency + injected delay
-    (pure delay), tier-2 service (one station); after the last layer the last and first steps;
+    as PipelinedRunner._split does, rows ordered by shard as _by_shard does, and the event model
+    (two_tier.makespan) runs them together for decode_steps tokens: per layer the tier-1 station
+    (runner step + the host's work per round trip), then the request fans out to the shards holding
+    the micro-batch's rows, each shard a station of its own (one request at a time, as the server's
+    lock serves them) with its pure RPC latency + injected delay each way;
   - control RPCs: one allocation per prefill chunk, one release per sequence at its end.
-Not modelled: CPU contention between tier 1 and tier-2 processes sharing cores, Python scheduling
-between calls, prompts longer than a prefill chunk, sequences finishing at different steps.
+Tier-2 work per shard is a line in the KV tokens the shard reads per request (rows on it x context).
+Not modelled: CPU contention between tier 1 and tier-2 processes sharing cores beyond what the
+profile saw, Python scheduling between calls, prompts longer than a prefill chunk, sequences
+finishing at different steps, the host's per-shard send cost (profiled at the profile's fan-out).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import math
 
 import numpy as np
 
-from glinthawk_jax.sim.two_tier import PipelineTimes, makespan
+from glinthawk_jax.sim.two_tier import PipelineTimes, ShardPart, makespan
 
 MIN_PREFILL_TOKENS = 16  # glinthawk_jax/scheduler.py
 
@@ -42,12 +48,24 @@ class RunShape:
   decode_steps: int = 4  # engine.decode_steps_per_call
   max_prefill_tokens: int = 256  # engine.max_prefill_tokens
   max_num_seqs: int = 0  # engine.max_num_seqs (0 = batch)
+  shards: int = 1  # tier-2 servers (tier2.spawn)
 
 
 def _interp(table: list[dict], key: str, x: float, by: str) -> float:
   """Linear interpolation of table[key] in table[by] (clamped at the ends)."""
   rows = sorted(table, key=lambda r: r[by])
   return float(np.interp(x, [r[by] for r in rows], [r[key] for r in rows]))
+
+
+def _line(xs, ys, slope: float | None = None) -> tuple[float, float]:
+  """(slope, intercept) of the least-squares line through (xs, ys); with one distinct x, through its
+  mean with `slope` (flat if None). Timings are noisy: a line, not point-to-point interpolation."""
+  xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+  if len(set(xs.tolist())) > 1:
+    a, b = np.polyfit(xs, ys, 1)
+    return float(a), float(b)
+  a = slope or 0.0
+  return a, float(np.mean(ys) - a * np.mean(xs))
 
 
 def tier2_lookup(table: list[dict], key: str, rows: float, context: float) -> float:
@@ -57,8 +75,8 @@ def tier2_lookup(table: list[dict], key: str, rows: float, context: float) -> fl
   values = []
   for n in by_rows:
     xs, ys = zip(*((r["context"], r[key]) for r in table if r["rows"] == n))
-    line = np.polyfit(xs, ys, 1) if len(set(xs)) > 1 else (0.0, float(np.mean(ys)))
-    values.append(max(float(np.polyval(line, context)), 0.0))
+    a, b = _line(xs, ys)
+    values.append(max(a * context + b, 0.0))
   return float(np.interp(rows, by_rows, values))
 
 
@@ -69,47 +87,124 @@ def micro_batches(real: int, in_flight: int) -> tuple[int, int]:
   return math.ceil(real / size), size
 
 
-def decode_times(meas: dict, num_layers: int, rows: int, tier2_rows: int, context: float,
-                 delay_s: float) -> PipelineTimes:
-  """Per-layer stage times of a decode micro-batch: `rows` on tier 1, `tier2_rows` sent to tier 2.
+def shard_rows(batch: int, shards: int) -> list[int]:
+  """Sequences on each tier-2 shard: Tier2Client.allocate puts each on the shard with the most free
+  KV (counting the ones it just placed), which spreads a batch evenly."""
+  return [batch // shards + (s < batch % shards) for s in range(shards)]
+
+
+def micro_batch_shards(batch: int, shards: int, in_flight: int) -> list[dict[int, int]]:
+  """{shard: rows} of each micro-batch: the runner orders rows by shard (_by_shard), then cuts
+  contiguous micro-batches (_split), so a micro-batch talks to as few shards as it can."""
+  k, size = micro_batches(batch, in_flight)
+  owner = np.repeat(np.arange(shards), shard_rows(batch, shards))
+  return [dict(zip(*(a.tolist() for a in np.unique(owner[j * size:(j + 1) * size], return_counts=True))))
+          for j in range(k)]
+
+
+def _fanout(row: dict, shards: int) -> int:
+  """Shards a profiled request of row["rows"] sequences reached (spread evenly, as the engine does)."""
+  return row.get("fanout") or max(min(row["rows"], shards), 1)
+
+
+class Tier2Shard:
+  """One tier-2 shard's costs as lines in x = KV tokens it reads per request (its rows x context).
+
+  `wait(x)`: a request's round trip as the runner waits for it with nothing else in flight, from the
+  runner's depth-1 runs (meas["runner"]; each run's rows spread over the profile's shards); without
+  them, the RPC table's round trip less the client's send (paid on tier 1's station).
+  `service(x)`: the shard's own work, from requests queued at shards (meas["shard_rpc"]: all rows on
+  one shard, every shard busy at once; else the RPC table's spacing), at most wait(x). The rest of
+  the wait is pure latency, half each way."""
+
+  def __init__(self, meas: dict, shards: int):
+    shards = meas.get("shards", shards)
+    table = meas.get("shard_rpc") or meas["rpc"]
+    per = [(r["rows"] / _fanout(r, shards) * r["context"], r) for r in table]
+    self.service_line = _line([x for x, _ in per], [r["service_s"] for _, r in per])
+    if "runner" in meas:
+      xs = [r["rows"] / _fanout(r, shards) * r["context"] for r in meas["runner"]]
+      self.wait_line = _line(xs, [r["remote_s"] for r in meas["runner"]], slope=self.service_line[0])
+    else:
+      self.wait_line = _line([x for x, _ in per], [r["rtt_s"] - r["send_s"] for _, r in per])
+
+  def wait(self, x: float) -> float:
+    return max(self.wait_line[0] * x + self.wait_line[1], 0.0)
+
+  def service(self, x: float) -> float:
+    return min(max(self.service_line[0] * x + self.service_line[1], 0.0), self.wait(x))
+
+  def part(self, shard: int, rows: int, context: float, delay_s: float) -> ShardPart:
+    x = rows * context
+    return ShardPart(shard, self.service(x), (self.wait(x) - self.service(x) + delay_s) / 2)
+
+
+def decode_times(meas: dict, num_layers: int, rows: int, context: float) -> PipelineTimes:
+  """Per-layer tier-1 times of a decode micro-batch of `rows` (tier 2 comes from Tier2Shard).
 
   With the runner's measured costs (meas["runner"], depth-1 runs): tier-1 station = runner step +
-  runner host work per round trip; the host's wait per round trip (moved to `context` by the RPC
-  table's round-trip difference) = tier-2 service (RPC table, at most the wait) + pure latency.
-  Without them: isolated step and RPC send on the host, rtt - send - service as latency."""
-  rpc = meas["rpc"]
-  rtt = tier2_lookup(rpc, "rtt_s", tier2_rows, context)
-  service = tier2_lookup(rpc, "service_s", tier2_rows, context)
+  the runner's host work per round trip, L + 1 steps a token. Without them: the isolated step and
+  the RPC send on the host, the first and last steps as the head."""
   if "runner" in meas:
     run = meas["runner"]
     step, host = _interp(run, "step_s", rows, "rows"), _interp(run, "host_s", rows, "rows")
-    at = _interp(run, "context", rows, "rows")
-    remote = max(_interp(run, "remote_s", rows, "rows") + rtt - tier2_lookup(rpc, "rtt_s", tier2_rows, at), 0.0)
-    service = min(service, remote)
-    return PipelineTimes(layers_per_slice=(num_layers,), tier1=step, host=host, tier2=service,
-                         propagation=(remote - service + delay_s) / 2, head=step)  # L + 1 steps a token
+    return PipelineTimes(layers_per_slice=(num_layers,), tier1=step, host=host, head=step)
   t1 = meas["tier1_step"]
-  send = tier2_lookup(rpc, "send_s", tier2_rows, context)
+  send = tier2_lookup(meas["rpc"], "send_s", rows, context)
   step = _interp(t1, "step_s", rows, "rows")
   ends = _interp(t1, "first_s", rows, "rows") + _interp(t1, "last_s", rows, "rows")
-  return PipelineTimes(layers_per_slice=(num_layers,), tier1=step, host=send, tier2=service,
-                       propagation=(max(rtt - send - service, 0.0) + delay_s) / 2,
+  return PipelineTimes(layers_per_slice=(num_layers,), tier1=step, host=send,
                        head=ends - step)  # L middles stand for L - 1 middles + first + last
+
+
+def decode_call_time(meas: dict, num_layers: int, run: RunShape, context: float) -> float:
+  """One fused decode call of `run.decode_steps` tokens at mean tier-2 `context`."""
+  parts = micro_batch_shards(run.batch, run.shards, run.in_flight)
+  times = decode_times(meas, num_layers, micro_batches(run.batch, run.in_flight)[1], context)
+  tier2 = Tier2Shard(meas, run.shards)
+  shards = [[tier2.part(s, n, context, run.delay_ms / 1e3) for s, n in mb.items()] for mb in parts]
+  return makespan(times, len(parts), run.decode_steps, shards=shards)
+
+
+def _bulk_row(meas: dict, rows: int, tokens: int) -> dict:
+  """The bulk prefill step row nearest the chunk (interpolated in rows x tokens for every field)."""
+  bulk = [dict(r, size=r["rows"] * r["tokens"]) for r in meas["bulk_step"]]
+  bulk = [r for r in bulk if r["tokens"] == tokens] or bulk
+  return {k: _interp(bulk, k, rows * tokens, "size") for k in bulk[0] if all(k in r for r in bulk)}
 
 
 def prefill_chunk_time(meas: dict, num_layers: int, rows: int, tokens: int, real_tokens: int,
                        delay_s: float) -> float:
-  """One bulk prefill chunk: tier 1 runs layers back to back, tier 2 stores appends one at a time."""
-  bulk = [dict(r, size=r["rows"] * r["tokens"]) for r in meas["bulk_step"]]
-  step = _interp([r for r in bulk if r["tokens"] == tokens] or bulk, "step_s", rows * tokens, "size")
-  send = _interp(meas["append"], "send_s", real_tokens, "tokens")
+  """One bulk prefill chunk as PipelinedRunner._bulk_prefill runs it. Per layer the host dispatches
+  the layer's bulk step, then waits for the previous layer's K, V on the host, gathers its real
+  tokens and sends the append; meanwhile the device computes (compute_s) and copies K, V to the host
+  (copy_s, its own stream) and the shards store earlier appends (each its share; the shards work
+  in parallel, so one station of the per-shard service). A profile without the split has step_s as
+  compute and no gather (measured before 2026-11-30)."""
+  b = _bulk_row(meas, rows, tokens)
+  dispatch, compute, copy = (b["dispatch_s"], b["compute_s"], b["copy_s"]) if "compute_s" in b else (
+      0.0, b["step_s"], 0.0)
+  host_work = b.get("gather_s", 0.0) + _interp(meas["append"], "send_s", real_tokens, "tokens")
   service = _interp(meas["append"], "service_s", real_tokens, "tokens")
-  latency = max(_interp(meas["append"], "rtt_s", real_tokens, "tokens") - send - service, 0.0) + delay_s
-  host, stored = 0.0, 0.0
-  for _ in range(num_layers):
-    host += step + send
-    stored = max(stored, host + latency / 2) + service
-  return stored + latency / 2
+  rtt = _interp(meas["append"], "rtt_s", real_tokens, "tokens")
+  one_way = (max(rtt - _interp(meas["append"], "send_s", real_tokens, "tokens") - service, 0.0) + delay_s) / 2
+  host = computed = copied = stored = 0.0
+
+  def send(ready: float) -> None:  # the host sends an append whose K, V reached the host at `ready`
+    nonlocal host, stored
+    host = max(host, ready) + host_work
+    stored = max(stored, host + one_way) + service
+
+  previous = 0.0  # when the previous layer's K, V are on the host
+  for layer in range(num_layers):
+    host += dispatch
+    computed = max(computed, host) + compute
+    copied = max(copied, computed) + copy
+    if layer:
+      send(previous)
+    previous = copied
+  send(previous)
+  return max(host, stored + one_way)
 
 
 def prefill_chunk(run: RunShape) -> tuple[int, int, int]:
@@ -137,8 +232,7 @@ def predict(meas: dict, num_layers: int, run: RunShape) -> dict:
   decode, calls = 0.0, math.ceil(run.output_len / run.decode_steps)
   for j in range(calls):
     context = run.prompt_len + j * run.decode_steps + (run.decode_steps + 1) / 2
-    times = decode_times(meas, num_layers, size, min(size, run.batch), context, delay_s)
-    decode += makespan(times, k, run.decode_steps)
+    decode += decode_call_time(meas, num_layers, run, context)
   control = (chunks + run.batch) * meas["control_rtt_s"]
   wall = prefill + decode + control
   return {"prefill_s": prefill, "decode_s": decode, "control_s": control, "wall_s": wall,

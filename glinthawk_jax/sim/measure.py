@@ -4,14 +4,20 @@ Tier 1 (default JAX device), per layer step of a micro-batch of `rows` sequences
 sees it: dispatch (the jitted call returning), compute (until the outputs are ready) and the
 device-to-host copy of q, k, v. Also the step after the last layer (post-attention, LM head,
 greedy pick), the first step (embedding, pre-attention) and a prompt's bulk prefill step per layer
-(attention over the chunk itself, k and v copied to the host).
+(attention over the chunk itself), split the same way plus the host's gather of the real tokens'
+K, V: the runner overlaps the device's part with the host's.
 
 Tier 2 (real servers through a Tier2Client), per layer round trip at the payload size of a
 micro-batch at a context: `send_s` (the client call returning: serialization, on tier 1's host
 thread), `rtt_s` (send to reply, one request alone), `queued_s` (how far apart n requests issued
 at once finish: (all done - rtt) / (n - 2)) and `service_s`, the servers' work per request, taken as
 min(queued, rtt - send): queued requests are paced by the slower of the client's sends and the
-servers. The pure latency of an RPC is rtt - send - service. Bulk appends (prefill) likewise.
+servers. The pure latency of an RPC is rtt - send - service. `rpc` spreads a micro-batch over the
+shards; `shard_rpc` puts all its rows on one shard and keeps every shard busy at once (the servers
+share the host's cores and memory bandwidth), as the runner's shard-grouped micro-batches do.
+Bulk appends (prefill) at each prefill chunk's shape, one per layer back to back as the runner sends
+them. Every timing drops its first call(s) (kernels compile per shape on both tiers, shared-memory
+slots grow) and takes a median.
 """
 
 from __future__ import annotations
@@ -34,9 +40,13 @@ def wire_dtype(name: str) -> np.dtype:
   return np.dtype(jnp.dtype(name))
 
 
+WARMUP = 2  # untimed calls before every timing: the first ones compile, fault pages in, grow slots
+
+
 def median_time(fn, reps: int) -> float:
-  """Median seconds of fn() over `reps` calls after one warm-up call."""
-  fn()
+  """Median seconds of fn() over `reps` calls after WARMUP untimed ones."""
+  for _ in range(WARMUP):
+    fn()
   times = []
   for _ in range(reps):
     t = time.perf_counter()
@@ -100,7 +110,8 @@ class Tier1Steps:
     x, attn, positions = self._inputs(rows)
     tokens = np.ones((rows, 1), np.int32)
     parts = {"dispatch_s": [], "compute_s": [], "copy_s": []}
-    jax.block_until_ready(self.middle(self.layer_a, self.layer_b, x, attn, positions))
+    for _ in range(WARMUP):
+      _to_host(self.middle(self.layer_a, self.layer_b, x, attn, positions))
     for _ in range(reps):
       t0 = time.perf_counter()
       out = self.middle(self.layer_a, self.layer_b, x, attn, positions)
@@ -122,16 +133,44 @@ class Tier1Steps:
     return {"rows": rows, **row}
 
   def bulk_step(self, rows: int, tokens: int, reps: int) -> dict:
-    """One layer over a prompt chunk of rows x tokens, k and v copied to the host."""
+    """One layer over a prompt chunk of rows x tokens, split as PipelinedRunner._bulk_prefill overlaps
+    it: dispatch (host), compute (device), the copy of k and v to the host (the device's copy
+    stream), the gather of the real tokens' k, v (host; a prompt fills all but its last token);
+    step_s is the whole, serially."""
+    import jax
     x, _, positions = self._inputs(rows, tokens)
+    real_rows, real_cols = np.repeat(np.arange(rows), tokens - 1), np.tile(np.arange(tokens - 1), rows)
 
-    def run():
+    def run(parts=None):
+      t0 = time.perf_counter()
       _, k, v = self.bulk(self.layer_a, x, positions)
+      t1 = time.perf_counter()
+      jax.block_until_ready((k, v))
+      t2 = time.perf_counter()
       k.copy_to_host_async()
       v.copy_to_host_async()
-      return np.asarray(k), np.asarray(v)
+      k, v = np.asarray(k), np.asarray(v)
+      t3 = time.perf_counter()
+      k, v = k[real_rows, real_cols], v[real_rows, real_cols]
+      t4 = time.perf_counter()
+      if parts is not None:
+        for key, dt in zip(("dispatch_s", "compute_s", "copy_s", "gather_s"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+          parts.setdefault(key, []).append(dt)
 
-    return {"rows": rows, "tokens": tokens, "step_s": median_time(run, reps)}
+    parts = {}
+    for rep in range(WARMUP + reps):
+      run(parts if rep >= WARMUP else None)
+    row = {key: float(np.median(v)) for key, v in parts.items()}
+    return {"rows": rows, "tokens": tokens, "step_s": median_time(lambda: _bulk_serial(self, x, positions), reps),
+            **row}
+
+
+def _bulk_serial(steps: Tier1Steps, x, positions):
+  """The bulk step with k, v copied to the host, nothing overlapped."""
+  _, k, v = steps.bulk(steps.layer_a, x, positions)
+  k.copy_to_host_async()
+  v.copy_to_host_async()
+  return np.asarray(k), np.asarray(v)
 
 
 def _to_host(out):
@@ -142,45 +181,70 @@ def _to_host(out):
   return [np.asarray(a) for a in arrays]
 
 
-def _rpc_timing(send_all, n: int) -> dict:
-  """send_s, rtt_s of the first of `n` request(s) alone, and service_s when all `n` queue at once.
+def _rpc_timing(send, n: int, alone: int = 3, servers: int = 1) -> dict:
+  """send_s, rtt_s: medians over `alone` requests 0 issued one at a time, after WARMUP untimed ones;
+  queued_s, service_s: requests 1..n-1 issued at once, spread over `servers` that work in parallel
+  (each serves its (n - 1) / servers one after another).
 
-  `send_all(i)` issues request i and returns its future."""
+  `send(i)` issues request i and returns its future (request 0 may be sent again: tier 2
+  overwrites the same positions)."""
+  for _ in range(WARMUP):
+    send(0).result()
+  sends, rtts = [], []
+  for _ in range(alone):
+    t = time.perf_counter()
+    f = send(0)
+    sends.append(time.perf_counter() - t)
+    f.result()
+    rtts.append(time.perf_counter() - t)
+  send_s, rtt = float(np.median(sends)), float(np.median(rtts))
   t = time.perf_counter()
-  f = send_all(0)
-  send = time.perf_counter() - t
-  f.result()
-  rtt = time.perf_counter() - t
-  t = time.perf_counter()
-  pending = [send_all(i) for i in range(1, n)]
+  pending = [send(i) for i in range(1, n)]
   for f in pending:
     f.result()
   total = time.perf_counter() - t
-  queued = (total - rtt) / (n - 2) if n > 2 else rtt
+  per_server = -(-(n - 1) // servers)
+  queued = (total - rtt) / (per_server - 1) if per_server > 1 else rtt
   # Queued requests finish `queued` apart: the slower of the client's sends and the servers' work.
-  service = max(min(queued, rtt - send), 0.0)
-  return {"send_s": send, "rtt_s": rtt, "queued_s": queued, "service_s": service}
+  service = max(min(queued, rtt - send_s), 0.0)
+  return {"send_s": send_s, "rtt_s": rtt, "queued_s": queued, "service_s": service}
+
+
+def _median_rows(timings: list[dict]) -> dict:
+  return {key: float(np.median([t[key] for t in timings])) for key in timings[0]}
+
+
+def _new_sequences(client, count: int, expected_tokens: int) -> np.ndarray:
+  """`count` fresh sequence ids allocated on tier 2 (spread over the shards as the engine's are)."""
+  seqs = SEQ_BASE + next(_SEQ_BLOCKS) * (1 << 20) + np.arange(count)
+  client.allocate(seqs.tolist(), expected_tokens=expected_tokens)
+  return seqs
+
+
+def _fanout(client, seqs) -> int:
+  """Shards holding `seqs` (a client of several layer slices has no placement: assume spread)."""
+  shard_of = getattr(client, "shard_of", None)
+  if shard_of is None:
+    return min(len(seqs), len(client.addresses))
+  return len({shard_of(s) for s in seqs.tolist()})
+
+
+def _fill(client, m, seqs, layers, context: int, dtype, rng) -> None:
+  """Appends `context` tokens of K, V to every sequence in each of `layers` (untimed)."""
+  ids, pos = np.repeat(seqs, context), np.tile(np.arange(context, dtype=np.int32), len(seqs))
+  kv = rng.standard_normal((len(ids), m.num_kv_heads, m.head_dim)).astype(dtype)
+  for f in [client.append_async(layer, ids, pos, kv, kv) for layer in layers]:
+    f.result()
 
 
 def tier2_round_trips(client, m, rows: int, context: int, queue: int, reps: int, dtype) -> dict:
-  """Round trips of a micro-batch of `rows` sequences at `context` cached tokens (every layer).
-
-  Allocates `queue` micro-batches, appends `context` tokens to each (every layer, `reps` times, timed
-  as bulk appends), then attends each layer: alone (rtt) and `queue` x layers at once (queued)."""
+  """Round trips of a micro-batch of `rows` sequences at `context` cached tokens (every layer),
+  its rows spread over the shards: alone (rtt) and `queue` micro-batches x layers at once (queued)."""
   L, kv, h, d = m.num_layers, m.num_kv_heads, m.num_heads, m.head_dim
-  seqs = SEQ_BASE + next(_SEQ_BLOCKS) * (1 << 20) + np.arange(queue * rows)
-  client.allocate(seqs.tolist(), expected_tokens=context + reps + 2)
+  seqs = _new_sequences(client, queue * rows, context + reps + 2)
   rng = np.random.default_rng(0)
   try:
-    ids = np.repeat(seqs, context)
-    pos = np.tile(np.arange(context, dtype=np.int32), len(seqs))
-    kv_block = rng.standard_normal((len(ids), kv, d)).astype(dtype)
-    # The same positions again and again (tier 2 overwrites); the first round builds the context and
-    # lets the servers compile this shape, untimed.
-    appends = [_rpc_timing(lambda layer: client.append_async(layer, ids, pos, kv_block, kv_block), L)
-               for _ in range(1 + min(reps, 2))][1:]
-    append = {"tokens": len(ids), "bytes": 2 * kv_block.nbytes,
-              **{key: float(np.median([t[key] for t in appends])) for key in appends[0]}}
+    _fill(client, m, seqs, range(L), context, dtype, rng)
     q = rng.standard_normal((rows, h, d)).astype(dtype)
     k = rng.standard_normal((rows, kv, d)).astype(dtype)
     groups = [seqs[g * rows:(g + 1) * rows] for g in range(queue)]
@@ -190,9 +254,57 @@ def tier2_round_trips(client, m, rows: int, context: int, queue: int, reps: int,
       requests = [(layer, g) for g in range(queue) for layer in range(L)]
       timings.append(_rpc_timing(lambda i: client.attend_async(requests[i][0], groups[requests[i][1]], p,
                                                                q, k, k), len(requests)))
-    row = {key: float(np.median([t[key] for t in timings])) for key in timings[0]}
-    return {"rows": rows, "context": context, "bytes_out": q.nbytes + 2 * k.nbytes, "bytes_back": q.nbytes,
-            "queued": queue * L, **row}, append
+    return {"rows": rows, "context": context, "fanout": _fanout(client, groups[0]),
+            "bytes_out": q.nbytes + 2 * k.nbytes, "bytes_back": q.nbytes, "queued": queue * L, **_median_rows(timings)}
+  finally:
+    client.release(seqs.tolist())
+
+
+def shard_round_trips(client, m, rows: int, context: int, queue: int, reps: int, dtype) -> dict:
+  """Round trips of `rows` sequences that all live on one shard, at `context` cached tokens: alone
+  (rtt), and `queue` requests to every shard at once (service_s: one shard's spacing while all the
+  shards work, as the runner's shard-grouped micro-batches keep them)."""
+  shards = len(client.addresses)
+  seqs = np.zeros(0, np.int64)
+  rng = np.random.default_rng(1)
+  try:
+    # Placement goes to the shard with the most free KV: allocate until every shard holds `rows`.
+    for _ in range(4 * rows):
+      seqs = np.concatenate([seqs, _new_sequences(client, shards, context + reps + 2)])
+      by_shard = [seqs[[client.shard_of(s) == i for s in seqs.tolist()]] for i in range(shards)]
+      if min(len(g) for g in by_shard) >= rows:
+        break
+    else:
+      raise RuntimeError(f"tier 2 placed {[len(g) for g in by_shard]} of {len(seqs)} sequences per shard; "
+                         f"expected {rows} on each")
+    groups = [g[:rows] for g in by_shard]
+    _fill(client, m, seqs, [0], context, dtype, rng)  # every request attends layer 0
+    q = rng.standard_normal((rows, m.num_heads, m.head_dim)).astype(dtype)
+    k = rng.standard_normal((rows, m.num_kv_heads, m.head_dim)).astype(dtype)
+    timings = []
+    for rep in range(reps):
+      p = np.full(rows, context + rep, np.int32)  # request i goes to shard i % shards
+      timings.append(_rpc_timing(lambda i: client.attend_async(0, groups[i % shards], p, q, k, k),
+                                 1 + queue * shards, servers=shards))
+    return {"rows": rows, "context": context, "fanout": 1, "concurrent_shards": shards,
+            "queued": queue, **_median_rows(timings)}
+  finally:
+    client.release(seqs.tolist())
+
+
+def append_round_trips(client, m, rows: int, tokens: int, reps: int, dtype) -> dict:
+  """Bulk appends of a prefill chunk, `rows` prompts x `tokens` - 1 real tokens (spread over the
+  shards as the engine spreads a chunk): one per layer, issued back to back as the runner does."""
+  L = m.num_layers
+  seqs = _new_sequences(client, rows, tokens)
+  rng = np.random.default_rng(2)
+  try:
+    ids, pos = np.repeat(seqs, tokens - 1), np.tile(np.arange(tokens - 1, dtype=np.int32), rows)
+    kv = rng.standard_normal((len(ids), m.num_kv_heads, m.head_dim)).astype(dtype)
+    timings = [_rpc_timing(lambda layer: client.append_async(layer % L, ids, pos, kv, kv), max(L, 3))
+               for _ in range(reps)]  # the same positions again and again: tier 2 overwrites
+    return {"tokens": len(ids), "seqs": rows, "fanout": _fanout(client, seqs), "bytes": 2 * kv.nbytes,
+            **_median_rows(timings)}
   finally:
     client.release(seqs.tolist())
 
@@ -212,19 +324,23 @@ def control_rtt(client, reps: int) -> float:
 
 
 def two_tier_tables(m, client, rows: list[int], contexts: list[int], prefill: list[tuple[int, int]],
-                    queue: int, reps: int, dtype) -> dict:
-  """Every stage time generation.predict needs: tier-1 steps by rows, bulk prefill steps by (rows,
-  tokens), RPCs by rows and context (and appends by tokens), control RPCs. The pipelined runner's own
+                    queue: int, reps: int, dtype, shard_rows: list[int] | None = None,
+                    shard_queue: int = 4) -> dict:
+  """Every stage time generation.predict needs: tier-1 steps by rows, bulk prefill steps and appends
+  by chunk (rows, tokens), RPCs by rows and context, one-shard RPCs by `shard_rows` (rows on a
+  shard; default rows and rows / shards) and context, control RPCs. The pipelined runner's own
   per-layer costs (tables["runner"]) come from runner_overheads, measured beside the runs."""
+  shards = len(client.addresses)
+  shard_rows = shard_rows or sorted({max(r // shards, 1) for r in rows} | set(rows))
   steps = Tier1Steps(m)
-  tables = {"tier1_step": [steps.decode_step(r, reps) for r in rows],
-            "bulk_step": [steps.bulk_step(r, t, reps) for r, t in prefill], "rpc": [], "append": []}
-  for r in rows:
-    for c in contexts:
-      rpc, append = tier2_round_trips(client, m, r, c, queue, reps, dtype)
-      tables["rpc"].append(rpc)
-      tables["append"].append(append)
-  tables["control_rtt_s"] = control_rtt(client, reps)
+  tables = {"shards": shards, "tier1_step": [steps.decode_step(r, reps) for r in rows],
+            "bulk_step": [steps.bulk_step(r, t, reps) for r, t in prefill],
+            "rpc": [tier2_round_trips(client, m, r, c, queue, reps, dtype) for r in rows for c in contexts],
+            "shard_rpc": [shard_round_trips(client, m, r, c, shard_queue, reps, dtype)
+                          for r in shard_rows for c in sorted({min(contexts), max(contexts)})
+                          if hasattr(client, "shard_of")],  # one layer slice: its placement is known
+            "append": [append_round_trips(client, m, r, t, min(reps, 3), dtype) for r, t in prefill],
+            "control_rtt_s": control_rtt(client, reps)}
   return tables
 
 
@@ -347,14 +463,20 @@ def print_tables(table: dict) -> None:
           f"{r['dispatch_s'] * 1e3:.3f}, compute {r['compute_s'] * 1e3:.3f}, copy {r['copy_s'] * 1e3:.3f}; "
           f"first {r['first_s'] * 1e3:.3f}, last {r['last_s'] * 1e3:.3f})")
   for r in t["bulk_step"]:
-    print(f"{'bulk prefill step':18} {'%dx%d' % (r['rows'], r['tokens']):>16} {r['step_s'] * 1e3:10.3f}")
+    print(f"{'bulk prefill step':18} {'%dx%d' % (r['rows'], r['tokens']):>16} {r['step_s'] * 1e3:10.3f}  (dispatch "
+          f"{r['dispatch_s'] * 1e3:.3f}, compute {r['compute_s'] * 1e3:.3f}, copy {r['copy_s'] * 1e3:.3f}, "
+          f"gather {r['gather_s'] * 1e3:.3f})")
   for r in t["rpc"]:
     print(f"{'tier2 RPC':18} {'rows=%d C=%d' % (r['rows'], r['context']):>16} {r['rtt_s'] * 1e3:10.3f}  (send "
           f"{r['send_s'] * 1e3:.3f}, service {r['service_s'] * 1e3:.3f}, queued {r['queued_s'] * 1e3:.3f}; "
-          f"{r['bytes_out']} B out, {r['bytes_back']} B back)")
+          f"{r['fanout']} shards; {r['bytes_out']} B out, {r['bytes_back']} B back)")
+  for r in t["shard_rpc"]:
+    print(f"{'tier2 RPC 1 shard':18} {'rows=%d C=%d' % (r['rows'], r['context']):>16} {r['rtt_s'] * 1e3:10.3f}  "
+          f"(send {r['send_s'] * 1e3:.3f}, service {r['service_s'] * 1e3:.3f} with {r['concurrent_shards']} "
+          f"shards busy, queued {r['queued_s'] * 1e3:.3f})")
   for r in t["append"]:
     print(f"{'tier2 append':18} {str(r['tokens']) + ' tok':>16} {r['rtt_s'] * 1e3:10.3f}  (send "
-          f"{r['send_s'] * 1e3:.3f}, service {r['service_s'] * 1e3:.3f}; {r['bytes']} B)")
+          f"{r['send_s'] * 1e3:.3f}, service {r['service_s'] * 1e3:.3f}; {r['fanout']} shards; {r['bytes']} B)")
   print(f"{'control RPC':18} {'1 seq':>16} {t['control_rtt_s'] * 1e3:10.3f}")
   for r in t.get("runner", []):
     print(f"{'runner, depth 1':18} {'rows=' + str(r['rows']):>16} {r['step_s'] * 1e3:10.3f}  (step; per round "
@@ -405,6 +527,7 @@ def runner_overheads(config, model, rows: list[int], prompt_len: int, output_len
     gc.collect()  # frees the runner's per-layer weight copies (its jit closures hold cycles)
     trips = max(totals["num_round_trips"], 1)
     out.append({"rows": r, "context": prompt_len + output_len / 2,
+                "fanout": min(r, len(config.tier2.addresses.split(","))),
                 "step_s": totals["tier1_s"] / max(totals["num_steps"], 1),
                 "host_s": (totals["wall"] - totals["tier1_s"] - totals["wait_s"]) / trips,
                 "remote_s": totals["wait_s"] / trips, "round_trips": totals["num_round_trips"]})

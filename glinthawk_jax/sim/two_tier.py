@@ -9,6 +9,10 @@ furthest-along micro-batch first.
 With k identical micro-batches and deterministic times the network is a closed cyclic one, whose
 throughput (micro-batch tokens per second) is min(k / cycle, 1 / bottleneck): `cycle` is one
 micro-batch's time around the loop alone, `bottleneck` the busiest station's work per token.
+
+`makespan(..., shards=...)` instead gives each micro-batch its own tier-2 fan-out: the request goes to
+the shards holding its sequences (one station each, shared by the micro-batches that use it) and
+returns when the slowest shard has replied, as the pipelined runner's requests do.
 """
 
 from __future__ import annotations
@@ -103,6 +107,15 @@ def paged_times(m: ModelConfig, hw: HardwareProfile, batch: int, context: float,
                        head=cost_model.head_time(hw, m, batch))
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardPart:
+  """A micro-batch's share of a tier-2 request on one shard."""
+
+  shard: int
+  service: float  # seconds of that shard's station
+  one_way: float  # pure delay each way (RPC latency, injected delay)
+
+
 @dataclasses.dataclass
 class SimResult:
   throughput: float  # micro-batch tokens per second in steady state
@@ -129,17 +142,22 @@ def simulate(times: PipelineTimes, in_flight: int, tokens: int = 0, stagger: boo
   return SimResult(throughput=window / span, completions=completions, utilization=util)
 
 
-def makespan(times: PipelineTimes, in_flight: int, steps: int) -> float:
+def makespan(times: PipelineTimes, in_flight: int, steps: int,
+             shards: list[list[ShardPart]] | None = None) -> float:
   """Seconds until `in_flight` micro-batches, all ready at time 0, have each made `steps` tokens (one
   fused decode call of the pipelined runner: the micro-batches start together and the call ends
-  with the last)."""
-  loop, _, _ = _run(times, [0.0] * in_flight, steps=steps, stop=lambda done: False)
+  with the last). `shards[j]`: micro-batch j's tier-2 parts, replacing times.tier2 and
+  times.propagation (None: one tier-2 station per slice)."""
+  if shards is not None and len(shards) != in_flight:
+    raise ValueError(f"shards: {len(shards)} micro-batches' parts, expected in_flight={in_flight}")
+  loop, _, _ = _run(times, [0.0] * in_flight, steps=steps, stop=lambda done: False, shards=shards)
   return loop.now
 
 
-def _run(times: PipelineTimes, starts: list[float], steps: int, stop):
+def _run(times: PipelineTimes, starts: list[float], steps: int, stop, shards=None):
   """The event model: micro-batch j enters at starts[j]; each stops after `steps` tokens (0 = never);
-  runs until `stop(done)` or no event is left. Returns (loop, stations, token completion times)."""
+  runs until `stop(done)` or no event is left; `shards` as makespan's. Returns (loop, stations,
+  token completion times)."""
   loop = EventLoop()
   n_slices = len(times.layers_per_slice)
   slice_of = np.repeat(np.arange(n_slices), times.layers_per_slice)
@@ -160,8 +178,8 @@ def _run(times: PipelineTimes, starts: list[float], steps: int, stop):
 
   def to_link_out(mb, step, layer):
     s = slice_of[layer]
-    stations[f"link_out[{s}]"].submit(times.link_out, propagate, to_tier2, mb, step, layer,
-                                      priority=priority(step, layer))
+    then = (propagate, to_tier2) if shards is None else (fan_out,)
+    stations[f"link_out[{s}]"].submit(times.link_out, *then, mb, step, layer, priority=priority(step, layer))
 
   def propagate(then, mb, step, layer):
     loop.after(times.propagation, then, mb, step, layer)
@@ -171,10 +189,27 @@ def _run(times: PipelineTimes, starts: list[float], steps: int, stop):
     stations[f"tier2[{s}]"].submit(times.tier2, to_link_back, mb, step, layer,
                                    priority=priority(step, layer))
 
+  def fan_out(mb, step, layer):  # after link_out: each shard part, back when the last has replied
+    waiting = [len(shards[mb])]
+
+    def replied():
+      waiting[0] -= 1
+      if not waiting[0]:
+        to_link_back(mb, step, layer)
+
+    for part in shards[mb]:
+      name = f"tier2[{slice_of[layer]}].{part.shard}"
+      station = stations.setdefault(name, Station(loop, name))
+
+      def arrive(part=part, station=station):
+        station.submit(part.service, loop.after, part.one_way, replied, priority=priority(step, layer))
+
+      loop.after(part.one_way, arrive)
+
   def to_link_back(mb, step, layer):
     s = slice_of[layer]
-    stations[f"link_back[{s}]"].submit(times.link_back, propagate, next_layer, mb, step, layer,
-                                       priority=priority(step, layer))
+    then = (propagate, next_layer) if shards is None else (next_layer,)  # shard parts paid their way back
+    stations[f"link_back[{s}]"].submit(times.link_back, *then, mb, step, layer, priority=priority(step, layer))
 
   def next_layer(mb, step, layer):
     if layer + 1 < num_layers:

@@ -4,7 +4,9 @@ Llama-2-7B shape, random weights, bf16, prompt 128 / output 128, ignore_eos, bat
 = number of prompts. HF runs first in a subprocess (so torch and JAX never share GPU memory); each engine
 batch is run twice with the same shapes, the first run compiling. The floor is the time to stream the
 weights plus the average KV read of a decode step at the device's copy bandwidth, measured in the same
-run (x floor); x run floor adds the prefill's matmul FLOPs at the measured bf16 matmul rate.
+run: x floor is the measured decode step (the engine waits for prefill before it times decode) over that;
+x run floor is the whole run's output tokens/s against the floor of the whole run (every decode step plus
+the prefill's matmul FLOPs at the measured bf16 matmul rate).
 
   python benchmarks/throughput.py --out throughput.json            # GPU, about 4 minutes
   python benchmarks/throughput.py --small --out /tmp/small.json    # CPU smoke test, seconds
@@ -154,7 +156,7 @@ def run_engine(args) -> tuple[list[dict], str]:
         decode_s=decode_s, decode_calls=calls, decode_step_ms=step_ms, decode_tok_s=b / step_ms * 1e3,
         num_compilations=after["num_compilations"], num_pages=after["num_pages"],
         kv_pool_gib=after["kv_pool_gib"], num_preemptions=after["num_preemptions"],
-        x_floor=floor["floor_output_tok_s"] / (tokens / elapsed),
+        x_floor=step_ms / floor["floor_step_ms"],
         x_run_floor=floor["floor_run_output_tok_s"] / (tokens / elapsed), **floor))
     del engine
     gc.collect()  # the runner's jitted methods form a cycle; free its KV pool before the next batch

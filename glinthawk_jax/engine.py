@@ -231,6 +231,10 @@ class Engine:
       self.stats.prefill_time_s += time.perf_counter() - t
       self.stats.num_prefill_calls += 1
       ran = True
+    if ran:  # prefill calls return before the device runs them: their time belongs here, not to decode
+      t = time.perf_counter()
+      self.runner.wait()
+      self.stats.prefill_time_s += time.perf_counter() - t
     return ran
 
   def _tier2_rows(self, seqs: list[Sequence], rows: int):

@@ -192,6 +192,10 @@ class ModelRunner:
       tok = x[-1]
     return np.concatenate([np.asarray(o) for o in outs])
 
+  def wait(self) -> None:
+    """Blocks until every dispatched call has finished on the device (calls return before they run)."""
+    jax.block_until_ready([sl.state for sl in self.slices])
+
   def write_layer_kv(self, layer: int, k, v, page_ids, offsets) -> None:
     """Stores k, v: [T, KV, D] of model layer `layer` at (page_ids, offsets): [T] in its slice's pools
     (KV computed elsewhere, e.g. received from a prefill worker)."""

@@ -198,6 +198,10 @@ class PipelinedRunner:
 
   # The ModelRunner interface.
 
+  def wait(self) -> None:
+    """Blocks until the local share's dispatched KV writes have finished (tier-2 work is waited for inline)."""
+    jax.block_until_ready(self.local_states)
+
   def prefill(self, tokens, positions, page_ids, offsets, block_tables, context_lens, seq_ids) -> None:
     """Puts every layer's K, V of tokens: [B, T] on tier 2 (LOCAL_ROW rows': in the local cache): first
     chunks computed on tier 1 and appended in bulk, later chunks with attention through tier 2."""

@@ -1,5 +1,5 @@
 """The tier-2 gRPC server: control RPCs in protobuf, tensors as raw bytes (tensor_wire.py) or, for
-clients on the same host, in shared-memory regions with a small gRPC notification (shm_wire.py).
+clients on the same host, in shared-memory regions with a Unix-socket doorbell (shm_wire.py).
 
 One process holds the KV cache of its sequences for layers [first_layer, end_layer) in a
 preallocated KVPool, appends K and V for new tokens and returns only the attention output.
@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from glinthawk_jax.protos import shm_wire, tensor_wire, tier2_pb2, tier2_pb2_grpc
 from tier2_cpu.kv_pool import KVPool
 from tier2_cpu.page_table import PageTable, PoolFullError
+from tier2_cpu.shm_doorbell import AbortContext, CallError, Doorbell
 from tier2_cpu.shm_sessions import ShmSessions
 
 MAX_MESSAGE_BYTES = 2**31 - 1
@@ -79,6 +80,9 @@ class Tier2Service:
     self.requests_served = 0
     self.tokens_served = 0
     self.shm = ShmSessions() if o.shm else None
+    # Injected delays must overlap (one-way network delay), so delayed calls go to a pool.
+    self.doorbell = Doorbell(self._serve_shm, self._check_shm_peer, self.shm.detach,
+                             o.max_workers if o.inject_delay_ms else 1) if o.shm else None
 
   # Control RPCs (protobuf).
 
@@ -142,7 +146,7 @@ class Tier2Service:
       self.shm.attach(request.session, request.slot, request.name, request.size, request.client_pid)
     except (OSError, ValueError) as e:
       context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"shm region {request.name!r}: {e}")
-    return tier2_pb2.ShmAttachReply()
+    return tier2_pb2.ShmAttachReply(doorbell=self.doorbell.name)
 
   def ShmDetach(self, request, context):
     self._require_shm(context)
@@ -161,13 +165,25 @@ class Tier2Service:
       time.sleep(self.options.inject_delay_ms / 1000)
     return payload
 
-  def shm_call(self, notify: bytes, context) -> bytes:
-    """Serves a request from a shared-memory slot (shm_wire.py); the reply goes to the same slot."""
-    self._require_shm(context)
+  def _check_shm_peer(self, session: int, pid: int) -> None:
+    """A doorbell connection's HELLO: the session must be attached by the connecting process."""
     try:
-      session, slot, op, request_bytes = shm_wire.decode_notify(notify)
+      owner = self.shm.pid_of(session)
+    except KeyError as e:
+      raise CallError(grpc.StatusCode.FAILED_PRECONDITION, e.args[0]) from None
+    if owner != pid:
+      raise CallError(grpc.StatusCode.PERMISSION_DENIED, f"shm session {session:x} belongs to pid {owner}, not {pid}")
+
+  def _serve_shm(self, session: int, notify: bytes) -> int:
+    """Serves a request from a shared-memory slot of `session` (shm_wire.py); the reply goes to the
+    same slot. Returns its length; failures raise CallError."""
+    context = AbortContext()
+    try:
+      theirs, slot, op, request_bytes = shm_wire.decode_notify(notify)
     except tensor_wire.WireError as e:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if theirs != session:
+      context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"shm session {theirs:x} is not this doorbell's")
     try:
       region = self.shm.region(session, slot)
     except KeyError as e:
@@ -184,7 +200,7 @@ class Tier2Service:
       region.view(reply_at, reply.nbytes)[:] = reply.reshape(-1).view(np.uint8)
     except tensor_wire.WireError as e:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-    return shm_wire.REPLY.pack(reply.nbytes)
+    return reply.nbytes
 
   def _require_shm(self, context) -> None:
     if self.shm is None:
@@ -297,8 +313,7 @@ def build_server(options: ServerOptions) -> tuple[grpc.Server, int, Tier2Service
   tier2_pb2_grpc.add_Tier2Servicer_to_server(service, server)
   raw = {name.rsplit("/", 1)[1]: grpc.unary_unary_rpc_method_handler(fn)  # identity (de)serializers
          for name, fn in ((tensor_wire.ATTEND_METHOD, service.attend),
-                          (tensor_wire.ECHO_METHOD, service.echo),
-                          (shm_wire.CALL_METHOD, service.shm_call))}
+                          (tensor_wire.ECHO_METHOD, service.echo))}
   server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("glinthawk.tier2.Tensor", raw)])
   health_servicer = health.HealthServicer()
   health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -345,4 +360,6 @@ def serve(options: ServerOptions) -> None:
   while not stop.wait(SHM_SWEEP_S):
     if service.shm:
       service.shm.sweep()  # unmaps the regions of clients that died without detaching
+  if service.doorbell:
+    service.doorbell.close()
   server.stop(grace=1.0).wait()

@@ -218,27 +218,29 @@ class Tier2Service:
     """Writes each token's K, V at its position, then attends each query to keys 0..position
     (an append-only request stops after the write and returns an empty reply)."""
     self._check_shapes(r, context)
+    runs = _Runs(r.seq_ids, r.positions)
+    if runs.repeated:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request {r.request_id}: a (sequence, position) pair appears twice")
     layer = r.layer - self.options.first_layer
     with self._lock:
-      self._check_sequences(r, layer, context)
+      seqs = runs.seqs.tolist()
+      self._check_sequences(r, runs, seqs, layer, context)
       try:
-        self.pages.grow(r.seq_ids, r.positions)
+        self.pages.grow(runs.seqs, runs.last)
       except PoolFullError as e:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request {r.request_id}: {e}")
-      self.pool.write(layer, self.pages.slots(r.seq_ids, r.positions), r.k, r.v)
-      seqs, inverse = np.unique(r.seq_ids, return_inverse=True)
-      ends = np.zeros(len(seqs), np.int64)
-      np.maximum.at(ends, inverse, r.positions + 1)  # per sequence, one past its last position here
-      for s, end in zip(seqs.tolist(), ends.tolist()):
+      for s, end in zip(seqs, (runs.last + 1).tolist()):
         lengths = self._lengths[s]
         lengths[layer] = max(lengths[layer], end)
       self.requests_served += 1
       self.tokens_served += len(r.seq_ids)
+      self.pool.write(layer, self.pages.slots(r.seq_ids, r.positions), r.k, r.v)
       if r.append_only:
         return np.empty((0,), r.k.dtype)
-      width = int(r.positions.max()) // self.options.page_size + 1  # the pool buckets shapes
+      width = int(runs.last.max()) // self.options.page_size + 1  # the pool buckets shapes
       out = self.pool.attend(layer, r.q, self.pages.block_tables(r.seq_ids, width), r.positions)
-    return np.ascontiguousarray(np.asarray(out).astype(r.q.dtype, copy=False))
+    return np.ascontiguousarray(out.astype(r.q.dtype, copy=False))
 
   def _check_shapes(self, r: tensor_wire.AttendRequest, context) -> None:
     o = self.options
@@ -254,30 +256,39 @@ class Tier2Service:
       context.abort(grpc.StatusCode.OUT_OF_RANGE,
                     f"request {r.request_id}: token {bad[0]} position {r.positions[bad[0]]} outside "
                     f"[0, {o.max_seq_len})")
-    keys = r.seq_ids * o.max_seq_len + r.positions  # one int64 per (sequence, position) pair
-    if len(np.unique(keys)) != len(keys):
-      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                    f"request {r.request_id}: a (sequence, position) pair appears twice")
 
-  def _check_sequences(self, r: tensor_wire.AttendRequest, layer: int, context) -> None:
+  def _check_sequences(self, r: tensor_wire.AttendRequest, runs: "_Runs", seqs: list[int], layer: int,
+                       context) -> None:
     """Every sequence known, and no position past the keys written so far plus this request's."""
-    order = np.lexsort((r.positions, r.seq_ids))
-    seq_ids, positions = r.seq_ids[order], r.positions[order]
-    seqs, inverse = np.unique(seq_ids, return_inverse=True)
-    unknown = [s for s in seqs.tolist() if s not in self.pages]
+    unknown = [s for s in seqs if s not in self.pages]
     if unknown:
       context.abort(grpc.StatusCode.NOT_FOUND, f"request {r.request_id}: sequence {unknown[0]} is not allocated")
-    written = np.array([self._lengths[s][layer] for s in seqs.tolist()], np.int64)[inverse]
+    written = np.repeat(np.array([self._lengths[s][layer] for s in seqs], np.int64), runs.counts)
     # In (sequence, position) order a position is fine if its key exists or the previous one of its
     # sequence is right before it (pairs are unique, so positions of a sequence increase).
-    follows = np.zeros(len(seq_ids), bool)
-    follows[1:] = (seq_ids[1:] == seq_ids[:-1]) & (positions[1:] == positions[:-1] + 1)
-    bad = np.flatnonzero((positions > written) & ~follows)
+    bad = np.flatnonzero((runs.positions > written) & ~runs.follows)
     if bad.size:
       i = bad[0]
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                    f"request {r.request_id}: sequence {seq_ids[i]} layer {r.layer} position {positions[i]} "
-                    f"leaves a gap after its {written[i]} written keys")
+                    f"request {r.request_id}: sequence {runs.seq_ids[i]} layer {r.layer} position "
+                    f"{runs.positions[i]} leaves a gap after its {written[i]} written keys")
+
+
+class _Runs:
+  """A request's tokens sorted once by (sequence, position): each sequence is a run of increasing
+  positions. seqs, counts and last (its largest position) are per run; seq_ids, positions and
+  follows (the token right after the previous one of its run) per sorted token."""
+
+  def __init__(self, seq_ids: np.ndarray, positions: np.ndarray):
+    order = np.lexsort((positions, seq_ids))
+    self.seq_ids, self.positions = seq_ids[order], positions[order]
+    same = self.seq_ids[1:] == self.seq_ids[:-1]
+    step = self.positions[1:] - self.positions[:-1]
+    self.repeated = bool(np.any(same & (step == 0)))
+    self.follows = np.concatenate([[False], same & (step == 1)])
+    starts = np.flatnonzero(np.concatenate([[True], ~same]))
+    ends = np.append(starts[1:], len(order))
+    self.seqs, self.counts, self.last = self.seq_ids[starts], ends - starts, self.positions[ends - 1]
 
 
 class _TokenCheck(grpc.ServerInterceptor):

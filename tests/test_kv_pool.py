@@ -173,3 +173,16 @@ def test_a_call_split_over_threads_matches_one_thread_and_float64(tmp_path):
   subprocess.run([sys.executable, "-c", SPLIT_CASE.format(root=root, path=path)], check=True, timeout=120,
                  env={**os.environ, "JAX_PLATFORMS": "cpu"})
   np.testing.assert_array_equal(np.load(path), out)  # same items, same arithmetic, any thread
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "int8"])
+def test_write_attend_is_write_then_attend(storage):
+  rng = np.random.default_rng(8)
+  pools = [KVPool(2, 8, 4, 2, 16, storage) for _ in range(2)]
+  k, v = (rng.standard_normal((5, 2, 16)).astype(np.float32) for _ in range(2))
+  q = rng.standard_normal((5, 4, 16)).astype(np.float32)
+  slots, tables, positions = np.arange(5), np.array([[0, 1]] * 5, np.int32), np.arange(5, dtype=np.int32)
+  pools[0].write(1, slots, k, v)
+  expected = pools[0].attend(1, q, tables, positions)
+  np.testing.assert_array_equal(pools[1].write_attend(1, slots, k, v, q, tables, positions), expected)
+  np.testing.assert_array_equal(pools[1].attend(1, q, tables, positions), expected)  # the write stayed

@@ -74,6 +74,13 @@ def _attend(arrays, q, block_tables, positions, *, storage):
   return call(q, block_tables, positions, *arrays)
 
 
+@functools.partial(jax.jit, static_argnames=("storage",), donate_argnums=(0,))
+def _write_attend(arrays, page, offset, k, v, q, block_tables, positions, *, storage):
+  """_write then _attend in one dispatch (a decode call's whole tier-2 work)."""
+  arrays = _write(arrays, page, offset, k, v, storage=storage)
+  return arrays, _attend(arrays, q, block_tables, positions, storage=storage)
+
+
 def _as_f32(name: str, x, ndim: int) -> np.ndarray:
   x = np.asarray(x)
   if x.dtype.kind not in "fV" and x.dtype.name != "bfloat16":
@@ -138,6 +145,13 @@ class KVPool:
     """
     args = self._attend_args(layer, q, block_tables, positions)
     return np.asarray(_attend(self._layers[layer], *args, storage=self.storage))[:np.shape(q)[0]]
+
+  def write_attend(self, layer: int, slots, k, v, q, block_tables, positions) -> np.ndarray:
+    """write(layer, slots, k, v) then attend(layer, q, block_tables, positions), in one dispatch."""
+    write_args = self._write_args(layer, slots, k, v)
+    attend_args = self._attend_args(layer, q, block_tables, positions)
+    self._layers[layer], out = _write_attend(self._layers[layer], *write_args, *attend_args, storage=self.storage)
+    return np.asarray(out)[:np.shape(q)[0]]
 
   def _write_args(self, layer: int, slots, k, v) -> tuple:
     """(page, offset, k, v) for _write, padded to a bucketed row count (padding pages are dropped)."""

@@ -235,11 +235,13 @@ class Tier2Service:
         lengths[layer] = max(lengths[layer], end)
       self.requests_served += 1
       self.tokens_served += len(r.seq_ids)
-      self.pool.write(layer, self.pages.slots(r.seq_ids, r.positions), r.k, r.v)
+      slots = self.pages.slots(r.seq_ids, r.positions)
       if r.append_only:
+        self.pool.write(layer, slots, r.k, r.v)
         return np.empty((0,), r.k.dtype)
       width = int(runs.last.max()) // self.options.page_size + 1  # the pool buckets shapes
-      out = self.pool.attend(layer, r.q, self.pages.block_tables(r.seq_ids, width), r.positions)
+      out = self.pool.write_attend(layer, slots, r.k, r.v, r.q, self.pages.block_tables(r.seq_ids, width),
+                                   r.positions)
     return np.ascontiguousarray(out.astype(r.q.dtype, copy=False))
 
   def _check_shapes(self, r: tensor_wire.AttendRequest, context) -> None:

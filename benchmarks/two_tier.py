@@ -5,6 +5,12 @@ pipelined under injected tier-2 delay. One command, a table last, every number i
   python benchmarks/two_tier.py --smoke --out /tmp/t.json  # tiny model on the CPU, about a minute
   python benchmarks/two_tier.py --roundtrip                # CPU: host cost of one layer round trip
   python benchmarks/two_tier.py --local_fraction 0.25 ...  # two-tier runs keep ~1/4 of the KV on tier 1
+  python benchmarks/two_tier.py --roundtrip --spawn 4 --in_flight 4 --roundtrip_batch 64  # more fan-out
+
+Tier 2 runs as --spawn servers (default: one per 4 of the host's cores, 2 cores left to tier 1), each
+pinned to its share of the cores, where its attention kernel splits a call over those cores: fewer,
+larger calls than one server per core (each shard a micro-batch touches costs tier 1 a call).
+--spawn_sweep reruns pipelined (first model, first shape) at other server counts to check that choice.
 
 Per model (Llama-2-7B and Llama-3-8B shapes, random weights, bf16 weights and tier-2 KV) it runs two
 shapes: `short` (batch 64, prompt 128: tier 1 dominates) and `long` (batch 256, context ~1024 for GQA,
@@ -55,7 +61,9 @@ def parse_args(argv=None):
   p.add_argument("--models", default=None, help="config modules (default llama2_7b,llama3_8b; smoke: tiny)")
   p.add_argument("--shapes", default="short,long", help="short (batch 64, prompt 128) and/or long")
   p.add_argument("--placements", default=",".join(PLACEMENTS))
-  p.add_argument("--spawn", type=int, default=None, help="tier-2 servers (default host cores - 2; smoke: 2)")
+  p.add_argument("--spawn", type=int, default=None,
+                 help="tier-2 servers (default (host cores - 2) // 4; smoke and roundtrip: 2)")
+  p.add_argument("--spawn_sweep", default="", help="server counts to rerun pipelined at, e.g. 4,8,16,30")
   p.add_argument("--output_len", type=int, default=None, help="new tokens per request (default 32; smoke 8)")
   p.add_argument("--callback_output_len", type=int, default=None, help="callback is slow (default 4)")
   p.add_argument("--in_flight", type=int, default=0, help="config.tier2.in_flight (0 = auto)")
@@ -64,6 +72,7 @@ def parse_args(argv=None):
   p.add_argument("--decode_steps", type=int, default=4, help="engine.decode_steps_per_call")
   p.add_argument("--roundtrip", action="store_true",
                  help="only the per-layer round trip of the pipelined path on a small model (CPU)")
+  p.add_argument("--roundtrip_batch", type=int, default=32, help="sequences in the --roundtrip run")
   p.add_argument("--host_ram_gb", type=float, default=110.0, help="cap on all tier-2 pools together")
   p.add_argument("--local_fraction", type=float, default=0.0,
                  help="config.local_attention_fraction of the two-tier runs (0 = all KV on tier 2)")
@@ -72,7 +81,8 @@ def parse_args(argv=None):
   args.shapes = [s for s in args.shapes.split(",") if s]
   args.placements = [x for x in args.placements.split(",") if x]
   cores = len(os.sched_getaffinity(0))
-  args.spawn = args.spawn or (2 if args.smoke else max(1, cores - 2))
+  args.spawn = args.spawn or (2 if args.smoke or args.roundtrip else max(1, (cores - 2) // 4))
+  args.spawn_sweep = [int(n) for n in args.spawn_sweep.split(",") if n]
   args.output_len = args.output_len or (8 if args.smoke else 32)
   args.callback_output_len = args.callback_output_len or (4 if not args.smoke else 8)
   delays = args.delays if args.delays is not None else ("0,20" if args.smoke else "0,5,20,50,100,200")
@@ -93,7 +103,7 @@ def shape(args, name: str, model) -> dict:
 
 
 def make_config(args, model_name: str, placement: str, s: dict, delay_ms: float = 0.0,
-                in_flight: int | None = None, decode_steps: int | None = None):
+                in_flight: int | None = None, decode_steps: int | None = None, spawn: int | None = None):
   from glinthawk_jax.config import model_config
 
   c = importlib.import_module(f"configs.{model_name}").get_config()
@@ -104,11 +114,11 @@ def make_config(args, model_name: str, placement: str, s: dict, delay_ms: float 
   c.engine.max_prefill_tokens = 4096 if not args.smoke else 256
   c.engine.decode_steps_per_call = decode_steps or args.decode_steps
   c.engine.kv_cache_gb = 0.0 if not args.smoke else 0.05
-  c.tier2.spawn = args.spawn
+  c.tier2.spawn = spawn or args.spawn
   c.tier2.kv_dtype = "float32" if args.smoke else "bfloat16"
   kv = kv_bytes_per_token(model_config(c), c.tier2.kv_dtype)
   need = s["batch"] * c.engine.max_model_len * kv * 1.15 / GIB  # all slots at full length, + pages
-  c.tier2.kv_cache_gb = min(need, args.host_ram_gb) / args.spawn + 0.01
+  c.tier2.kv_cache_gb = min(need, args.host_ram_gb) / c.tier2.spawn + 0.01
   c.tier2.inject_delay_ms = delay_ms
   c.tier2.in_flight = args.in_flight if in_flight is None else in_flight
   c.local_attention_fraction = args.local_fraction
@@ -136,14 +146,16 @@ def wire_bytes_per_token_layer(model, dtype: str) -> int:
 
 
 def host_attention_gb_s(args, model, s: dict, kv_dtype: str) -> float:
-  """The tier-2 kernel's KV-read GB/s summed over `spawn` pinned processes (benchmarks/tier2.py)."""
+  """The tier-2 kernel's KV-read GB/s summed over pinned single-core processes on the cores tier 2 may
+  use (host cores - 2; benchmarks/tier2.py): the host's best, whatever the server layout."""
   from benchmarks.tier2 import kernel_rows
 
+  cores = len(os.sched_getaffinity(0))
+  procs = min(args.spawn, cores) if args.smoke else max(1, cores - 2)
   context = s["prompt"] + s["output"] // 2
-  cfg = {"batch": max(1, min(s["batch"] // args.spawn, 16)), "context": max(16, context // 16 * 16),
+  cfg = {"batch": max(1, min(s["batch"] // procs, 16)), "context": max(16, context // 16 * 16),
          "heads": model.num_heads, "kv_heads": model.num_kv_heads, "head_dim": model.head_dim,
          "page_size": 16, "seconds": 0.3 if args.smoke else 1.0, "copy_bytes": 16 << 20, "kinds": [kv_dtype]}
-  procs = min(args.spawn, len(os.sched_getaffinity(0)))
   return kernel_rows(cfg, [procs])[0]["gb_per_s"]
 
 
@@ -174,7 +186,8 @@ def run_one(config, s: dict, output_len: int) -> dict:
     local = engine.stats.num_local_admissions - admitted_before[0]
     admitted = local + engine.stats.num_tier2_admissions - admitted_before[1]
     two_tier = config.placement != "local"
-    row = {"placement": config.placement, "delay_ms": config.tier2.inject_delay_ms, "batch": s["batch"],
+    row = {"placement": config.placement, "delay_ms": config.tier2.inject_delay_ms, "spawn": config.tier2.spawn,
+           "batch": s["batch"],
            "prompt": s["prompt"], "output": output_len, "output_tok_s": tokens / wall, "wall_s": wall,
            "decode_s": decode_s, "decode_tok_s": max(decode_tokens, 1) / max(decode_s, 1e-9),
            "local_fraction": config.local_attention_fraction if two_tier else 1.0,
@@ -184,7 +197,9 @@ def run_one(config, s: dict, output_len: int) -> dict:
       row.update(in_flight=runner.depth, tier1_busy_fraction=d["tier1_s"] / wall,
                  wire_gb_s=d["tier2_bytes"] / wall / 1e9,
                  mean_rtt_ms=1e3 * d["rtt_s"] / max(d["num_round_trips"], 1),
-                 tier1_step_ms=1e3 * d["tier1_s"] / max(d["num_steps"], 1))
+                 tier1_step_ms=1e3 * d["tier1_s"] / max(d["num_steps"], 1),
+                 dispatch_ms=1e3 * d["dispatch_s"] / max(d["num_steps"], 1),
+                 send_ms=1e3 * d["send_s"] / max(d["num_round_trips"], 1))
   del engine, runner
   gc.collect()  # the engine's device buffers go before the next engine allocates its own
   return row
@@ -234,21 +249,23 @@ def plot(rows: list[dict], path: str) -> str | None:
   return path
 
 
-def roundtrip() -> None:
-  """Host cost of the pipelined path: a small model (8 layers, batch 32, context ~96) whose tier-1 steps
-  and tier-2 attention are cheap, so decode time per (step, layer) is mostly the round trip's overhead
-  (dispatch, device-to-host copy, RPC, server, reply). Best of 3 runs."""
+def roundtrip(args) -> None:
+  """Host cost of the pipelined path: a small model (8 layers, batch --roundtrip_batch, context ~96,
+  --spawn servers, --in_flight micro-batches, default 2) whose tier-1 steps and tier-2 attention are
+  cheap, so decode time per (step, layer) is mostly the round trip's overhead (dispatch,
+  device-to-host copy, send, server, reply). Best of 3 runs."""
   from configs import tiny
   from glinthawk_jax.engine import Engine
   from glinthawk_jax.requests import SamplingParams
   import numpy as np
 
+  batch = args.roundtrip_batch
   c = tiny.get_config()
   c.placement, c.model.num_layers = "pipelined", 8
-  c.engine.update(dict(max_num_seqs=32, page_size=16, max_model_len=160, max_prefill_tokens=1024,
+  c.engine.update(dict(max_num_seqs=batch, page_size=16, max_model_len=160, max_prefill_tokens=max(1024, 64 * batch),
                        decode_steps_per_call=4))
-  c.tier2.update(dict(spawn=2, kv_cache_gb=0.05, in_flight=2))
-  prompts = [np.random.default_rng(0).integers(3, 500, 64).tolist() for _ in range(32)]
+  c.tier2.update(dict(spawn=args.spawn, kv_cache_gb=0.05, in_flight=args.in_flight or 2))
+  prompts = [np.random.default_rng(0).integers(3, 500, 64).tolist() for _ in range(batch)]
   runs = []
   with Engine(c) as engine:
     engine.generate(prompts, SamplingParams(max_tokens=9, ignore_eos=True))
@@ -258,15 +275,19 @@ def roundtrip() -> None:
       d = {k: v - before[k] for k, v in vars(engine.runner.stats).items()}
       per = (engine.stats.decode_time_s - decode_before) / (32 * c.model.num_layers)
       runs.append({"ms_per_layer_round_trip": 1e3 * per, "mean_rtt_ms": 1e3 * d["rtt_s"] / d["num_round_trips"],
+                   "tier1_step_ms": 1e3 * d["tier1_s"] / d["num_steps"],
+                   "dispatch_ms": 1e3 * d["dispatch_s"] / d["num_steps"],
+                   "send_ms": 1e3 * d["send_s"] / d["num_round_trips"],
                    "transports": engine.tier2.client.transports})
   best = min(runs, key=lambda r: r["ms_per_layer_round_trip"])
-  print(json.dumps({"roundtrip_best": best, "runs": runs}, indent=1))
+  print(json.dumps({"batch": batch, "spawn": args.spawn, "in_flight": c.tier2.in_flight, "roundtrip_best": best,
+                    "runs": runs}, indent=1))
 
 
 def main(argv=None):
   args = parse_args(argv)
   if args.roundtrip:
-    return roundtrip()
+    return roundtrip(args)
   if args.smoke:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
@@ -290,32 +311,34 @@ def main(argv=None):
                                 "host_attention_gb_s": host_attention_gb_s(args, model, s, base.tier2.kv_dtype)}
       print(f"{key}: device copy {copy_gb_s:.0f} GB/s, host attention "
             f"{results['floors'][key]['host_attention_gb_s']:.1f} GB/s ({args.spawn} processes)", flush=True)
-      runs = [(p, 0.0) for p in args.placements if not (p == "callback" and shape_name == "long")]
+      runs = [(p, 0.0, None) for p in args.placements if not (p == "callback" and shape_name == "long")]
       sweep = model_name == args.models[0] and shape_name == args.shapes[0] and "pipelined" in args.placements
-      runs += [("pipelined", d) for d in args.delays if d > 0] if sweep else []
+      runs += [("pipelined", 0.0, n) for n in args.spawn_sweep if n != args.spawn] if sweep else []
+      runs += [("pipelined", d, None) for d in args.delays if d > 0] if sweep else []
       base_row = None
-      for placement, delay in runs:
+      for placement, delay, spawn in runs:
         out_len = (args.sweep_output_len if delay > 0 else
                    args.callback_output_len if placement == "callback" else s["output"])
         # Under delay, the depth auto mode would choose from the no-delay run's tier-1 step and round
         # trip plus the delay (measuring it at 200 ms would take minutes); one step per call.
         depth = sweep_depth(base_row, delay) if delay > 0 else None
-        config = make_config(args, model_name, placement, s, delay, depth, 1 if delay > 0 else None)
+        config = make_config(args, model_name, placement, s, delay, depth, 1 if delay > 0 else None, spawn)
         try:
           row = {"model": model_name, "shape": shape_name, **run_one(config, s, out_len)}
         except Exception as e:  # noqa: BLE001 (one failed run must not lose the others' numbers)
           if args.smoke:
             raise
-          results["errors"].append(f"{key} {placement} delay {delay}: {type(e).__name__}: {e}")
+          results["errors"].append(f"{key} {placement} delay {delay} spawn {config.tier2.spawn}: "
+                                   f"{type(e).__name__}: {e}")
           print(f"  {placement} delay {delay:.0f} ms FAILED: {results['errors'][-1]}", flush=True)
           continue
-        row["sweep"] = sweep and placement == "pipelined"
-        if placement == "pipelined" and delay == 0:
+        row["sweep"] = sweep and placement == "pipelined" and spawn is None
+        if placement == "pipelined" and delay == 0 and spawn is None:
           base_row = row
         add_floors(row, model, s, results["floors"][key], base.dtype, base.tier2.kv_dtype)
         results["runs"].append(row)
         save(results, args.out, started)
-        print(f"  {placement} delay {delay:.0f} ms: {row['decode_tok_s']:.1f} decode tok/s, "
+        print(f"  {placement} delay {delay:.0f} ms, {config.tier2.spawn} servers: {row['decode_tok_s']:.1f} decode tok/s, "
               f"efficiency {row['efficiency']:.3f} ({time.perf_counter() - started:.0f} s so far)", flush=True)
   results["plot"] = plot(results["runs"], os.path.splitext(args.out)[0] + "_delay.png")
   save(results, args.out, started)
@@ -332,17 +355,20 @@ def save(results: dict, path: str, started: float) -> None:
 
 def print_table(results: dict) -> None:
   print(f"\nTwo-tier generation on {results['device']}, {results['host_cores']} host cores, "
-        f"{results['args']['spawn']} tier-2 processes, {results['elapsed_s']:.0f} s")
-  head = (f"{'model':>10} {'shape':>5} {'batch':>5} {'ctx':>5} {'placement':>9} {'delay':>5} {'tok/s':>8} "
-          f"{'dec tok/s':>9} {'local':>5} {'depth':>5} {'t1 busy':>7} {'t2 KV GB/s':>10} {'wire B':>7} {'t1 fl ms':>8} "
-          f"{'t2 fl ms':>8} {'bound':>6} {'eff':>6}")
+        f"{results['args']['spawn']} tier-2 processes (srv: this row's), {results['elapsed_s']:.0f} s")
+  head = (f"{'model':>10} {'shape':>5} {'batch':>5} {'ctx':>5} {'placement':>9} {'delay':>5} {'srv':>3} "
+          f"{'tok/s':>8} {'dec tok/s':>9} {'local':>5} {'depth':>5} {'t1 busy':>7} {'step ms':>7} {'disp ms':>7} "
+          f"{'send ms':>7} {'rtt ms':>6} {'t2 KV GB/s':>10} {'wire B':>7} {'t1 fl ms':>8} {'t2 fl ms':>8} "
+          f"{'bound':>6} {'eff':>6}")
   print(head)
   for r in results["runs"]:
     f = lambda k, spec: format(r[k], spec) if k in r else ""  # noqa: E731
     print(f"{r['model']:>10} {r['shape']:>5} {r['batch']:>5} {r['prompt'] + r['output']:>5} {r['placement']:>9} "
-          f"{r['delay_ms']:>5.0f} {r['output_tok_s']:>8.1f} {r['decode_tok_s']:>9.1f} {r['local_share']:>5.2f} "
-          f"{f('in_flight', 'd'):>5} "
-          f"{f('tier1_busy_fraction', '.2f'):>7} {f('tier2_kv_gb_s', '.2f'):>10} "
+          f"{r['delay_ms']:>5.0f} {r['spawn']:>3} {r['output_tok_s']:>8.1f} {r['decode_tok_s']:>9.1f} "
+          f"{r['local_share']:>5.2f} "
+          f"{f('in_flight', 'd'):>5} {f('tier1_busy_fraction', '.2f'):>7} {f('tier1_step_ms', '.2f'):>7} "
+          f"{f('dispatch_ms', '.2f'):>7} {f('send_ms', '.2f'):>7} {f('mean_rtt_ms', '.2f'):>6} "
+          f"{f('tier2_kv_gb_s', '.2f'):>10} "
           f"{f('wire_bytes_per_token_layer', 'd'):>7} {r['tier1_floor_ms']:>8.2f} {r['tier2_floor_ms']:>8.2f} "
           f"{r['bound']:>6} {r['efficiency']:>6.3f}")
   for error in results["errors"]:

@@ -82,7 +82,7 @@ class _Shard:
   def open_shm(self, required: bool, slot_bytes: int) -> None:
     """Starts a shared-memory session; if not `required`, a failure leaves the shard on gRPC."""
     try:
-      self.shm = ShmSession(self.channel, self.control, self.metadata, self.timeout_s, slot_bytes, self.executor)
+      self.shm = ShmSession(self.control, self.metadata, self.timeout_s, slot_bytes)
     except grpc.RpcError as e:
       if required:
         raise _error(self.address, e) from None

@@ -1,5 +1,9 @@
 """KVPool against a float64 NumPy reference: MHA and GQA, mixed lengths, decode and prefill."""
 
+import os
+import subprocess
+import sys
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -131,3 +135,54 @@ def test_errors_name_the_input():
     pool.attend(0, np.ones((1, 1, 8), np.float32), [[9]], [0])
   with pytest.raises(ValueError, match="storage 'fp8'"):
     KVPool(1, 4, 2, 1, 8, "fp8")
+
+
+SPLIT_CASE = """
+import os, sys
+os.sched_setaffinity(0, [min(os.sched_getaffinity(0))])  # before jax: XLA's pool gets one thread
+sys.path.insert(0, {root!r})
+import numpy as np
+from tests.test_kv_pool import split_case
+np.save({path!r}, split_case()[0])
+"""
+
+
+def split_case():
+  """8 tokens at ~1,500 positions over 8 KV heads: enough keys that the kernel splits the call over
+  the XLA CPU pool's threads. Returns (output, float64 reference)."""
+  rng = np.random.default_rng(3)
+  n, ctx, kv, heads, dim, page = 8, 1536, 8, 16, 64, 16
+  pool = KVPool(1, n * ctx // page, page, kv, dim, "float32")
+  k, v = (rng.standard_normal((n * ctx, kv, dim)).astype(np.float32) for _ in range(2))
+  pool.write(0, np.arange(n * ctx), k, v)
+  tables = np.arange(n * ctx // page, dtype=np.int32).reshape(n, ctx // page)
+  q = rng.standard_normal((n, heads, dim)).astype(np.float32)
+  positions = ctx - 1 - rng.integers(0, 200, n).astype(np.int32)
+  out = pool.attend(0, q, tables, positions)
+  ref = np.stack([reference(q[i], k[i * ctx:(i + 1) * ctx], v[i * ctx:(i + 1) * ctx], positions[i])
+                  for i in range(n)])
+  return out, ref
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores for the threaded split")
+def test_a_call_split_over_threads_matches_one_thread_and_float64(tmp_path):
+  out, ref = split_case()
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  path = str(tmp_path / "one_thread.npy")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, "-c", SPLIT_CASE.format(root=root, path=path)], check=True, timeout=120,
+                 env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  np.testing.assert_array_equal(np.load(path), out)  # same items, same arithmetic, any thread
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "int8"])
+def test_write_attend_is_write_then_attend(storage):
+  rng = np.random.default_rng(8)
+  pools = [KVPool(2, 8, 4, 2, 16, storage) for _ in range(2)]
+  k, v = (rng.standard_normal((5, 2, 16)).astype(np.float32) for _ in range(2))
+  q = rng.standard_normal((5, 4, 16)).astype(np.float32)
+  slots, tables, positions = np.arange(5), np.array([[0, 1]] * 5, np.int32), np.arange(5, dtype=np.int32)
+  pools[0].write(1, slots, k, v)
+  expected = pools[0].attend(1, q, tables, positions)
+  np.testing.assert_array_equal(pools[1].write_attend(1, slots, k, v, q, tables, positions), expected)
+  np.testing.assert_array_equal(pools[1].attend(1, q, tables, positions), expected)  # the write stayed

@@ -1,6 +1,7 @@
 """Shared-memory tensor transport against real tier-2 server processes on loopback."""
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import pytest
 
 from glinthawk_jax.protos import shm_wire, tensor_wire, tier2_pb2, tier2_pb2_grpc
 from glinthawk_jax.protos.shm_session import ShmSession
-from glinthawk_jax.tier2_client import Tier2Client, Tier2Error
+from glinthawk_jax.tier2_client import ShardUnavailableError, Tier2Client, Tier2Error
 from tests.test_tier2_server import BAD, BAD_REQUESTS, _good_payload
 from tests.tier2_reference import ReferenceKV
 from tier2_cpu.process import REPO_ROOT, start_servers, stop_servers
@@ -99,7 +100,7 @@ def test_bad_inputs_get_the_grpc_statuses_and_the_server_keeps_serving(servers):
     stub = tier2_pb2_grpc.Tier2Stub(ch)
     stub.Allocate(tier2_pb2.AllocateRequest(seq_ids=[1]), timeout=10)
     attend = ch.unary_unary(tensor_wire.ATTEND_METHOD)
-    session = ShmSession(ch, stub, None, 10)
+    session = ShmSession(stub, None, 10)
     over_shm = lambda p: session.call(shm_wire.ATTEND, [np.frombuffer(p, np.uint8)], 4096, 10).result()
     rng = np.random.default_rng(1)
     cases = [(name, corrupt(_good_payload(rng)), code) for name, (corrupt, code) in BAD.items()]
@@ -109,20 +110,20 @@ def test_bad_inputs_get_the_grpc_statuses_and_the_server_keeps_serving(servers):
       assert len(over_shm(_good_payload(rng))) == 4 * 16 * 4, f"after {name}"
     assert session.num_slots == 1  # a failed call frees its slot
 
-    notify = ch.unary_unary(shm_wire.CALL_METHOD)
     good = _good_payload(rng)
+    raw = _RawDoorbell(stub)
     shm_only = {
-        "unknown session": (shm_wire.NOTIFY.pack(session.session ^ 1, 0, shm_wire.ATTEND, len(good)),
+        "unknown session": (shm_wire.NOTIFY.pack(raw.session ^ 1, 0, shm_wire.ATTEND, len(good)),
                             grpc.StatusCode.FAILED_PRECONDITION),
-        "unknown slot": (shm_wire.NOTIFY.pack(session.session, 7, shm_wire.ATTEND, len(good)),
+        "unknown slot": (shm_wire.NOTIFY.pack(raw.session, 7, shm_wire.ATTEND, len(good)),
                          grpc.StatusCode.FAILED_PRECONDITION),
-        "short notify": (b"\0" * 8, grpc.StatusCode.INVALID_ARGUMENT),
-        "bad op": (shm_wire.NOTIFY.pack(session.session, 0, 9, len(good)), grpc.StatusCode.INVALID_ARGUMENT),
-        "request past the region": (shm_wire.NOTIFY.pack(session.session, 0, shm_wire.ATTEND, 1 << 30),
+        "bad op": (shm_wire.NOTIFY.pack(raw.session, 0, 9, len(good)), grpc.StatusCode.INVALID_ARGUMENT),
+        "request past the region": (shm_wire.NOTIFY.pack(raw.session, 0, shm_wire.ATTEND, 1 << 30),
                                     grpc.StatusCode.INVALID_ARGUMENT),
     }
-    for name, message, code in [(n, *c) for n, c in shm_only.items()]:
-      assert _status(lambda: notify(message, timeout=10)) == code, name
+    for name, (message, code) in shm_only.items():
+      assert raw.ring(message) == code, name
+    raw.close()
     bad_names = [("../etc/passwd", 4096), ("gt2shm-1-1-0-0", 4096)]  # not a region name; no such file
     for name, size in bad_names:
       request = tier2_pb2.ShmAttachRequest(session=5, slot=0, name=name, size=size, client_pid=os.getpid())
@@ -131,7 +132,7 @@ def test_bad_inputs_get_the_grpc_statuses_and_the_server_keeps_serving(servers):
     session.close()
 
     # A slot with room for the request but not the reply: refused before any KV is written.
-    small = ShmSession(ch, stub, None, 10, slot_bytes=shm_wire.reply_offset(len(good)) + 8)
+    small = ShmSession(stub, None, 10, slot_bytes=shm_wire.reply_offset(len(good)) + 8)
     stub.Allocate(tier2_pb2.AllocateRequest(seq_ids=[2]), timeout=10)
     before = stub.Stats(tier2_pb2.StatsRequest(), timeout=10)
     payload = np.frombuffer(_good_payload(rng, seq=2), np.uint8)
@@ -144,14 +145,63 @@ def test_bad_inputs_get_the_grpc_statuses_and_the_server_keeps_serving(servers):
     stub.Release(tier2_pb2.ReleaseRequest(seq_ids=[1, 2]), timeout=10)
 
 
+class _RawDoorbell:
+  """A session of one slot rung by hand: raw NOTIFY messages in, REPLY statuses out."""
+
+  def __init__(self, stub, session=None):
+    self.session = session or int.from_bytes(os.urandom(7), "little")
+    self.region = shm_wire.Region(shm_wire.region_name(os.getpid(), self.session, 0, 0), 4096, create=True)
+    try:
+      self.doorbell = stub.ShmAttach(tier2_pb2.ShmAttachRequest(
+          session=self.session, slot=0, name=self.region.name, size=4096, client_pid=os.getpid()),
+          timeout=10).doorbell
+    finally:
+      self.region.unlink()
+    self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    self.sock.settimeout(10)
+    self.sock.connect(shm_wire.doorbell_address(self.doorbell))
+    assert self.ring(shm_wire.HELLO.pack(self.session)) == grpc.StatusCode.OK
+
+  def ring(self, message: bytes) -> grpc.StatusCode:
+    self.sock.sendall(message)
+    _, status, size = shm_wire.REPLY.unpack(shm_wire.recv_exact(self.sock, shm_wire.REPLY.size))
+    if status:
+      shm_wire.recv_exact(self.sock, size)  # the error message
+    return {c.value[0]: c for c in grpc.StatusCode}[status]
+
+  def close(self):
+    self.sock.close()
+
+
+HELLO_FROM_ANOTHER_PROCESS = """
+import socket, sys
+from glinthawk_jax.protos import shm_wire
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(shm_wire.doorbell_address(sys.argv[1]))
+sock.sendall(shm_wire.HELLO.pack(int(sys.argv[2])))
+print(shm_wire.REPLY.unpack(shm_wire.recv_exact(sock, shm_wire.REPLY.size))[1])
+"""
+
+
+def test_doorbell_serves_only_the_process_that_attached_the_session(servers):
+  with grpc.insecure_channel(servers[0]) as ch:
+    stub = tier2_pb2_grpc.Tier2Stub(ch)
+    raw = _RawDoorbell(stub)
+    for session, code in ((raw.session, grpc.StatusCode.PERMISSION_DENIED),
+                          (raw.session ^ 1, grpc.StatusCode.FAILED_PRECONDITION)):
+      child = subprocess.run([sys.executable, "-c", HELLO_FROM_ANOTHER_PROCESS, raw.doorbell, str(session)],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,
+                             env={**os.environ, "PYTHONPATH": REPO_ROOT})
+      assert child.stdout.strip() == str(code.value[0]), child.stderr
+    assert raw.ring(shm_wire.NOTIFY.pack(raw.session, 0, shm_wire.ECHO, 16)) == grpc.StatusCode.OK
+    raw.close()
+
+
 def test_shm_off_refuses_regions(servers):
   with grpc.insecure_channel(servers[2]) as ch:
     with pytest.raises(grpc.RpcError) as info:
-      ShmSession(ch, tier2_pb2_grpc.Tier2Stub(ch), None, 10)
+      ShmSession(tier2_pb2_grpc.Tier2Stub(ch), None, 10)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    notify = shm_wire.NOTIFY.pack(1, 0, shm_wire.ATTEND, 64)
-    assert _status(lambda: ch.unary_unary(shm_wire.CALL_METHOD)(notify, timeout=10)) == \
-        grpc.StatusCode.FAILED_PRECONDITION
   assert _files_of(os.getpid()) == []
 
 
@@ -171,6 +221,21 @@ def test_several_requests_in_flight(servers):
     for i, (x, out) in enumerate(zip(inputs, outs)):
       np.testing.assert_allclose(out, ref.attend(i % 2, [i + 1] * 3, [0, 1, 2], *x), rtol=1e-5, atol=1e-6)
     client.release([1, 2, 3, 4])
+
+
+def test_a_late_reply_fails_at_the_deadline_and_its_slot_is_not_reused(servers):
+  with Tier2Client([servers[1]], **DIMS, transport="shm") as client:
+    client.allocate([5])
+    q = np.ones((1, 4, 16), np.float32)
+    k = np.ones((1, 2, 16), np.float32)
+    start = time.perf_counter()
+    with pytest.raises(ShardUnavailableError, match="DEADLINE_EXCEEDED"):
+      client.attend(0, [5], [0], q, k, k, timeout_s=DELAY_MS / 1000 / 3)
+    assert time.perf_counter() - start < DELAY_MS / 1000  # failed at the deadline, not at the reply
+    time.sleep(DELAY_MS / 1000)  # the late reply arrives and is dropped
+    np.testing.assert_allclose(client.attend(1, [5], [0], q, k, k), np.ones((1, 4, 16)), rtol=1e-6)
+    assert client.shards[0].shm.num_slots == 2  # the expired call's slot stayed out of use
+    client.release([5])
 
 
 CRASHING_CLIENT = """

@@ -74,6 +74,13 @@ def _attend(arrays, q, block_tables, positions, *, storage):
   return call(q, block_tables, positions, *arrays)
 
 
+@functools.partial(jax.jit, static_argnames=("storage",), donate_argnums=(0,))
+def _write_attend(arrays, page, offset, k, v, q, block_tables, positions, *, storage):
+  """_write then _attend in one dispatch (a decode call's whole tier-2 work)."""
+  arrays = _write(arrays, page, offset, k, v, storage=storage)
+  return arrays, _attend(arrays, q, block_tables, positions, storage=storage)
+
+
 def _as_f32(name: str, x, ndim: int) -> np.ndarray:
   x = np.asarray(x)
   if x.dtype.kind not in "fV" and x.dtype.name != "bfloat16":
@@ -128,6 +135,26 @@ class KVPool:
 
   def write(self, layer: int, slots, k, v) -> None:
     """Store k, v: [n, kv_heads, head_dim] at `slots` (page * page_size + offset)."""
+    args = self._write_args(layer, slots, k, v)
+    self._layers[layer] = _write(self._layers[layer], *args, storage=self.storage)
+
+  def attend(self, layer: int, q, block_tables, positions) -> np.ndarray:
+    """Attention of q: [n, heads, head_dim] over positions 0..positions[i] of each row's sequence.
+
+    block_tables: [n, max_pages] page indices of row i's sequence. Returns float32 [n, heads, dim].
+    """
+    args = self._attend_args(layer, q, block_tables, positions)
+    return np.asarray(_attend(self._layers[layer], *args, storage=self.storage))[:np.shape(q)[0]]
+
+  def write_attend(self, layer: int, slots, k, v, q, block_tables, positions) -> np.ndarray:
+    """write(layer, slots, k, v) then attend(layer, q, block_tables, positions), in one dispatch."""
+    write_args = self._write_args(layer, slots, k, v)
+    attend_args = self._attend_args(layer, q, block_tables, positions)
+    self._layers[layer], out = _write_attend(self._layers[layer], *write_args, *attend_args, storage=self.storage)
+    return np.asarray(out)[:np.shape(q)[0]]
+
+  def _write_args(self, layer: int, slots, k, v) -> tuple:
+    """(page, offset, k, v) for _write, padded to a bucketed row count (padding pages are dropped)."""
     self._check_layer(layer)
     slots = np.asarray(slots, dtype=np.int64).reshape(-1)
     k, v = _as_f32("k", k, 3), _as_f32("v", v, 3)
@@ -143,15 +170,10 @@ class KVPool:
     page = np.full(size, self.num_pages, np.int32)  # padding rows: page out of range, dropped
     offset = np.zeros(size, np.int32)
     page[:n], offset[:n] = slots // self.page_size, slots % self.page_size
-    pad = ((0, size - n), (0, 0), (0, 0))
-    self._layers[layer] = _write(self._layers[layer], page, offset, np.pad(k, pad), np.pad(v, pad),
-                                 storage=self.storage)
+    return page, offset, _pad_rows(k, size), _pad_rows(v, size)
 
-  def attend(self, layer: int, q, block_tables, positions) -> np.ndarray:
-    """Attention of q: [n, heads, head_dim] over positions 0..positions[i] of each row's sequence.
-
-    block_tables: [n, max_pages] page indices of row i's sequence. Returns float32 [n, heads, dim].
-    """
+  def _attend_args(self, layer: int, q, block_tables, positions) -> tuple:
+    """(q, block_tables, positions) for _attend, rows and pages padded to buckets."""
     self._check_layer(layer)
     q = _as_f32("q", q, 3)
     block_tables = np.asarray(block_tables, dtype=np.int32)
@@ -168,11 +190,17 @@ class KVPool:
       raise IndexError(f"positions[{i}] = {positions[i]} beyond block_tables' "
                        f"{block_tables.shape[1]} pages of {self.page_size}")
     size, pages = _bucket(n), _bucket(block_tables.shape[1])
-    q_pad = np.zeros((size, heads, dim), np.float32)
-    q_pad[:n] = q
     tables = np.zeros((size, pages), np.int32)
     tables[:n, :block_tables.shape[1]] = block_tables
     pos = np.full(size, -1, np.int32)  # padding rows: no keys, output zeros
     pos[:n] = positions
-    out = _attend(self._layers[layer], q_pad, tables, pos, storage=self.storage)
-    return np.asarray(out)[:n]
+    return _pad_rows(q, size), tables, pos
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+  """x with zero rows appended up to `rows`."""
+  if len(x) == rows:
+    return x
+  out = np.zeros((rows,) + x.shape[1:], x.dtype)
+  out[:len(x)] = x
+  return out

@@ -1,9 +1,9 @@
 """Round-trip time and throughput of the tensor path against a real server on loopback.
 
 Measures Echo (the request comes back whole) over each transport: raw gRPC bytes
-(/glinthawk.tier2.Tensor/Echo) and shared memory with a gRPC notification (shm_wire.py), so the
+(/glinthawk.tier2.Tensor/Echo) and shared memory with a Unix-socket doorbell (shm_wire.py), so the
 figures are the transport alone: no attention, no KV writes. Both send as Tier2Client does (an
-asynchronous call whose reply is copied out on gRPC's thread), so they pay the same thread hand-off.
+asynchronous call whose reply is copied out on another thread), so they pay the same thread hand-off.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _echo(channel, transport: str, max_size: int):
     call = channel.unary_unary(tensor_wire.ECHO_METHOD)
     return (lambda payload: len(call.future(payload.tobytes(), timeout=60).result())), lambda: None
   if transport == "shm":
-    session = ShmSession(channel, tier2_pb2_grpc.Tier2Stub(channel), None, 60,
+    session = ShmSession(tier2_pb2_grpc.Tier2Stub(channel), None, 60,
                          shm_wire.region_bytes(max_size, max_size))
     return (lambda payload: len(session.call(shm_wire.ECHO, [payload], payload.size, 60).result())), \
         session.close

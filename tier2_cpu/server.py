@@ -1,5 +1,5 @@
 """The tier-2 gRPC server: control RPCs in protobuf, tensors as raw bytes (tensor_wire.py) or, for
-clients on the same host, in shared-memory regions with a small gRPC notification (shm_wire.py).
+clients on the same host, in shared-memory regions with a Unix-socket doorbell (shm_wire.py).
 
 One process holds the KV cache of its sequences for layers [first_layer, end_layer) in a
 preallocated KVPool, appends K and V for new tokens and returns only the attention output.
@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from glinthawk_jax.protos import shm_wire, tensor_wire, tier2_pb2, tier2_pb2_grpc
 from tier2_cpu.kv_pool import KVPool
 from tier2_cpu.page_table import PageTable, PoolFullError
+from tier2_cpu.shm_doorbell import AbortContext, CallError, Doorbell
 from tier2_cpu.shm_sessions import ShmSessions
 
 MAX_MESSAGE_BYTES = 2**31 - 1
@@ -79,6 +80,9 @@ class Tier2Service:
     self.requests_served = 0
     self.tokens_served = 0
     self.shm = ShmSessions() if o.shm else None
+    # Injected delays must overlap (one-way network delay), so delayed calls go to a pool.
+    self.doorbell = Doorbell(self._serve_shm, self._check_shm_peer, self.shm.detach,
+                             o.max_workers if o.inject_delay_ms else 1) if o.shm else None
 
   # Control RPCs (protobuf).
 
@@ -142,7 +146,7 @@ class Tier2Service:
       self.shm.attach(request.session, request.slot, request.name, request.size, request.client_pid)
     except (OSError, ValueError) as e:
       context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"shm region {request.name!r}: {e}")
-    return tier2_pb2.ShmAttachReply()
+    return tier2_pb2.ShmAttachReply(doorbell=self.doorbell.name)
 
   def ShmDetach(self, request, context):
     self._require_shm(context)
@@ -161,13 +165,25 @@ class Tier2Service:
       time.sleep(self.options.inject_delay_ms / 1000)
     return payload
 
-  def shm_call(self, notify: bytes, context) -> bytes:
-    """Serves a request from a shared-memory slot (shm_wire.py); the reply goes to the same slot."""
-    self._require_shm(context)
+  def _check_shm_peer(self, session: int, pid: int) -> None:
+    """A doorbell connection's HELLO: the session must be attached by the connecting process."""
     try:
-      session, slot, op, request_bytes = shm_wire.decode_notify(notify)
+      owner = self.shm.pid_of(session)
+    except KeyError as e:
+      raise CallError(grpc.StatusCode.FAILED_PRECONDITION, e.args[0]) from None
+    if owner != pid:
+      raise CallError(grpc.StatusCode.PERMISSION_DENIED, f"shm session {session:x} belongs to pid {owner}, not {pid}")
+
+  def _serve_shm(self, session: int, notify: bytes) -> int:
+    """Serves a request from a shared-memory slot of `session` (shm_wire.py); the reply goes to the
+    same slot. Returns its length; failures raise CallError."""
+    context = AbortContext()
+    try:
+      theirs, slot, op, request_bytes = shm_wire.decode_notify(notify)
     except tensor_wire.WireError as e:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if theirs != session:
+      context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"shm session {theirs:x} is not this doorbell's")
     try:
       region = self.shm.region(session, slot)
     except KeyError as e:
@@ -184,7 +200,7 @@ class Tier2Service:
       region.view(reply_at, reply.nbytes)[:] = reply.reshape(-1).view(np.uint8)
     except tensor_wire.WireError as e:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-    return shm_wire.REPLY.pack(reply.nbytes)
+    return reply.nbytes
 
   def _require_shm(self, context) -> None:
     if self.shm is None:
@@ -202,27 +218,31 @@ class Tier2Service:
     """Writes each token's K, V at its position, then attends each query to keys 0..position
     (an append-only request stops after the write and returns an empty reply)."""
     self._check_shapes(r, context)
+    runs = _Runs(r.seq_ids, r.positions)
+    if runs.repeated:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request {r.request_id}: a (sequence, position) pair appears twice")
     layer = r.layer - self.options.first_layer
     with self._lock:
-      self._check_sequences(r, layer, context)
+      seqs = runs.seqs.tolist()
+      self._check_sequences(r, runs, seqs, layer, context)
       try:
-        self.pages.grow(r.seq_ids, r.positions)
+        self.pages.grow(runs.seqs, runs.last)
       except PoolFullError as e:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request {r.request_id}: {e}")
-      self.pool.write(layer, self.pages.slots(r.seq_ids, r.positions), r.k, r.v)
-      seqs, inverse = np.unique(r.seq_ids, return_inverse=True)
-      ends = np.zeros(len(seqs), np.int64)
-      np.maximum.at(ends, inverse, r.positions + 1)  # per sequence, one past its last position here
-      for s, end in zip(seqs.tolist(), ends.tolist()):
+      for s, end in zip(seqs, (runs.last + 1).tolist()):
         lengths = self._lengths[s]
         lengths[layer] = max(lengths[layer], end)
       self.requests_served += 1
       self.tokens_served += len(r.seq_ids)
+      slots = self.pages.slots(r.seq_ids, r.positions)
       if r.append_only:
+        self.pool.write(layer, slots, r.k, r.v)
         return np.empty((0,), r.k.dtype)
-      width = int(r.positions.max()) // self.options.page_size + 1  # the pool buckets shapes
-      out = self.pool.attend(layer, r.q, self.pages.block_tables(r.seq_ids, width), r.positions)
-    return np.ascontiguousarray(np.asarray(out).astype(r.q.dtype, copy=False))
+      width = int(runs.last.max()) // self.options.page_size + 1  # the pool buckets shapes
+      out = self.pool.write_attend(layer, slots, r.k, r.v, r.q, self.pages.block_tables(r.seq_ids, width),
+                                   r.positions)
+    return np.ascontiguousarray(out.astype(r.q.dtype, copy=False))
 
   def _check_shapes(self, r: tensor_wire.AttendRequest, context) -> None:
     o = self.options
@@ -238,30 +258,39 @@ class Tier2Service:
       context.abort(grpc.StatusCode.OUT_OF_RANGE,
                     f"request {r.request_id}: token {bad[0]} position {r.positions[bad[0]]} outside "
                     f"[0, {o.max_seq_len})")
-    keys = r.seq_ids * o.max_seq_len + r.positions  # one int64 per (sequence, position) pair
-    if len(np.unique(keys)) != len(keys):
-      context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                    f"request {r.request_id}: a (sequence, position) pair appears twice")
 
-  def _check_sequences(self, r: tensor_wire.AttendRequest, layer: int, context) -> None:
+  def _check_sequences(self, r: tensor_wire.AttendRequest, runs: "_Runs", seqs: list[int], layer: int,
+                       context) -> None:
     """Every sequence known, and no position past the keys written so far plus this request's."""
-    order = np.lexsort((r.positions, r.seq_ids))
-    seq_ids, positions = r.seq_ids[order], r.positions[order]
-    seqs, inverse = np.unique(seq_ids, return_inverse=True)
-    unknown = [s for s in seqs.tolist() if s not in self.pages]
+    unknown = [s for s in seqs if s not in self.pages]
     if unknown:
       context.abort(grpc.StatusCode.NOT_FOUND, f"request {r.request_id}: sequence {unknown[0]} is not allocated")
-    written = np.array([self._lengths[s][layer] for s in seqs.tolist()], np.int64)[inverse]
+    written = np.repeat(np.array([self._lengths[s][layer] for s in seqs], np.int64), runs.counts)
     # In (sequence, position) order a position is fine if its key exists or the previous one of its
     # sequence is right before it (pairs are unique, so positions of a sequence increase).
-    follows = np.zeros(len(seq_ids), bool)
-    follows[1:] = (seq_ids[1:] == seq_ids[:-1]) & (positions[1:] == positions[:-1] + 1)
-    bad = np.flatnonzero((positions > written) & ~follows)
+    bad = np.flatnonzero((runs.positions > written) & ~runs.follows)
     if bad.size:
       i = bad[0]
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                    f"request {r.request_id}: sequence {seq_ids[i]} layer {r.layer} position {positions[i]} "
-                    f"leaves a gap after its {written[i]} written keys")
+                    f"request {r.request_id}: sequence {runs.seq_ids[i]} layer {r.layer} position "
+                    f"{runs.positions[i]} leaves a gap after its {written[i]} written keys")
+
+
+class _Runs:
+  """A request's tokens sorted once by (sequence, position): each sequence is a run of increasing
+  positions. seqs, counts and last (its largest position) are per run; seq_ids, positions and
+  follows (the token right after the previous one of its run) per sorted token."""
+
+  def __init__(self, seq_ids: np.ndarray, positions: np.ndarray):
+    order = np.lexsort((positions, seq_ids))
+    self.seq_ids, self.positions = seq_ids[order], positions[order]
+    same = self.seq_ids[1:] == self.seq_ids[:-1]
+    step = self.positions[1:] - self.positions[:-1]
+    self.repeated = bool(np.any(same & (step == 0)))
+    self.follows = np.concatenate([[False], same & (step == 1)])
+    starts = np.flatnonzero(np.concatenate([[True], ~same]))
+    ends = np.append(starts[1:], len(order))
+    self.seqs, self.counts, self.last = self.seq_ids[starts], ends - starts, self.positions[ends - 1]
 
 
 class _TokenCheck(grpc.ServerInterceptor):
@@ -297,8 +326,7 @@ def build_server(options: ServerOptions) -> tuple[grpc.Server, int, Tier2Service
   tier2_pb2_grpc.add_Tier2Servicer_to_server(service, server)
   raw = {name.rsplit("/", 1)[1]: grpc.unary_unary_rpc_method_handler(fn)  # identity (de)serializers
          for name, fn in ((tensor_wire.ATTEND_METHOD, service.attend),
-                          (tensor_wire.ECHO_METHOD, service.echo),
-                          (shm_wire.CALL_METHOD, service.shm_call))}
+                          (tensor_wire.ECHO_METHOD, service.echo))}
   server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("glinthawk.tier2.Tensor", raw)])
   health_servicer = health.HealthServicer()
   health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -345,4 +373,6 @@ def serve(options: ServerOptions) -> None:
   while not stop.wait(SHM_SWEEP_S):
     if service.shm:
       service.shm.sweep()  # unmaps the regions of clients that died without detaching
+  if service.doorbell:
+    service.doorbell.close()
   server.stop(grace=1.0).wait()

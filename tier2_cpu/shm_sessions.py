@@ -1,9 +1,9 @@
 """The shared-memory regions a tier-2 server has mapped, by client session and request slot.
 
-A session ends on ShmDetach (the client closing) or, when the client dies without detaching, at
-the first sweep after its process is gone (server.py sweeps on attach, on Stats and periodically;
-the check is by pid, so client and server must share a pid namespace, and a recycled pid keeps a
-dead session until the server stops). Dropping a session unmaps its regions once no request still
+A session ends on ShmDetach (the client closing), when its doorbell connection closes, or, when the
+client dies without either, at the first sweep after its process is gone (server.py sweeps on
+attach, on Stats and periodically; the check is by pid, so client and server must share a pid
+namespace, and a recycled pid keeps a dead session until the server stops). Dropping a session unmaps its regions once no request still
 reads them.
 """
 
@@ -39,6 +39,13 @@ class ShmSessions:
     """Drops a session; False if it was unknown."""
     with self._lock:
       return self._sessions.pop(session, None) is not None
+
+  def pid_of(self, session: int) -> int:
+    """The client pid that attached `session`; KeyError naming it if it is not attached."""
+    with self._lock:
+      if session not in self._sessions:
+        raise KeyError(f"shm session {session:x} is not attached")
+      return self._sessions[session][0]
 
   def region(self, session: int, slot: int) -> Region:
     """KeyError naming the session or slot if it was never attached (or has been dropped)."""

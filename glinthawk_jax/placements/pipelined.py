@@ -79,6 +79,8 @@ class PipelineStats:
   """Where the time went (seconds), over the runner's lifetime."""
 
   tier1_s: float = 0.0  # tier-1 steps, dispatch to q, k, v on the host
+  dispatch_s: float = 0.0  # the part of tier1_s in dispatching jitted steps (the rest: device-to-host waits)
+  send_s: float = 0.0  # handing q, k, v to the tier-2 client (split by shard, packed, sent)
   wait_s: float = 0.0  # tier 1 idle, waiting for a tier-2 reply
   rtt_s: float = 0.0  # sum of tier-2 round trips (send to reply)
   num_steps: int = 0
@@ -348,6 +350,7 @@ class PipelinedRunner:
     t = time.perf_counter()
     out = fn(*args)
     (out if kind == "last" else out[1]).copy_to_host_async()
+    self.stats.dispatch_s += time.perf_counter() - t
     self.stats.tier1_s += time.perf_counter() - t
     self.stats.num_steps += 1
     return kind, out
@@ -384,8 +387,10 @@ class PipelinedRunner:
     h, kv = self.num_heads, self.num_kv_heads
     q, k, v = real[:, :h], real[:, h:h + kv], real[:, h + kv:]
     m.q_shape = qkv.shape[:2] + (h, qkv.shape[3])
+    t = time.perf_counter()
     m.pending = self.client.attend_async(layer, m.real_ids, m.real_positions, q, k, v, timeout_s=self.timeout_s)
     m.sent_at = time.perf_counter()
+    self.stats.send_s += m.sent_at - t
     self.stats.tier2_bytes += 2 * q.nbytes + 2 * k.nbytes
 
   def _real_tokens(self, m: _Micro):

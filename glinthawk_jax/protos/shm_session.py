@@ -1,17 +1,22 @@
 """Client side of the shared-memory tensor path to one tier-2 server on this host (shm_wire.py).
 
 A session holds one region per request slot; a call takes a free slot (a new one if all are in
-flight, a bigger one if the request does not fit), writes the request into it, notifies the server
-over gRPC and frees the slot once the reply has been consumed. The server maps each region before the
-client unlinks its name, so no file outlives a crash of either side.
+flight, a bigger one if the request does not fit), writes the request into it and rings the
+server's doorbell from the caller's thread; one reader thread per session takes the replies,
+completes the calls' futures and frees each slot once its reply has been consumed. The server maps
+each region before the client unlinks its name, so no file outlives a crash of either side.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import os
 import secrets
+import select
+import socket
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -22,6 +27,21 @@ from glinthawk_jax.protos.tensor_wire import WireError
 # The server may still be reading or writing a slot after these: never reuse it.
 _SLOT_IN_DOUBT = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
                   grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class ShmCallError(grpc.RpcError):
+  """A failed shared-memory call, with the status and details a gRPC call would have had."""
+
+  def __init__(self, code: grpc.StatusCode, details: str):
+    super().__init__(f"{code.name}: {details}")
+    self._code, self._details = code, details
+
+  def code(self) -> grpc.StatusCode:
+    return self._code
+
+  def details(self) -> str:
+    return self._details
 
 
 @dataclasses.dataclass
@@ -31,27 +51,55 @@ class _Slot:
   region: shm_wire.Region
 
 
+@dataclasses.dataclass
+class _Call:
+  slot: _Slot
+  request_bytes: int
+  consume: object
+  deadline: float
+  future: futures.Future
+
+
 class ShmSession:
   """Shared-memory slots to one server; `call` has the effect of the raw-bytes tensor RPCs.
 
   Args:
-    channel: the server's gRPC channel; control: its Tier2Stub.
-    metadata, timeout_s: sent with the control RPCs (ShmAttach, ShmDetach).
+    control: the server's Tier2Stub.
+    metadata, timeout_s: sent with the control RPCs (ShmAttach, ShmDetach); timeout_s also bounds
+      connecting to the doorbell.
     slot_bytes: size of the first slot; slots grow to the largest request + reply seen.
-    executor: runs the blocking notifications (one thread per call in flight); default its own.
   Raises grpc.RpcError (FAILED_PRECONDITION if the server cannot map our regions) or OSError.
   """
 
-  def __init__(self, channel: grpc.Channel, control, metadata, timeout_s: float,
-               slot_bytes: int = 1 << 20, executor: futures.Executor | None = None):
+  def __init__(self, control, metadata, timeout_s: float, slot_bytes: int = 1 << 20):
     self.session = secrets.randbits(63)
     self._control, self._metadata, self._timeout_s = control, metadata, timeout_s
-    self._notify = channel.unary_unary(shm_wire.CALL_METHOD)
-    self._lock = threading.Lock()
+    self._lock = threading.Lock()  # slots and calls
+    self._send_lock = threading.Lock()
     self._free: list[_Slot] = []
+    self._calls: dict[int, _Call] = {}  # by slot index
+    self._deadlines: list[tuple[float, int]] = []  # heap of (deadline, slot index)
+    self._broken: ShmCallError | None = None
+    # The reader sleeps until a reply, its wake-up time or a byte on _wake (a call due before it).
+    self._wake_at = 0.0
+    self._wake, self._woken = socket.socketpair()
     self._num_slots = 0
-    self._executor = executor or futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="shm")
+    self._doorbell = ""
     self._free.append(self._attach(self._new_index(), 0, slot_bytes))  # fails here, not mid-batch
+    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+      self._sock.settimeout(timeout_s)
+      self._sock.connect(shm_wire.doorbell_address(self._doorbell))
+      self._sock.sendall(shm_wire.HELLO.pack(self.session))
+      _, status, size = shm_wire.REPLY.unpack(shm_wire.recv_exact(self._sock, shm_wire.REPLY.size))
+      if status:
+        raise ShmCallError(_STATUS.get(status, grpc.StatusCode.UNKNOWN),
+                           shm_wire.recv_exact(self._sock, size).decode(errors="replace"))
+      self._sock.settimeout(None)
+    except BaseException:
+      self._sock.close()
+      raise
+    threading.Thread(target=self._read_replies, name="shm-replies", daemon=True).start()
 
   @property
   def num_slots(self) -> int:
@@ -61,36 +109,106 @@ class ShmSession:
     """Sends the request `parts` (tensor_wire.request_parts) through a slot.
 
     Returns a Future of `consume(reply)`, where `reply` is a memoryview of the reply bytes in the
-    slot, valid only during the call (the default copies it to bytes); the Future fails with the
-    call's grpc.RpcError, or with what `consume` raised. Raises grpc.RpcError at once if a slot
-    could not be attached.
+    slot, valid only during the call (the default copies it to bytes); the Future fails with a
+    grpc.RpcError (ShmCallError) carrying the server's status, or with what `consume` raised.
+    `consume` runs on the session's reader thread. Raises grpc.RpcError at once if a slot could not
+    be attached.
     """
     request_bytes = sum(p.nbytes for p in parts)
     slot = self._take(shm_wire.region_bytes(request_bytes, reply_bytes))
     slot.region.write_parts(parts)
-    notify = shm_wire.NOTIFY.pack(self.session, slot.index, op, request_bytes)
-    return self._executor.submit(self._round_trip, slot, notify, request_bytes, timeout_s, consume)
-
-  def _round_trip(self, slot: _Slot, notify: bytes, request_bytes: int, timeout_s: float, consume):
-    """A blocking notification on a pool thread: grpc's own futures start a thread per call
-    (about 1 ms each on a loaded 2-core host, most of the pipelined path's host time)."""
+    future: futures.Future = futures.Future()
+    future.set_running_or_notify_cancel()
+    call = _Call(slot, request_bytes, consume, time.monotonic() + timeout_s, future)
+    with self._lock:
+      if self._broken:
+        future.set_exception(self._broken)  # the slot is in doubt: not given back
+        return future
+      self._calls[slot.index] = call
+      heapq.heappush(self._deadlines, (call.deadline, slot.index))
+      wake = call.deadline < self._wake_at
+    if wake:
+      self._wake.send(b"\0")
     try:
-      (n,) = shm_wire.REPLY.unpack(self._notify(notify, timeout=timeout_s, metadata=self._metadata))
-      reply = consume(slot.region.view(shm_wire.reply_offset(request_bytes), n))
-    except grpc.RpcError as e:
-      if e.code() not in _SLOT_IN_DOUBT:
-        self._give_back(slot)
-      raise
-    except Exception as e:  # a bad reply or consume's error; handed to the caller
-      self._give_back(slot)
-      if isinstance(e, WireError):
-        raise
-      raise WireError(f"shm reply: {e}") from e
-    self._give_back(slot)
-    return reply
+      with self._send_lock:
+        self._sock.sendall(shm_wire.NOTIFY.pack(self.session, slot.index, op, request_bytes))
+    except OSError as e:
+      self._fail_all(ShmCallError(grpc.StatusCode.UNAVAILABLE, f"shm doorbell: {e}"))
+    return future
+
+  def _read_replies(self) -> None:
+    """The reader thread: completes calls as their replies come, fails them at their deadlines."""
+    try:
+      while True:
+        readable = select.select([self._sock, self._woken], [], [], self._expire())[0]
+        if self._woken in readable:
+          self._woken.recv(4096)
+        if self._sock not in readable:
+          continue  # a deadline passed, or a call is due before the planned wake-up
+        header = self._sock.recv(shm_wire.REPLY.size)
+        if not header:
+          raise ConnectionError("doorbell closed by the server")
+        if len(header) < shm_wire.REPLY.size:
+          header += shm_wire.recv_exact(self._sock, shm_wire.REPLY.size - len(header))
+        slot, status, size = shm_wire.REPLY.unpack(header)
+        message = shm_wire.recv_exact(self._sock, size).decode(errors="replace") if status else ""
+        with self._lock:
+          call = self._calls.pop(slot, None)
+        if call is not None:  # None: a call that already expired
+          self._complete(call, status, size, message)
+    except (OSError, ValueError) as e:  # ConnectionError included; ValueError: closed by close()
+      self._fail_all(ShmCallError(grpc.StatusCode.UNAVAILABLE, f"shm doorbell: {e}"))
+    finally:
+      self._woken.close()
+
+  def _complete(self, call: _Call, status: int, size: int, message: str) -> None:
+    if status:
+      error = ShmCallError(_STATUS.get(status, grpc.StatusCode.UNKNOWN), message)
+      if error.code() not in _SLOT_IN_DOUBT:
+        self._give_back(call.slot)
+      call.future.set_exception(error)
+      return
+    try:
+      result = call.consume(call.slot.region.view(shm_wire.reply_offset(call.request_bytes), size))
+    except Exception as e:  # noqa: BLE001 (a bad reply or consume's error; handed to the caller)
+      self._give_back(call.slot)
+      call.future.set_exception(e if isinstance(e, WireError) else WireError(f"shm reply: {e}"))
+      return
+    self._give_back(call.slot)
+    call.future.set_result(result)
+
+  def _expire(self) -> float:
+    """Fails the calls past their deadline (their slots stay in doubt); seconds to sleep: to the
+    next deadline, or the session's timeout (a later call with a shorter one rings _wake)."""
+    now, expired = time.monotonic(), []
+    with self._lock:
+      while self._deadlines:
+        deadline, slot = self._deadlines[0]
+        call = self._calls.get(slot)
+        if call is None or call.deadline != deadline:
+          heapq.heappop(self._deadlines)  # answered (or the slot has a newer call)
+        elif deadline <= now:
+          heapq.heappop(self._deadlines)
+          expired.append(self._calls.pop(slot))
+        else:
+          break
+      wait = self._deadlines[0][0] - now if self._deadlines else self._timeout_s
+      self._wake_at = now + wait
+    for call in expired:
+      call.future.set_exception(ShmCallError(grpc.StatusCode.DEADLINE_EXCEEDED, "shm call: deadline exceeded"))
+    return wait
+
+  def _fail_all(self, error: ShmCallError) -> None:
+    """The doorbell is gone: every call in flight and every later one fails (slots in doubt)."""
+    with self._lock:
+      self._broken = self._broken or error
+      calls, self._calls = list(self._calls.values()), {}
+    for call in calls:
+      if not call.future.done():
+        call.future.set_exception(error)
 
   def close(self) -> None:
-    """Tells the server to unmap this session's regions (best effort) and unmaps ours."""
+    """Tells the server to unmap this session's regions (best effort), closes the doorbell."""
     with self._lock:
       self._free.clear()
     try:
@@ -98,6 +216,12 @@ class ShmSession:
                               timeout=self._timeout_s, metadata=self._metadata)
     except grpc.RpcError:
       pass  # server gone: its mappings went with it
+    try:
+      self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread
+    except OSError:
+      pass
+    self._sock.close()
+    self._wake.close()
 
   def _take(self, size: int) -> _Slot:
     with self._lock:
@@ -130,9 +254,9 @@ class ShmSession:
     region = shm_wire.Region(shm_wire.region_name(pid, self.session, index, generation), size,
                              create=True)
     try:
-      self._control.ShmAttach(tier2_pb2.ShmAttachRequest(
+      self._doorbell = self._control.ShmAttach(tier2_pb2.ShmAttachRequest(
           session=self.session, slot=index, name=region.name, size=size, client_pid=pid),
-          timeout=self._timeout_s, metadata=self._metadata)
+          timeout=self._timeout_s, metadata=self._metadata).doorbell
     finally:
       region.unlink()
     return _Slot(index, generation, region)

@@ -11,6 +11,8 @@ Append-only request (K, V of a prompt computed on tier 1, no attention): magic A
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import struct
 
 import ml_dtypes
@@ -108,9 +110,8 @@ def decode_request(payload) -> AttendRequest:
   if len(payload) != expected:
     raise WireError(f"request {request_id}: {len(payload)} bytes, expected {expected} for N={n}, "
                     f"H={h}, KV={kv}, D={d}, dtype {dtype}")
-  offsets = np.cumsum((HEADER.size,) + sizes)
-  view = lambda i, dt, shape: np.frombuffer(payload, dt, count=int(np.prod(shape)),
-                                            offset=int(offsets[i])).reshape(shape)
+  offsets = list(itertools.accumulate((HEADER.size,) + sizes))  # plain ints: this runs per call
+  view = lambda i, dt, shape: np.frombuffer(payload, dt, count=math.prod(shape), offset=offsets[i]).reshape(shape)
   return AttendRequest(request_id, layer, view(0, np.int64, (n,)), view(1, np.int32, (n,)),
                        view(2, dtype, (nq, h, d)), view(3, dtype, (n, kv, d)), view(4, dtype, (n, kv, d)))
 

@@ -17,9 +17,13 @@
 // page_size or head_dim off the vector width take scalar loops.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -432,10 +436,64 @@ ffi::Error AttendOne(const Dims& dm, const float* q, const int32_t* table, int32
   return ffi::Error::Success();
 }
 
+// The (token, KV head) items of a call, split into chunks that the caller and the XLA CPU thread
+// pool's workers take in turn. Workers hold the state through a shared_ptr: one that starts after
+// the call has returned finds no chunk left and touches nothing else.
+template <typename T>
+struct Job {
+  Dims dm;
+  int group;
+  const float* q;
+  const int32_t* tables;
+  const int32_t* positions;
+  const T* k_pool;
+  const T* v_pool;
+  const float* k_scale;
+  const float* v_scale;
+  float* out;
+  int64_t chunk, num_chunks;
+  std::atomic<int64_t> next{0}, done{0};
+  std::mutex mu;
+  std::condition_variable all_done;
+  std::string error;  // the first failure, "" if none
+
+  // Takes chunks until none is left; the last one to finish wakes the caller.
+  void Work() {
+    const int64_t stride = (dm.page_size + kLanes - 1) / kLanes * kLanes;
+    std::vector<float> work(2 * group * dm.dim + group * stride);
+    for (int64_t c = next.fetch_add(1); c < num_chunks; c = next.fetch_add(1)) {
+      const int64_t end = std::min(dm.tokens * dm.kv_heads, (c + 1) * chunk);
+      for (int64_t i = c * chunk; i < end; ++i) {
+        const int64_t n = i / dm.kv_heads;
+        const int g = static_cast<int>(i % dm.kv_heads);
+        const int64_t qoff = (n * dm.heads + static_cast<int64_t>(g) * group) * dm.dim;
+        if (positions[n] < 0) {  // padding row: zeros
+          std::fill(out + qoff, out + qoff + group * dm.dim, 0.0f);
+          continue;
+        }
+        ffi::Error err = AttendOne(dm, q + qoff, tables + n * dm.max_pages, positions[n], k_pool,
+                                   v_pool, k_scale, v_scale, g, group, out + qoff, work);
+        if (!err.success()) {
+          std::lock_guard<std::mutex> lock(mu);
+          if (error.empty()) error = err.message();
+        }
+      }
+      if (done.fetch_add(1) + 1 == num_chunks) {
+        std::lock_guard<std::mutex> lock(mu);
+        all_done.notify_all();
+      }
+    }
+  }
+};
+
+// Keys read per extra thread: below this a call runs on the caller's thread alone (a task costs
+// microseconds; a short decode call's whole work is about that).
+constexpr int64_t kKeysPerThread = 16384;
+
 template <typename T>
 ffi::Error Attend(const float* q, const int32_t* tables, const int32_t* positions,
                   const T* k_pool, const T* v_pool, const float* k_scale, const float* v_scale,
-                  float* out, const Dims& dm) {
+                  float* out, const Dims& dm, ffi::ThreadPool pool) {
   if (dm.kv_heads <= 0 || dm.heads % dm.kv_heads != 0)
     return ffi::Error::InvalidArgument("q heads " + std::to_string(dm.heads) +
                                        " not a multiple of pool kv_heads " +
@@ -444,26 +502,37 @@ ffi::Error Attend(const float* q, const int32_t* tables, const int32_t* position
   if (group > kMaxGroup)
     return ffi::Error::InvalidArgument("query heads per KV head " + std::to_string(group) +
                                        " above " + std::to_string(kMaxGroup));
-  const int64_t stride = (dm.page_size + kLanes - 1) / kLanes * kLanes;
-  std::vector<float> work(2 * group * dm.dim + group * stride);
+  int64_t keys = 0;
   for (int64_t n = 0; n < dm.tokens; ++n) {
-    const int32_t position = positions[n];
-    float* out_n = out + n * dm.heads * dm.dim;
-    if (position < 0) {
-      std::fill(out_n, out_n + dm.heads * dm.dim, 0.0f);
-      continue;
-    }
-    if (position >= dm.max_pages * dm.page_size)
+    if (positions[n] >= dm.max_pages * dm.page_size)
       return ffi::Error::InvalidArgument("positions[" + std::to_string(n) + "] = " +
-                                         std::to_string(position) + " beyond block_tables' " +
+                                         std::to_string(positions[n]) + " beyond block_tables' " +
                                          std::to_string(dm.max_pages) + " pages");
-    for (int g = 0; g < dm.kv_heads; ++g) {
-      const int64_t qoff = (n * dm.heads + static_cast<int64_t>(g) * group) * dm.dim;
-      ffi::Error err = AttendOne(dm, q + qoff, tables + n * dm.max_pages, position, k_pool,
-                                 v_pool, k_scale, v_scale, g, group, out + qoff, work);
-      if (!err.success()) return err;
-    }
+    keys += std::max<int64_t>(positions[n] + 1, 0) * dm.kv_heads;
   }
+  const int64_t items = dm.tokens * dm.kv_heads;
+  const int64_t threads = std::max<int64_t>(
+      1, std::min({pool.num_threads(), keys / kKeysPerThread, items}));
+  auto job = std::make_shared<Job<T>>();
+  job->dm = dm;
+  job->group = group;
+  job->q = q;
+  job->tables = tables;
+  job->positions = positions;
+  job->k_pool = k_pool;
+  job->v_pool = v_pool;
+  job->k_scale = k_scale;
+  job->v_scale = v_scale;
+  job->out = out;
+  job->chunk = std::max<int64_t>(1, items / (4 * threads));  // a few chunks per thread: balance
+  job->num_chunks = (items + job->chunk - 1) / job->chunk;
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([job] { job->Work(); });
+  job->Work();
+  {
+    std::unique_lock<std::mutex> lock(job->mu);
+    job->all_done.wait(lock, [&] { return job->done.load() == job->num_chunks; });
+  }
+  if (!job->error.empty()) return ffi::Error::InvalidArgument(job->error);
   return ffi::Error::Success();
 }
 
@@ -481,19 +550,21 @@ Dims GetDims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::S32>& tables
 template <ffi::DataType kType>
 ffi::Error AttendPlain(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> tables,
                        ffi::Buffer<ffi::S32> positions, ffi::Buffer<kType> k_pool,
-                       ffi::Buffer<kType> v_pool, ffi::ResultBuffer<ffi::F32> out) {
+                       ffi::Buffer<kType> v_pool, ffi::ResultBuffer<ffi::F32> out,
+                       ffi::ThreadPool pool) {
   return Attend(q.typed_data(), tables.typed_data(), positions.typed_data(),
                 k_pool.typed_data(), v_pool.typed_data(), nullptr, nullptr, out->typed_data(),
-                GetDims(q, tables, v_pool));
+                GetDims(q, tables, v_pool), pool);
 }
 
 ffi::Error AttendInt8(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> tables,
                       ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S8> k_pool,
                       ffi::Buffer<ffi::S8> v_pool, ffi::Buffer<ffi::F32> k_scale,
-                      ffi::Buffer<ffi::F32> v_scale, ffi::ResultBuffer<ffi::F32> out) {
+                      ffi::Buffer<ffi::F32> v_scale, ffi::ResultBuffer<ffi::F32> out,
+                      ffi::ThreadPool pool) {
   return Attend(q.typed_data(), tables.typed_data(), positions.typed_data(),
                 k_pool.typed_data(), v_pool.typed_data(), k_scale.typed_data(),
-                v_scale.typed_data(), out->typed_data(), GetDims(q, tables, v_pool));
+                v_scale.typed_data(), out->typed_data(), GetDims(q, tables, v_pool), pool);
 }
 
 }  // namespace
@@ -505,7 +576,8 @@ ffi::Error AttendInt8(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> tables,
       .Arg<ffi::Buffer<ffi::S32>>()                                                       \
       .Arg<ffi::Buffer<T>>()                                                              \
       .Arg<ffi::Buffer<T>>()                                                              \
-      .Ret<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()                                                       \
+      .Ctx<ffi::ThreadPool>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedAttentionF32, AttendPlain<ffi::F32>, PLAIN_BINDING(ffi::F32));
 // bf16 pools arrive as uint16: XLA's CPU scatter into a bf16 buffer converts the whole buffer.
@@ -519,4 +591,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedAttentionInt8, AttendInt8,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ctx<ffi::ThreadPool>());

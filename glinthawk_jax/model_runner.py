@@ -149,6 +149,8 @@ class ModelRunner:
     self._decode = jax.jit(self._decode_fn, donate_argnums=(1,),
                            static_argnames=("slice_index", "steps", "greedy_only"))
     self._write_kv = jax.jit(self._write_kv_fn, donate_argnums=(0,), static_argnames=("slice_index",))
+    self._embed = jax.jit(lambda outer, tokens: nnx.merge(self.graphdef, outer).embed(tokens))
+    self._prefill_layer = jax.jit(self._prefill_layer_fn, donate_argnums=(1,), static_argnames=("slice_index",))
     self.compiled_shapes: set[tuple] = set()
 
   @property
@@ -168,6 +170,32 @@ class ModelRunner:
       self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, sl.index))
       sl.state, x = self._prefill(sl.params, sl.state, self.layout.to_slice(x, sl.index), positions, page_ids,
                                   offsets, block_tables, context_lens, seq_ids, slice_index=sl.index)
+
+  def prefill_by_layer(self, tokens: np.ndarray, positions: np.ndarray, page_ids: np.ndarray,
+                       offsets: np.ndarray, block_tables: np.ndarray, context_lens: np.ndarray,
+                       take: np.ndarray) -> list[jax.Array]:
+    """prefill() as one jitted call per layer, returning per model layer the K,V of the tokens at flat
+    indices take: [N] (row * T + column) as kv: [2, N, KV, D] on the device, its copy to the host begun.
+
+    The calls are only queued (async dispatch): a consumer thread reads layer L (np.asarray) while later
+    layers still compute, and no host callback stalls the device or defeats the compilation cache.
+    """
+    x = tokens
+    out = []
+    for sl in self.slices:
+      self.compiled_shapes.add(("prefill_layer", tokens.shape, block_tables.shape, take.shape, sl.index))
+      outer, layers = sl.params
+      x = self.layout.to_slice(x, sl.index)
+      if sl.index == 0:
+        x = self._embed(outer, x)
+      for i in range(sl.num_layers):
+        layer = np.int32(sl.first_layer + i)
+        sl.state, x, kv = self._prefill_layer(layers[i] if self.layer_loop == "unrolled" else layers, sl.state, x,
+                                              layer, positions, page_ids, offsets, block_tables, context_lens,
+                                              take, slice_index=sl.index)
+        kv.copy_to_host_async()
+        out.append(kv)
+    return out
 
   def decode(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray,
              token_index: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
@@ -229,6 +257,21 @@ class ModelRunner:
     x = model.embed(inp) if slice_index == 0 else inp
     x, state = run_layers(x, positions, attend, state)
     return state, (None if slice_index == len(self.slices) - 1 else x)
+
+  def _prefill_layer_fn(self, layer_params, state, x, layer, positions, page_ids, offsets, block_tables,
+                        context_lens, take, *, slice_index):
+    """Model layer `layer` over x: [B, T, E]; returns (state, x, kv: [2, N, KV, D] of the tokens `take`).
+    layer_params: the layer's state, or the slice's stacked state (scan layout: indexed here)."""
+    sl = self.slices[slice_index]
+    if self.layer_loop == "scan":
+      layer_params = jax.tree.map(lambda a: a[layer - sl.first_layer], layer_params)
+    block = nnx.merge(self.layer_graphdef, layer_params)
+    x = jax.lax.with_sharding_constraint(x, self.layout.replicated(slice_index))
+    q, k, v = block.pre_attention(x, positions)
+    attend = sl.backend.prefill_attend(page_ids, offsets, block_tables, positions, context_lens)
+    out, state = attend(layer, q, k, v, state)
+    kv = jnp.stack([k, v]).reshape(2, -1, *k.shape[2:])[:, take]
+    return state, block.post_attention(x, out), kv
 
   def _decode_fn(self, params, state, inp, positions, block_tables, token_index, temperature, top_k,
                  top_p, seeds, seq_ids, *, slice_index, steps, greedy_only):

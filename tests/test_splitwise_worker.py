@@ -113,8 +113,13 @@ def test_cancelled_request_strands_no_kv_on_either_side(decode, prefill):
   server, port = build_server(decode, "127.0.0.1", 0)
   try:
     prefill.submit(_msg(8, decode_address=f"127.0.0.1:{port}"))
-    prefill.step()  # Begin at the decode worker, prefill, layers queued to send, commit queued
-    assert [e["event"] for e in prefill.poll()["events"]] == ["prefilled"]
+    prefill.step()  # Begin at the decode worker, prefill dispatched layer by layer, its sends queued
+    deadline = time.monotonic() + 30
+    events = []
+    while not events and time.monotonic() < deadline:  # the sender reports the last layer on the host
+      time.sleep(0.01)
+      events = prefill.poll()["events"]
+    assert [e["event"] for e in events] == ["prefilled"]
     prefill.abort({"uid": 8})
     decode.abort({"uid": 8})
     time.sleep(0.5)  # the sender's commit (or abort) lands

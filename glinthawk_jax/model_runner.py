@@ -149,7 +149,8 @@ class ModelRunner:
     self._decode = jax.jit(self._decode_fn, donate_argnums=(1,),
                            static_argnames=("slice_index", "steps", "greedy_only"))
     self._write_kv = jax.jit(self._write_kv_fn, donate_argnums=(0,), static_argnames=("slice_index",))
-    self._embed = jax.jit(lambda outer, tokens: nnx.merge(self.graphdef, outer).embed(tokens))
+    self._embed = jax.jit(self._embed_fn)
+    self._take = jax.jit(lambda kv, take: kv[:, take])  # a small compile per token count: finely bucketed
     self._prefill_layer = jax.jit(self._prefill_layer_fn, donate_argnums=(1,), static_argnames=("slice_index",))
     self.compiled_shapes: set[tuple] = set()
 
@@ -183,7 +184,8 @@ class ModelRunner:
     x = tokens
     out = []
     for sl in self.slices:
-      self.compiled_shapes.add(("prefill_layer", tokens.shape, block_tables.shape, take.shape, sl.index))
+      self.compiled_shapes.add(("prefill_layer", tokens.shape, block_tables.shape, sl.index))
+      self.compiled_shapes.add(("take_kv", tokens.shape, take.shape, sl.index))
       outer, layers = sl.params
       x = self.layout.to_slice(x, sl.index)
       if sl.index == 0:
@@ -192,7 +194,8 @@ class ModelRunner:
         layer = np.int32(sl.first_layer + i)
         sl.state, x, kv = self._prefill_layer(layers[i] if self.layer_loop == "unrolled" else layers, sl.state, x,
                                               layer, positions, page_ids, offsets, block_tables, context_lens,
-                                              take, slice_index=sl.index)
+                                              slice_index=sl.index)
+        kv = self._take(kv, take)
         kv.copy_to_host_async()
         out.append(kv)
     return out
@@ -258,9 +261,12 @@ class ModelRunner:
     x, state = run_layers(x, positions, attend, state)
     return state, (None if slice_index == len(self.slices) - 1 else x)
 
+  def _embed_fn(self, outer, tokens):
+    return nnx.merge(self.graphdef, outer).embed(tokens)
+
   def _prefill_layer_fn(self, layer_params, state, x, layer, positions, page_ids, offsets, block_tables,
-                        context_lens, take, *, slice_index):
-    """Model layer `layer` over x: [B, T, E]; returns (state, x, kv: [2, N, KV, D] of the tokens `take`).
+                        context_lens, *, slice_index):
+    """Model layer `layer` over x: [B, T, E]; returns (state, x, kv: [2, B * T, KV, D]).
     layer_params: the layer's state, or the slice's stacked state (scan layout: indexed here)."""
     sl = self.slices[slice_index]
     if self.layer_loop == "scan":
@@ -270,7 +276,7 @@ class ModelRunner:
     q, k, v = block.pre_attention(x, positions)
     attend = sl.backend.prefill_attend(page_ids, offsets, block_tables, positions, context_lens)
     out, state = attend(layer, q, k, v, state)
-    kv = jnp.stack([k, v]).reshape(2, -1, *k.shape[2:])[:, take]
+    kv = jnp.stack([k, v]).reshape(2, -1, *k.shape[2:])
     return state, block.post_attention(x, out), kv
 
   def _decode_fn(self, params, state, inp, positions, block_tables, token_index, temperature, top_k,

@@ -119,7 +119,7 @@ def test_cancelled_request_strands_no_kv_on_either_side(decode, prefill):
     while not events and time.monotonic() < deadline:  # the sender reports the last layer on the host
       time.sleep(0.01)
       events = prefill.poll()["events"]
-    assert [e["event"] for e in events] == ["prefilled"]
+    assert events[0]["event"] == "prefilled"  # its commit may have landed too: the aborts come after it
     prefill.abort({"uid": 8})
     decode.abort({"uid": 8})
     time.sleep(0.5)  # the sender's commit (or abort) lands

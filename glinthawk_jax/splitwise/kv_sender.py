@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -56,6 +57,9 @@ class KVSender:
     self._finisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-commit")
     self._lock = threading.Lock()
     self._stubs: dict[str, WorkerStub] = {}
+    self._send_stubs: dict[str, list[WorkerStub]] = {}  # per address: a connection per sender thread
+    self._turn = itertools.count()
+    self._threads = threads
     self._transfers: dict[int, Transfer] = {}
     self._batches_in_flight = 0
 
@@ -70,6 +74,14 @@ class KVSender:
       if address not in self._stubs:
         self._stubs[address] = WorkerStub(address)
       return self._stubs[address]
+
+  def send_stub(self, address: str) -> WorkerStub:
+    """The next of `threads` stubs to `address`, each with its own connection (round robin)."""
+    with self._lock:
+      if address not in self._send_stubs:
+        self._send_stubs[address] = [WorkerStub(address, own_connection=True) for _ in range(self._threads)]
+      stubs = self._send_stubs[address]
+      return stubs[next(self._turn) % len(stubs)]
 
   def begin(self, uid: int, address: str, message: dict) -> None:
     """Reserves the request's KV at its decode worker; raises grpc.RpcError (RESOURCE_EXHAUSTED: full)."""
@@ -122,7 +134,7 @@ class KVSender:
     self.notify()
 
   def _send(self, address, uid, layer, positions, k, v) -> None:
-    self.stub(address).send_kv(encode_kv(uid, layer, positions, k, v, self.num_heads), self.timeout_s)
+    self.send_stub(address).send_kv(encode_kv(uid, layer, positions, k, v, self.num_heads), self.timeout_s)
 
   def finish(self, uid: int, commit: bool, on_done: OnDone) -> None:
     """After the request's queued layers are sent: Commit (if `commit` and all went well) or Abort at the
@@ -170,5 +182,5 @@ class KVSender:
   def close(self) -> None:
     for pool in (self._fetcher, self._pool, self._finisher):
       pool.shutdown(wait=False, cancel_futures=True)
-    for stub in self._stubs.values():
+    for stub in [*self._stubs.values(), *(s for stubs in self._send_stubs.values() for s in stubs)]:
       stub.close()

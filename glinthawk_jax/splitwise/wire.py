@@ -42,9 +42,12 @@ def encode_kv(uid: int, layer: int, positions: np.ndarray, k: np.ndarray, v: np.
 class WorkerStub:
   """Calls one worker; JSON methods take and return dicts, KV takes encoded bytes."""
 
-  def __init__(self, address: str):
+  def __init__(self, address: str, own_connection: bool = False):
+    """own_connection: a TCP connection of its own, not shared with this process's other stubs to the same
+    address (gRPC shares one by default; one Python connection moves about 1-2 GB/s, FACTS.md)."""
     self.address = address
-    self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    options = CHANNEL_OPTIONS + ([("grpc.use_local_subchannel_pool", 1)] if own_connection else [])
+    self.channel = grpc.insecure_channel(address, options=options)
     self._calls = {m: self.channel.unary_unary(f"/{SERVICE}/{m}") for m in METHODS}
 
   def call(self, method: str, message: dict, timeout_s: float) -> dict:

@@ -59,7 +59,7 @@ def test_split_gives_colocated_greedy_tokens_and_layers_arrive_during_prefill(cl
   assert [o.token_ids for o in outs] == _reference(prompts)
   assert all(o.route == ("prefill0", "decode1") for o in outs)
   # A single-chunk prompt (127 tokens: 126 of KV): layer 0's K,V reached the decode worker before the
-  # prefill worker had computed the last layer's K,V in that same call, let alone finished it.
+  # last layer's K,V of that same prefill was on the prefill worker's host, let alone the prefill ended.
   t = outs[1].transfer
   received, computed = t["kv_layer_received_s"], t["layer_computed_s"]
   assert len(received) == len(computed) == MODEL["num_layers"]

@@ -141,7 +141,7 @@ class Worker:
     if pos.min() < 0 or pos.max() >= inc.num_kv_tokens:
       raise WorkerError("INVALID_ARGUMENT", f"request {uid} layer {r.layer}: positions {pos.min()}..{pos.max()} "
                                             f"outside the prompt's 0..{inc.num_kv_tokens - 1}")
-    t = max(pow2_at_least(len(pos)), MIN_PREFILL_TOKENS)  # bucketed: a few compiled writes
+    t = kv_bucket(len(pos))
     k = np.zeros((t,) + expected, r.k.dtype)
     v = np.zeros_like(k)
     k[:len(pos)], v[:len(pos)] = r.k, r.v
@@ -304,7 +304,7 @@ class Worker:
         rows.append(ShippedRow(seq.index, len(take), batch.positions[i, :chunk].copy()))
         take.extend(range(i * width, i * width + chunk))
     if rows:
-      n = min(take_bucket(len(take)), batch.tokens.size)
+      n = min(kv_bucket(len(take)), batch.tokens.size)
       kvs = runner.prefill_by_layer(*args, np.pad(np.asarray(take, np.int32), (0, n - len(take))))
     else:
       runner.prefill(*args)
@@ -416,9 +416,10 @@ class Worker:
             "num_shipping": len(self.ship) + len(self.blocked)}
 
 
-def take_bucket(n: int) -> int:
-  """Shipped tokens a prefill fetches: n rounded up to an eighth of its power of two (at most 12.5% more
-  bytes to the host, a few small gathers compiled per octave), at least MIN_PREFILL_TOKENS."""
+def kv_bucket(n: int) -> int:
+  """Tokens of K,V moved between host and device for n real ones (a prefill's shipped tokens, a received
+  message): n rounded up to an eighth of its power of two, at least MIN_PREFILL_TOKENS (at most 12.5% more
+  bytes; a few small gathers or scatters compiled per octave)."""
   step = max(pow2_at_least(n) // 8, MIN_PREFILL_TOKENS)
   return -(-n // step) * step
 

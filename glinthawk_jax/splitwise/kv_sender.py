@@ -103,8 +103,10 @@ class KVSender:
   def _fetch(self, kvs, rows, finished, on_prefilled, on_done) -> None:
     sent = []
     try:
-      for layer, kv in enumerate(kvs):
+      for layer in range(len(kvs)):
+        kv, kvs[layer] = kvs[layer], None  # the device buffer goes once its host copy is read
         host = np.asarray(kv)  # waits for the layer (GIL released) while the device runs the next ones
+        del kv
         now = time.time()
         for row in rows:
           with self._lock:

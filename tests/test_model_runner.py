@@ -8,8 +8,8 @@ from configs import tiny
 from glinthawk_jax.engine import Engine
 
 
-@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
-def test_prefill_by_layer_matches_the_fused_prefill(layer_loop):
+@pytest.mark.parametrize("layer_loop,layers_per_call", [("scan", 1), ("scan", 2), ("unrolled", 2)])
+def test_prefill_by_layer_matches_the_fused_prefill(layer_loop, layers_per_call):
   c = tiny.get_config()
   c.placement, c.engine.layer_loop = "local", layer_loop
   runner = Engine(c).runner
@@ -28,13 +28,12 @@ def test_prefill_by_layer_matches_the_fused_prefill(layer_loop):
   runner.prefill(*args)
   k_pool, v_pool = (np.asarray(a) for a in runner.slices[0].state)
   take = np.array([width + 3, width + 19, 0, 5, 0], np.int32)  # row 1's tokens 3 and 19, row 0's 0 and 5
-  kvs = runner.prefill_by_layer(*args, take)
+  kvs = runner.prefill_by_layer(*args, take, layers_per_call)
   got = [np.asarray(a) for a in runner.slices[0].state]
   np.testing.assert_allclose(got[0], k_pool, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got[1], v_pool, rtol=1e-5, atol=1e-5)
-  assert len(kvs) == c.model.num_layers
-  for layer, kv in enumerate(kvs):
-    kv = np.asarray(kv)
+  assert len(kvs) == c.model.num_layers // layers_per_call
+  for layer, kv in enumerate(np.concatenate([np.asarray(group) for group in kvs])):
     assert kv.shape == (2, len(take), c.model.num_kv_heads, c.model.head_dim)
     for j, (row, col) in enumerate(divmod(int(t), width) for t in take):
       page_id, off = pages[row, col // page], col % page

@@ -17,8 +17,9 @@ from glinthawk_jax.splitwise.wire import WorkerStub, encode_kv, params_to_json
 MODEL = {"num_layers": 6, "hidden_size": 256, "intermediate_size": 1024, "num_heads": 4, "num_kv_heads": 2,
          "head_dim": 64}
 ENGINE = {"max_model_len": 512, "max_prefill_tokens": 128}
+# Two layers per prefill call: three calls, so layer 0's K,V is on the wire while two calls remain.
 OVERRIDES = ([f"--config.model.{k}={v}" for k, v in MODEL.items()] +
-             [f"--config.engine.{k}={v}" for k, v in ENGINE.items()])
+             [f"--config.engine.{k}={v}" for k, v in ENGINE.items()] + ["--config.splitwise.layers_per_call=2"])
 LENGTHS = (5, 127, 1, 200, 17, 2)
 
 

@@ -1,9 +1,10 @@
 """A prefill worker's side of the KV transfer: ship each layer's K,V as soon as the layer has run.
 
-The worker prefills a batch with `ModelRunner.prefill_by_layer` (one jitted call per layer, queued on
-the device, each layer's K,V of the shipped tokens gathered on the device and its copy to the host
-begun). `KVSender.ship` hands that list to one fetch thread, which waits for layer 0 on the host, queues
-its sends, then layer 1, ... while the device computes later layers; sender threads encode and send.
+The worker prefills a batch with `ModelRunner.prefill_by_layer` (one jitted call per
+splitwise.layers_per_call layers, queued on the device, each call's K,V of the shipped tokens gathered on
+the device and its copy to the host begun). `KVSender.ship` hands that list to one fetch thread, which
+waits for the first call's layers on the host, queues their sends, then the next call's, ... while the
+device computes later layers; sender threads encode and send.
 No host callback runs inside a jitted program (FACTS.md: on a GPU each one stalls the stream while
 Python runs). `KVSender.finish` waits for a request's sends and commits it at the decode worker, or
 aborts it there (freeing its KV) when a send failed, timed out or the request was cancelled.
@@ -91,7 +92,8 @@ class KVSender:
 
   def ship(self, kvs: list, rows: list[ShippedRow], finished: list[int], on_prefilled: Callable[[int, float], None],
            on_done: OnDone) -> None:
-    """Sends a dispatched batch's layers: kvs[layer]: [2, N, KV, D] (device arrays, prefill_by_layer).
+    """Sends a dispatched batch's layers: kvs: per jitted call [layers, 2, N, KV, D] (device arrays in
+    layer order, ModelRunner.prefill_by_layer); each layer goes as one message per request.
 
     Requests in `finished` had their last chunk in this batch: once their last layer is on the host,
     on_prefilled(uid, wall time) runs and then finish(uid, commit=True, on_done).
@@ -103,21 +105,24 @@ class KVSender:
   def _fetch(self, kvs, rows, finished, on_prefilled, on_done) -> None:
     sent = []
     try:
-      for layer in range(len(kvs)):
-        kv, kvs[layer] = kvs[layer], None  # the device buffer goes once its host copy is read
-        host = np.asarray(kv)  # waits for the layer (GIL released) while the device runs the next ones
+      layer = 0
+      for i in range(len(kvs)):
+        kv, kvs[i] = kvs[i], None  # the device buffer goes once its host copy is read
+        group = np.asarray(kv)  # waits for these layers (GIL released) while the device runs later ones
         del kv
         now = time.time()
-        for row in rows:
-          with self._lock:
-            t = self._transfers.get(row.uid)
-            if t is None or t.cancelled:
-              continue
-            t.layer_computed_s.setdefault(layer, now)
-            end = row.start + len(row.positions)
-            t.futures.append(self._pool.submit(self._send, t.address, row.uid, layer, row.positions,
-                                               host[0, row.start:end], host[1, row.start:end]))
-            sent.append(t.futures[-1])
+        for host in group:
+          for row in rows:
+            with self._lock:
+              t = self._transfers.get(row.uid)
+              if t is None or t.cancelled:
+                continue
+              t.layer_computed_s.setdefault(layer, now)
+              end = row.start + len(row.positions)
+              t.futures.append(self._pool.submit(self._send, t.address, row.uid, layer, row.positions,
+                                                 host[0, row.start:end], host[1, row.start:end]))
+              sent.append(t.futures[-1])
+          layer += 1
     except Exception as e:  # noqa: BLE001 (the device call failed: those requests' transfers fail)
       logging.warning("prefill of requests %s failed: %s", [r.uid for r in rows], e)
       for row in rows:

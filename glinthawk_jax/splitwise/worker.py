@@ -68,6 +68,7 @@ class Worker:
     self.timeout_s = config.splitwise.kv_timeout_s
     self.max_prefill_tokens = ec.max_prefill_tokens
     self.prefills_in_flight = config.splitwise.prefills_in_flight
+    self.layers_per_call = config.splitwise.layers_per_call
     self.wake = threading.Event()
     self.sender = None
     if ship:
@@ -305,7 +306,8 @@ class Worker:
         take.extend(range(i * width, i * width + chunk))
     if rows:
       n = min(kv_bucket(len(take)), batch.tokens.size)
-      kvs = runner.prefill_by_layer(*args, np.pad(np.asarray(take, np.int32), (0, n - len(take))))
+      kvs = runner.prefill_by_layer(*args, np.pad(np.asarray(take, np.int32), (0, n - len(take))),
+                                    self.layers_per_call)
     else:
       runner.prefill(*args)
     finished = []

@@ -150,7 +150,7 @@ class ModelRunner:
                            static_argnames=("slice_index", "steps", "greedy_only"))
     self._write_kv = jax.jit(self._write_kv_fn, donate_argnums=(0,), static_argnames=("slice_index",))
     self._embed = jax.jit(self._embed_fn)
-    self._take = jax.jit(lambda kv, take: kv[:, :, take])  # a small compile per token count: finely bucketed
+    self._take = jax.jit(lambda kv, take: kv[:, :, take])  # a small compile per token bucket
     self._prefill_layers = jax.jit(self._prefill_layers_fn, donate_argnums=(1,),
                                    static_argnames=("slice_index", "count"))
     self.compiled_shapes: set[tuple] = set()

@@ -420,10 +420,9 @@ class Worker:
 
 def kv_bucket(n: int) -> int:
   """Tokens of K,V moved between host and device for n real ones (a prefill's shipped tokens, a received
-  message): n rounded up to an eighth of its power of two, at least MIN_PREFILL_TOKENS (at most 12.5% more
-  bytes; a few small gathers or scatters compiled per octave)."""
-  step = max(pow2_at_least(n) // 8, MIN_PREFILL_TOKENS)
-  return -(-n // step) * step
+  message): a power of two, at least MIN_PREFILL_TOKENS, so the gathers and writes compile a few times
+  (each compile on a GPU would stall the loop in a measured run; padding costs only device-host bytes)."""
+  return max(pow2_at_least(n), MIN_PREFILL_TOKENS)
 
 
 def _describe(error: Exception) -> str:

@@ -17,9 +17,10 @@ from glinthawk_jax.splitwise.wire import WorkerStub, encode_kv, params_to_json
 MODEL = {"num_layers": 6, "hidden_size": 256, "intermediate_size": 1024, "num_heads": 4, "num_kv_heads": 2,
          "head_dim": 64}
 ENGINE = {"max_model_len": 512, "max_prefill_tokens": 128}
-# Two layers per prefill call: three calls, so layer 0's K,V is on the wire while two calls remain.
+# One layer per prefill call: layer 0's K,V races five more layers to the decode worker (the widest
+# margin for the overlap test on a loaded machine).
 OVERRIDES = ([f"--config.model.{k}={v}" for k, v in MODEL.items()] +
-             [f"--config.engine.{k}={v}" for k, v in ENGINE.items()] + ["--config.splitwise.layers_per_call=2"])
+             [f"--config.engine.{k}={v}" for k, v in ENGINE.items()] + ["--config.splitwise.layers_per_call=1"])
 LENGTHS = (5, 127, 1, 200, 17, 2)
 
 

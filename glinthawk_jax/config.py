@@ -113,6 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.splitwise.max_attempts = 3  # routes a request gets under recompute before it ends with an error
   c.splitwise.mixed_pool = True  # an idle worker of one role may take the other role's work (router)
   c.splitwise.send_threads = 4  # threads a prefill worker sends layers' K,V with
+  c.splitwise.prefills_in_flight = 2  # a prefill worker's shipped batches dispatched but not yet all sent
+  c.splitwise.layers_per_call = 4  # a prefill worker's layers per jitted call: K,V ship after each call
   c.splitwise.poll_interval_s = 0.002  # how often the router polls each worker for outputs and load
   return c
 
@@ -217,8 +219,9 @@ def _validate_splitwise(config) -> None:
   for key in ("kv_timeout_s", "poll_interval_s"):
     if not s[key] > 0:
       raise ConfigError(f"splitwise.{key}={s[key]}: expected > 0")
-  if not isinstance(s.send_threads, int) or s.send_threads < 1:
-    raise ConfigError(f"splitwise.send_threads={s.send_threads!r}: expected a positive integer")
+  for key in ("send_threads", "prefills_in_flight", "layers_per_call"):
+    if not isinstance(s[key], int) or s[key] < 1:
+      raise ConfigError(f"splitwise.{key}={s[key]!r}: expected a positive integer")
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

@@ -59,9 +59,7 @@ class Engine:
   """Offline generation with continuous batching; attention placed by config.placement, tier 1 over
   engine.tensor_parallel x engine.layer_slices devices (sharding.py)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, model=None, tokenizer=None,
-               attention=LocalPagedAttention):
-    """`attention`: the placement-local backend's class (a Splitwise prefill worker's ships K,V)."""
+  def __init__(self, config: ml_collections.ConfigDict, model=None, tokenizer=None):
     config_lib.validate(config)
     self.config = config
     self.model_config = config_lib.model_config(config)
@@ -78,7 +76,7 @@ class Engine:
     self.num_local_pages = 0  # tier 1's paged cache beside tier 2 (local_attention_fraction > 0)
     if config.placement == "local":
       self.num_pages = num_pages_for(ec, self.model_config, self.layout.devices[0], self.layout.num_devices)
-      backend = attention(self.model_config, self.num_pages, ec.page_size, ec.decode_attention)
+      backend = LocalPagedAttention(self.model_config, self.num_pages, ec.page_size, ec.decode_attention)
       self.runner = ModelRunner(model, backend, ec.decode_steps_per_call, ec.layer_loop, self.layout)
     else:
       self.tier2 = Tier2Servers(config, self.model_config)

@@ -151,6 +151,10 @@ class ModelRunner:
     self._decode = jax.jit(self._decode_fn, donate_argnums=(1,),
                            static_argnames=("slice_index", "steps", "greedy_only"))
     self._write_kv = jax.jit(self._write_kv_fn, donate_argnums=(0,), static_argnames=("slice_index",))
+    self._embed = jax.jit(self._embed_fn)
+    self._take = jax.jit(lambda kv, take: kv[:, :, take])  # a small compile per token bucket
+    self._prefill_layers = jax.jit(self._prefill_layers_fn, donate_argnums=(1,),
+                                   static_argnames=("slice_index", "count"))
     self.compiled_shapes: set[tuple] = set()
 
   @property
@@ -170,6 +174,36 @@ class ModelRunner:
       self.compiled_shapes.add(("prefill", tokens.shape, block_tables.shape, sl.index))
       sl.state, x = self._prefill(sl.params, sl.state, self.layout.to_slice(x, sl.index), positions, page_ids,
                                   offsets, block_tables, context_lens, seq_ids, slice_index=sl.index)
+
+  def prefill_by_layer(self, tokens: np.ndarray, positions: np.ndarray, page_ids: np.ndarray,
+                       offsets: np.ndarray, block_tables: np.ndarray, context_lens: np.ndarray,
+                       take: np.ndarray, layers_per_call: int = 1) -> list[jax.Array]:
+    """prefill() as one jitted call per `layers_per_call` layers, returning the K,V of the tokens at flat
+    indices take: [N] (row * T + column): per call kv: [layers, 2, N, KV, D] on the device (in layer
+    order, a slice's last call may hold fewer layers), its copy to the host begun.
+
+    The calls are only queued (async dispatch): a consumer thread reads a call's K,V (np.asarray) while
+    later layers still compute, and no host callback stalls the device or defeats the compilation cache.
+    """
+    x = tokens
+    out = []
+    for sl in self.slices:
+      outer, layers = sl.params
+      x = self.layout.to_slice(x, sl.index)
+      if sl.index == 0:
+        x = self._embed(outer, x)
+      for first in range(0, sl.num_layers, layers_per_call):
+        count = min(layers_per_call, sl.num_layers - first)
+        self.compiled_shapes.add(("prefill_layers", tokens.shape, block_tables.shape, count, sl.index))
+        self.compiled_shapes.add(("take_kv", tokens.shape, take.shape, count, sl.index))
+        params = layers[first:first + count] if self.layer_loop == "unrolled" else layers
+        sl.state, x, kv = self._prefill_layers(params, sl.state, x, np.int32(sl.first_layer + first), positions,
+                                               page_ids, offsets, block_tables, context_lens,
+                                               slice_index=sl.index, count=count)
+        kv = self._take(kv, take)
+        kv.copy_to_host_async()
+        out.append(kv)
+    return out
 
   def decode(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray,
              token_index: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
@@ -235,6 +269,39 @@ class ModelRunner:
     x = model.embed(inp) if slice_index == 0 else inp
     x, state = run_layers(x, positions, attend, state)
     return state, (None if slice_index == len(self.slices) - 1 else x)
+
+  def _embed_fn(self, outer, tokens):
+    return nnx.merge(self.graphdef, outer).embed(tokens)
+
+  def _prefill_layers_fn(self, layer_params, state, x, first, positions, page_ids, offsets, block_tables,
+                         context_lens, *, slice_index, count):
+    """Model layers first .. first + count - 1 over x: [B, T, E]; returns (state, x, kv: [count, 2, B * T,
+    KV, D]). layer_params: those layers' states, or the slice's stacked state (scan layout: a scan over
+    the `count` layers from `first`)."""
+    sl = self.slices[slice_index]
+    attend = sl.backend.prefill_attend(page_ids, offsets, block_tables, positions, context_lens)
+    x = jax.lax.with_sharding_constraint(x, self.layout.replicated(slice_index))
+
+    def layer(h, st, params, index):
+      block = nnx.merge(self.layer_graphdef, params)
+      q, k, v = block.pre_attention(h, positions)
+      out, st = attend(index, q, k, v, st)
+      return block.post_attention(h, out), st, jnp.stack([k, v]).reshape(2, -1, *k.shape[2:])
+
+    if self.layer_loop == "unrolled":
+      kvs = []
+      for i, params in enumerate(layer_params):
+        x, state, kv = layer(x, state, params, first + i)
+        kvs.append(kv)
+      return state, x, jnp.stack(kvs)
+    stacked = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, first - sl.first_layer, count), layer_params)
+
+    def body(carry, xs):
+      h, st, kv = layer(*carry, *xs)
+      return (h, st), kv
+
+    (x, state), kvs = jax.lax.scan(body, (x, state), (stacked, first + jnp.arange(count, dtype=jnp.int32)))
+    return state, x, kvs
 
   def _decode_fn(self, params, state, inp, positions, block_tables, token_index, temperature, top_k,
                  top_p, seeds, seq_ids, *, slice_index, steps, greedy_only):

@@ -113,8 +113,13 @@ def test_cancelled_request_strands_no_kv_on_either_side(decode, prefill):
   server, port = build_server(decode, "127.0.0.1", 0)
   try:
     prefill.submit(_msg(8, decode_address=f"127.0.0.1:{port}"))
-    prefill.step()  # Begin at the decode worker, prefill, layers queued to send, commit queued
-    assert [e["event"] for e in prefill.poll()["events"]] == ["prefilled"]
+    prefill.step()  # Begin at the decode worker, prefill dispatched layer by layer, its sends queued
+    deadline = time.monotonic() + 30
+    events = []
+    while not events and time.monotonic() < deadline:  # the sender reports the last layer on the host
+      time.sleep(0.01)
+      events = prefill.poll()["events"]
+    assert events[0]["event"] == "prefilled"  # its commit may have landed too: the aborts come after it
     prefill.abort({"uid": 8})
     decode.abort({"uid": 8})
     time.sleep(0.5)  # the sender's commit (or abort) lands
@@ -139,3 +144,32 @@ def test_prefill_worker_with_unreachable_decode_worker_frees_its_kv(prefill):
   assert events and events[0]["uid"] == 7 and "UNAVAILABLE" in events[0]["error"]
   stats = prefill.poll()["stats"]
   assert stats["kv_used_pages"] == 0 and stats["num_shipping"] == 0 and stats["pending_prompt_tokens"] == 0
+
+
+def test_transfers_are_begun_just_before_their_prefill_not_while_queued():
+  """Three queued requests at a prefill worker with 32-token prefill batches: only the one being prefilled
+  holds a reservation at the decode worker (a queued one cannot expire there), and all three arrive."""
+  decode_config, config = _config("decode"), _config("prefill")
+  decode_config.splitwise.kv_timeout_s = 60.0  # first prefills compile
+  decode_config.engine.max_num_seqs = 8
+  config.engine.max_prefill_tokens = 32  # 38-token prompts: two chunks each
+  decode_worker, prefill_worker = Worker(decode_config), Worker(config)
+  server, port = build_server(decode_worker, "127.0.0.1", 0)
+  try:
+    for uid in (21, 22, 23):
+      prefill_worker.submit(_msg(uid, decode_address=f"127.0.0.1:{port}"))
+    prefill_worker.step()  # Begin for 21 only, then its first chunk dispatched
+    assert decode_worker.poll()["stats"]["num_incoming"] == 1
+    assert prefill_worker.poll()["stats"]["num_shipping"] == 3
+    deadline = time.monotonic() + 60
+    events, outputs = [], []
+    while len(outputs) < 3 and time.monotonic() < deadline:
+      prefill_worker.step()
+      decode_worker.step()
+      events += prefill_worker.poll()["events"]
+      outputs += decode_worker.poll()["outputs"]
+    assert {e["uid"] for e in events if e["event"] == "transferred"} == {21, 22, 23}, events
+    assert sorted((o["uid"], len(o["token_ids"])) for o in outputs) == [(21, 4), (22, 4), (23, 4)]
+  finally:
+    server.stop(0)
+    prefill_worker.sender.close()

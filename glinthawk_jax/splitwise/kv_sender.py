@@ -1,46 +1,30 @@
 """A prefill worker's side of the KV transfer: ship each layer's K,V as soon as the layer has run.
 
-`ShippingPagedAttention` is the local paged backend plus an ordered `io_callback` per prefill layer that
-hands the layer's K,V (already on the host) to `KVSender`; the callback only copies and queues (no JAX
-inside a callback), so the device goes on with the next layer while sender threads put this one on the
-wire. `KVSender.finish` waits for a request's layers and commits it at the decode worker, or aborts it
-there (freeing its KV) when a send failed, timed out or the request was cancelled.
+The worker prefills a batch with `ModelRunner.prefill_by_layer` (one jitted call per
+splitwise.layers_per_call layers, queued on the device, each call's K,V of the shipped tokens gathered on
+the device and its copy to the host begun). `KVSender.ship` hands that list to one fetch thread, which
+waits for the first call's layers on the host, queues their sends, then the next call's, ... while the
+device computes later layers; sender threads encode and send.
+No host callback runs inside a jitted program (FACTS.md: on a GPU each one stalls the stream while
+Python runs). `KVSender.finish` waits for a request's sends and commits it at the decode worker, or
+aborts it there (freeing its KV) when a send failed, timed out or the request was cancelled.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import threading
 import time
 from typing import Callable
 
 import numpy as np
-from jax.experimental import io_callback
 
-from glinthawk_jax.model_runner import LocalPagedAttention
-from glinthawk_jax.placements.tokens import valid_tokens
 from glinthawk_jax.splitwise.wire import WorkerStub, encode_kv
 
-
-class ShippingPagedAttention(LocalPagedAttention):
-  """Local paged attention whose prefill also ships rows with seq_id >= 0 (their transfer ids)."""
-
-  sender: "KVSender | None" = None
-
-  def prefill_attend(self, page_ids, offsets, block_tables, q_positions, context_lens, seq_ids=None):
-    inner = super().prefill_attend(page_ids, offsets, block_tables, q_positions, context_lens, seq_ids)
-
-    def attend(layer, q, k, v, state):
-      io_callback(self._ship, None, layer, seq_ids, q_positions, context_lens, k, v, ordered=True)
-      return inner(layer, q, k, v, state)
-
-    return attend
-
-  def _ship(self, layer, seq_ids, positions, context_lens, k, v):
-    if self.sender is not None:
-      self.sender.ship(int(layer), seq_ids, positions, context_lens, k, v)
+OnDone = Callable[[int, "Exception | None", dict], None]
 
 
 @dataclasses.dataclass
@@ -48,21 +32,43 @@ class Transfer:
   """One request's KV on its way to `address`."""
   address: str
   futures: list = dataclasses.field(default_factory=list)
-  layer_computed_s: dict = dataclasses.field(default_factory=dict)  # layer -> wall time its K,V was ready
+  layer_computed_s: dict = dataclasses.field(default_factory=dict)  # layer -> wall time its K,V reached the host
   cancelled: bool = False
+  finishing: bool = False  # commit or abort queued (later finish() calls are ignored)
+
+
+@dataclasses.dataclass
+class ShippedRow:
+  """A request's tokens in a shipped batch: kv[:, start:start + len(positions)] are at `positions`."""
+  uid: int
+  start: int
+  positions: np.ndarray  # [n] int32
 
 
 class KVSender:
-  """Sends layers' K,V to decode workers on a thread pool; commits or aborts each request once."""
+  """Fetches shipped batches' layers in order, sends them on a thread pool, commits or aborts each
+  request once. `notify` runs (on a sender thread) whenever a shipped batch's sends have all returned."""
 
-  def __init__(self, num_heads: int, timeout_s: float, threads: int):
+  def __init__(self, num_heads: int, timeout_s: float, threads: int, notify: Callable[[], None] = lambda: None):
     self.num_heads = num_heads
     self.timeout_s = timeout_s
+    self.notify = notify
     self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kv-send")
+    self._fetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-fetch")
     self._finisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-commit")
     self._lock = threading.Lock()
     self._stubs: dict[str, WorkerStub] = {}
+    self._send_stubs: dict[str, list[WorkerStub]] = {}  # per address: a connection per sender thread
+    self._turn = itertools.count()
+    self._threads = threads
     self._transfers: dict[int, Transfer] = {}
+    self._batches_in_flight = 0
+
+  @property
+  def batches_in_flight(self) -> int:
+    """Shipped batches not yet fetched and sent: the worker dispatches a new one only below a limit."""
+    with self._lock:
+      return self._batches_in_flight
 
   def stub(self, address: str) -> WorkerStub:
     with self._lock:
@@ -70,44 +76,82 @@ class KVSender:
         self._stubs[address] = WorkerStub(address)
       return self._stubs[address]
 
+  def send_stub(self, address: str) -> WorkerStub:
+    """The next of `threads` stubs to `address`, each with its own connection (round robin)."""
+    with self._lock:
+      if address not in self._send_stubs:
+        self._send_stubs[address] = [WorkerStub(address, own_connection=True) for _ in range(self._threads)]
+      stubs = self._send_stubs[address]
+      return stubs[next(self._turn) % len(stubs)]
+
   def begin(self, uid: int, address: str, message: dict) -> None:
     """Reserves the request's KV at its decode worker; raises grpc.RpcError (RESOURCE_EXHAUSTED: full)."""
     self.stub(address).call("Begin", message, self.timeout_s)
     with self._lock:
       self._transfers[uid] = Transfer(address)
 
-  def ship(self, layer: int, seq_ids, positions, context_lens, k, v) -> None:
-    """The io_callback body: k, v: [R, T, KV, D] of `layer`; rows with seq_id >= 0 are queued to send.
+  def ship(self, kvs: list, rows: list[ShippedRow], finished: list[int], on_prefilled: Callable[[int, float], None],
+           on_done: OnDone) -> None:
+    """Sends a dispatched batch's layers: kvs: per jitted call [layers, 2, N, KV, D] (device arrays in
+    layer order, ModelRunner.prefill_by_layer); each layer goes as one message per request.
 
-    The device waits while this runs, so it only copies k and v once (the callback's buffers are not
-    ours to keep) and leaves slicing and encoding to the sender threads.
+    Requests in `finished` had their last chunk in this batch: once their last layer is on the host,
+    on_prefilled(uid, wall time) runs and then finish(uid, commit=True, on_done).
     """
-    now = time.time()
-    rows, _ = valid_tokens(seq_ids, positions, context_lens)
-    if not rows.size:
-      return
-    k, v = np.array(k), np.array(v)
-    for r in np.unique(rows):
-      uid = int(seq_ids[r])
-      with self._lock:
-        t = self._transfers.get(uid)
-        if t is None or t.cancelled:
-          continue
-        t.layer_computed_s.setdefault(layer, now)
-      n = int(np.count_nonzero(rows == r))  # a row's real tokens are its first n columns
-      t.futures.append(self._pool.submit(self._send, t.address, uid, layer, positions[r, :n].copy(), k[r, :n],
-                                         v[r, :n]))
+    with self._lock:
+      self._batches_in_flight += 1
+    self._fetcher.submit(self._fetch, kvs, rows, finished, on_prefilled, on_done)
+
+  def _fetch(self, kvs, rows, finished, on_prefilled, on_done) -> None:
+    sent = []
+    try:
+      layer = 0
+      for i in range(len(kvs)):
+        kv, kvs[i] = kvs[i], None  # the device buffer goes once its host copy is read
+        group = np.asarray(kv)  # waits for these layers (GIL released) while the device runs later ones
+        del kv
+        now = time.time()
+        for host in group:
+          for row in rows:
+            with self._lock:
+              t = self._transfers.get(row.uid)
+              if t is None or t.cancelled:
+                continue
+              t.layer_computed_s.setdefault(layer, now)
+              end = row.start + len(row.positions)
+              t.futures.append(self._pool.submit(self._send, t.address, row.uid, layer, row.positions,
+                                                 host[0, row.start:end], host[1, row.start:end]))
+              sent.append(t.futures[-1])
+          layer += 1
+    except Exception as e:  # noqa: BLE001 (the device call failed: those requests' transfers fail)
+      logging.warning("prefill of requests %s failed: %s", [r.uid for r in rows], e)
+      for row in rows:
+        self.abort(row.uid, on_done)
+    else:
+      now = time.time()
+      for uid in finished:
+        on_prefilled(uid, now)
+        self.finish(uid, True, on_done)
+    self._finisher.submit(self._batch_sent, sent)
+
+  def _batch_sent(self, futures) -> None:
+    concurrent.futures.wait(futures)
+    with self._lock:
+      self._batches_in_flight -= 1
+    self.notify()
 
   def _send(self, address, uid, layer, positions, k, v) -> None:
-    self.stub(address).send_kv(encode_kv(uid, layer, positions, k, v, self.num_heads), self.timeout_s)
+    self.send_stub(address).send_kv(encode_kv(uid, layer, positions, k, v, self.num_heads), self.timeout_s)
 
-  def finish(self, uid: int, commit: bool, on_done: Callable[[int, Exception | None, dict], None]) -> None:
+  def finish(self, uid: int, commit: bool, on_done: OnDone) -> None:
     """After the request's queued layers are sent: Commit (if `commit` and all went well) or Abort at the
     decode worker. on_done(uid, error or None, {"layer_computed_s", "commit_s"}) runs on a sender thread."""
     with self._lock:
       t = self._transfers.get(uid)
-    if t is not None:
-      self._finisher.submit(self._finish, uid, t, commit, on_done)
+      if t is None or t.finishing:
+        return
+      t.finishing = True
+    self._finisher.submit(self._finish, uid, t, commit, on_done)
 
   def cancel(self, uid: int) -> None:
     """Stops sending the request's layers; a later or pending finish() aborts it at the decode worker."""
@@ -116,7 +160,7 @@ class KVSender:
       if t is not None:
         t.cancelled = True
 
-  def abort(self, uid: int, on_done: Callable[[int, Exception | None, dict], None]) -> None:
+  def abort(self, uid: int, on_done: OnDone) -> None:
     """cancel() then finish() without commit: the decode worker frees what it reserved."""
     self.cancel(uid)
     self.finish(uid, False, on_done)
@@ -124,7 +168,9 @@ class KVSender:
   def _finish(self, uid: int, t: Transfer, commit: bool, on_done) -> None:
     error = None
     try:
-      for f in t.futures:
+      with self._lock:
+        futures = list(t.futures)
+      for f in futures:
         f.result()
       if t.cancelled or not commit:
         raise RuntimeError(f"request {uid}: transfer cancelled")
@@ -141,7 +187,7 @@ class KVSender:
     on_done(uid, error, {"layer_computed_s": layers, "commit_s": time.time()})
 
   def close(self) -> None:
-    self._pool.shutdown(wait=False, cancel_futures=True)
-    self._finisher.shutdown(wait=False, cancel_futures=True)
-    for stub in self._stubs.values():
+    for pool in (self._fetcher, self._pool, self._finisher):
+      pool.shutdown(wait=False, cancel_futures=True)
+    for stub in [*self._stubs.values(), *(s for stubs in self._send_stubs.values() for s in stubs)]:
       stub.close()

@@ -36,15 +36,18 @@ def encode_kv(uid: int, layer: int, positions: np.ndarray, k: np.ndarray, v: np.
   """One layer's K,V of request `uid` at `positions`: [N]; k, v: [N, KV, D]."""
   parts = tensor_wire.request_parts(uid, layer, np.full(len(positions), uid, np.int64), positions, None, k, v,
                                     num_heads)
-  return b"".join(p.tobytes() for p in parts)
+  return b"".join(p.reshape(-1).view(np.uint8) for p in parts)  # one copy (tobytes() would add another)
 
 
 class WorkerStub:
   """Calls one worker; JSON methods take and return dicts, KV takes encoded bytes."""
 
-  def __init__(self, address: str):
+  def __init__(self, address: str, own_connection: bool = False):
+    """own_connection: a TCP connection of its own, not shared with this process's other stubs to the same
+    address (gRPC shares one by default; one Python connection moves about 1-2 GB/s, FACTS.md)."""
     self.address = address
-    self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    options = CHANNEL_OPTIONS + ([("grpc.use_local_subchannel_pool", 1)] if own_connection else [])
+    self.channel = grpc.insecure_channel(address, options=options)
     self._calls = {m: self.channel.unary_unary(f"/{SERVICE}/{m}") for m in METHODS}
 
   def call(self, method: str, message: dict, timeout_s: float) -> dict:

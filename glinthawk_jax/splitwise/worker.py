@@ -4,8 +4,9 @@ Every worker holds the whole model; its role tells the router what to send it an
 adds K,V shipping to the prefill. One loop thread owns the device state; gRPC handlers (server.py) only
 queue work under `lock`. A request reaches a worker in one of three ways:
 - Submit without a decode address: prefilled and decoded here (colocated, mixed pool, recompute);
-- Submit with a decode address (prefill role): Begin reserves its KV there, it is prefilled here while
-  each layer's K,V streams out (kv_sender.py), then Commit; its pages here are freed at once;
+- Submit with a decode address (prefill role): Begin reserves its KV there when the request is about to
+  be prefilled, it is prefilled here layer by layer while each layer's K,V streams out (kv_sender.py),
+  then Commit; its pages here are freed at once;
 - Begin/KV/Commit from a prefill worker: pages reserved at Begin, each layer written into the paged cache
   as it arrives, and at Commit the request joins the decode batch. A transfer not committed within
   splitwise.kv_timeout_s, or aborted, frees its pages.
@@ -25,11 +26,10 @@ import ml_collections
 import numpy as np
 
 from glinthawk_jax.engine import Engine
-from glinthawk_jax.model_runner import LocalPagedAttention
 from glinthawk_jax.paged_cache import SCRATCH_PAGE, PageAllocator
 from glinthawk_jax.protos import tensor_wire
 from glinthawk_jax.scheduler import MIN_PREFILL_TOKENS, Scheduler, Sequence, pow2_at_least
-from glinthawk_jax.splitwise.kv_sender import KVSender, ShippingPagedAttention
+from glinthawk_jax.splitwise.kv_sender import KVSender, ShippedRow
 from glinthawk_jax.splitwise.wire import params_from_json
 
 BEGIN_RETRY_S = 0.02  # a decode worker that was full is asked again after this
@@ -60,22 +60,23 @@ class Worker:
   def __init__(self, config: ml_collections.ConfigDict):
     self.role = config.role
     ship = self.role == "prefill"
-    self.engine = Engine(config, attention=ShippingPagedAttention if ship else LocalPagedAttention)
+    self.engine = Engine(config)
     self.model = self.engine.model_config
     ec = config.engine
     self.page_size = ec.page_size
     self.max_num_seqs = ec.max_num_seqs
     self.timeout_s = config.splitwise.kv_timeout_s
+    self.max_prefill_tokens = ec.max_prefill_tokens
+    self.prefills_in_flight = config.splitwise.prefills_in_flight
+    self.layers_per_call = config.splitwise.layers_per_call
+    self.wake = threading.Event()
     self.sender = None
     if ship:
-      self.sender = KVSender(self.model.num_heads, self.timeout_s, config.splitwise.send_threads)
-      for sl in self.engine.runner.slices:
-        sl.backend.sender = self.sender
+      self.sender = KVSender(self.model.num_heads, self.timeout_s, config.splitwise.send_threads, self.wake.set)
     device = jax.devices()[0]
     self.device = f"{len(jax.devices())} x {device.platform} {device.device_kind}"
     self.scheduler = Scheduler(ec, PageAllocator(self.engine.num_pages), ec.decode_steps_per_call)
     self.lock = threading.Lock()
-    self.wake = threading.Event()
     self.submits: list[tuple[Sequence, dict]] = []  # (sequence, Submit message) not yet admitted
     self.blocked: list[tuple[Sequence, dict, float]] = []  # ship requests waiting for Begin, next try time
     self.ship: set[int] = set()  # uids of requests prefilled here for another worker
@@ -141,7 +142,7 @@ class Worker:
     if pos.min() < 0 or pos.max() >= inc.num_kv_tokens:
       raise WorkerError("INVALID_ARGUMENT", f"request {uid} layer {r.layer}: positions {pos.min()}..{pos.max()} "
                                             f"outside the prompt's 0..{inc.num_kv_tokens - 1}")
-    t = max(pow2_at_least(len(pos)), MIN_PREFILL_TOKENS)  # bucketed: a few compiled writes
+    t = kv_bucket(len(pos))
     k = np.zeros((t,) + expected, r.k.dtype)
     v = np.zeros_like(k)
     k[:len(pos)], v[:len(pos)] = r.k, r.v
@@ -241,11 +242,15 @@ class Worker:
         self.scheduler.add(seq)
 
   def _begin_blocked(self) -> bool:
-    """Asks each ship request's decode worker to reserve its KV; admits the accepted ones."""
+    """Asks each ship request's decode worker to reserve its KV, in arrival order, while this worker's
+    prompt tokens begun but not yet prefilled are under one prefill batch (engine.max_prefill_tokens):
+    a reservation is made just before its prefill, so it never expires while the request is queued here."""
     with self.lock:
       due = [b for b in self.blocked if b[2] <= time.monotonic()]
     did = False
     for entry in due:
+      if self._ship_backlog() >= self.max_prefill_tokens:
+        break
       seq, msg, _ = entry
       uid, address = seq.index, msg["decode_address"]
       begin = {k: msg[k] for k in ("uid", "request_id", "prompt_ids", "params")}
@@ -277,33 +282,51 @@ class Worker:
           self.scheduler.add(seq)
     return did
 
+  def _ship_backlog(self) -> int:
+    """Prompt tokens of begun ship requests not yet dispatched to the device."""
+    with self.lock:
+      return sum(q.num_tokens - 1 - q.num_computed for u, q in self.local.items() if u in self.ship)
+
   def _prefill(self) -> bool:
+    """Dispatches one prefill batch; the rows shipped elsewhere run layer by layer, their K,V fetched and
+    sent by the sender while this loop goes on (at most splitwise.prefills_in_flight such batches)."""
+    if self.sender is not None and self.sender.batches_in_flight >= self.prefills_in_flight:
+      return False
     with self.lock:
       batch = self.scheduler.schedule_prefill()
     if batch is None:
       return False
-    seq_ids = np.full((len(batch.tokens),), -1, np.int32)
-    for i, (seq, _) in enumerate(batch.rows):
-      if seq.index in self.ship:
-        seq_ids[i] = seq.index
     runner = self.engine.runner
-    runner.prefill(batch.tokens, batch.positions, batch.page_ids, batch.offsets, batch.block_tables,
-                   batch.context_lens, seq_ids)
-    if (seq_ids >= 0).any():
-      # Every layer's callback has run: its K,V is queued to send.
-      jax.block_until_ready([sl.state for sl in runner.slices])
-    now = time.time()
+    args = (batch.tokens, batch.positions, batch.page_ids, batch.offsets, batch.block_tables, batch.context_lens)
+    width = batch.tokens.shape[1]
+    rows, take = [], []
+    for i, (seq, chunk) in enumerate(batch.rows):
+      if seq.index in self.ship:
+        rows.append(ShippedRow(seq.index, len(take), batch.positions[i, :chunk].copy()))
+        take.extend(range(i * width, i * width + chunk))
+    if rows:
+      n = min(kv_bucket(len(take)), batch.tokens.size)
+      kvs = runner.prefill_by_layer(*args, np.pad(np.asarray(take, np.int32), (0, n - len(take))),
+                                    self.layers_per_call)
+    else:
+      runner.prefill(*args)
+    finished = []
     with self.lock:
       batch.commit()
       for seq, _ in batch.rows:
         uid = seq.index
         if uid in self.ship and seq.decode_ready and seq in self.scheduler.running:
-          self.scheduler.finish(seq)
+          self.scheduler.finish(seq)  # its pages are reused only by later device calls
           self.ship.discard(uid)
           del self.local[uid]
-          self.events.append({"uid": uid, "event": "prefilled", "prefill_end_s": now})
-          self.sender.finish(uid, True, self._transfer_done)
+          finished.append(uid)
+    if rows:
+      self.sender.ship(kvs, rows, finished, self._prefilled, self._transfer_done)
     return True
+
+  def _prefilled(self, uid: int, now: float) -> None:
+    with self.lock:
+      self.events.append({"uid": uid, "event": "prefilled", "prefill_end_s": now})
 
   def _decode(self) -> bool:
     with self.lock:
@@ -344,8 +367,8 @@ class Worker:
           self.scheduler.finish(seq)
         elif seq in self.scheduler.waiting:
           self.scheduler.waiting.remove(seq)
-      if uid in self.ship:
-        self.ship.discard(uid)
+      self.ship.discard(uid)
+      if self.sender is not None:  # also stops a transfer whose prefill is still being fetched
         self.sender.abort(uid, lambda *_: None)
       self.kv_info.pop(uid, None)
     self.aborts.clear()
@@ -393,6 +416,13 @@ class Worker:
             "kv_used_pages": self.engine.num_pages - 1 - s.allocator.num_free,
             "num_seqs": len(held), "max_num_seqs": self.max_num_seqs, "num_incoming": len(self.incoming),
             "num_shipping": len(self.ship) + len(self.blocked)}
+
+
+def kv_bucket(n: int) -> int:
+  """Tokens of K,V moved between host and device for n real ones (a prefill's shipped tokens, a received
+  message): a power of two, at least MIN_PREFILL_TOKENS, so the gathers and writes compile a few times
+  (each compile on a GPU would stall the loop in a measured run; padding costs only device-host bytes)."""
+  return max(pow2_at_least(n), MIN_PREFILL_TOKENS)
 
 
 def _describe(error: Exception) -> str:

@@ -97,6 +97,17 @@ def plot(results: list[dict], path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
+def save(path: str, results: list[dict], devices: set, gpus: int, config: str, overrides: list[str],
+         started: float) -> None:
+  """Writes every result so far as JSON to `path`."""
+  out = {"benchmark": "splitwise", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+         "command": " ".join([sys.executable, *sys.argv]), "devices": sorted(devices), "gpus": gpus,
+         "config": config, "overrides": overrides, "wall_s": time.time() - started, "results": results}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(out, f, indent=2)
+
+
 def main(argv=None):
   a = parse_args(argv)
   smoke = a.smoke
@@ -137,15 +148,11 @@ def main(argv=None):
         res = replay(cluster, spec, rates, slo_ttft, slo_tbt, deadline=deadline)
         res["mode"] = mode
         results.append(res)
+        save(a.out, results, devices, gpus, config, overrides, started)  # a run cut short keeps what finished
         if any("error" in r for r in res["rates"]):
           break  # a timed-out run leaves the workers busy: on to the next mode's fresh cluster
   print(table(results))
-  out = {"benchmark": "splitwise", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-         "command": " ".join([sys.executable, *sys.argv]), "devices": sorted(devices), "gpus": gpus,
-         "config": config, "overrides": overrides, "wall_s": time.time() - started, "results": results}
-  os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-  with open(a.out, "w") as f:
-    json.dump(out, f, indent=2)
+  save(a.out, results, devices, gpus, config, overrides, started)
   png = os.path.splitext(a.out)[0] + ".png"
   plot(results, png)
   print(f"wrote {a.out} and {png} ({time.time() - started:.0f} s)")

@@ -85,7 +85,7 @@ class Engine:
         if config.local_attention_fraction > 0:
           self.num_local_pages = num_pages_for(ec, self.model_config, self.layout.devices[0],
                                                self.layout.num_devices)
-        self.runner = self._two_tier_runner(model, attention)
+        self.runner = self._two_tier_runner(model)
       except Exception:
         self.close()
         raise
@@ -109,14 +109,14 @@ class Engine:
     full = ec.max_num_seqs * pages_per_sequence(ec.max_model_len, ec.page_size)
     return min(full, min(sum(t // ec.page_size for t in tokens) for tokens in fleets)) + 1
 
-  def _two_tier_runner(self, model, attention):
+  def _two_tier_runner(self, model):
     """The placement's runner; with local_attention_fraction > 0 it also holds tier 1's paged cache
-    (`attention` backend), where the rows of local sequences attend."""
+    (LocalPagedAttention), where the rows of local sequences attend."""
     from glinthawk_jax.placements.callback import CallbackAttention, SharedAttention  # noqa: PLC0415
     from glinthawk_jax.placements.pipelined import PipelinedRunner  # noqa: PLC0415
 
     ec, t = self.config.engine, self.config.tier2
-    local = (attention(self.model_config, self.num_local_pages, ec.page_size, ec.decode_attention)
+    local = (LocalPagedAttention(self.model_config, self.num_local_pages, ec.page_size, ec.decode_attention)
              if self.num_local_pages else None)
     if self.config.placement == "callback":
       backend = CallbackAttention(self.tier2.client, ec.page_size, self.num_pages, t.timeout_s)

@@ -115,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.splitwise.send_threads = 4  # threads a prefill worker sends layers' K,V with
   c.splitwise.prefills_in_flight = 2  # a prefill worker's shipped batches dispatched but not yet all sent
   c.splitwise.layers_per_call = 4  # a prefill worker's layers per jitted call: K,V ship after each call
+  c.splitwise.kv_message_mb = 4.0  # a layer's K,V goes in messages of at most this (power-of-two tokens)
   c.splitwise.poll_interval_s = 0.002  # how often the router polls each worker for outputs and load
   return c
 
@@ -216,7 +217,7 @@ def _validate_splitwise(config) -> None:
   if config.role != "colocated" and config.placement != "local":
     raise ConfigError(f"role={config.role!r} needs placement='local' (got {config.placement!r})")
   _one_of("splitwise.on_transfer_failure", s.on_transfer_failure, TRANSFER_FAILURE_POLICIES)
-  for key in ("kv_timeout_s", "poll_interval_s"):
+  for key in ("kv_timeout_s", "poll_interval_s", "kv_message_mb"):
     if not s[key] > 0:
       raise ConfigError(f"splitwise.{key}={s[key]}: expected > 0")
   for key in ("send_threads", "prefills_in_flight", "layers_per_call"):

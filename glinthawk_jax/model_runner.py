@@ -67,11 +67,16 @@ class LocalPagedAttention:
     return paged_cache.init_pool(self.model, self.num_pages, self.page_size, self.num_layers, self.sharding)
 
   def write(self, state, layer, k, v, page_ids, offsets):
-    """Stores k, v of model layer `layer` at (page_ids, offsets); returns (slice-local layer, k_pool, v_pool)."""
+    """Stores k, v of model layer `layer` at (page_ids, offsets), or as whole pages page_ids when offsets is
+    None (k, v: [P, page_size, KV, D]); returns (slice-local layer, k_pool, v_pool)."""
     k_pool, v_pool = state
     layer = layer - self.first_layer
-    k_pool = paged_attention.write_kv(k_pool, layer, k, page_ids, offsets)
-    v_pool = paged_attention.write_kv(v_pool, layer, v, page_ids, offsets)
+    if offsets is None:
+      k_pool = paged_attention.write_pages(k_pool, layer, k, page_ids)
+      v_pool = paged_attention.write_pages(v_pool, layer, v, page_ids)
+    else:
+      k_pool = paged_attention.write_kv(k_pool, layer, k, page_ids, offsets)
+      v_pool = paged_attention.write_kv(v_pool, layer, v, page_ids, offsets)
     if self.sharding is not None:  # keep the donated pools' layout (KV heads split) across calls
       k_pool = jax.lax.with_sharding_constraint(k_pool, self.sharding)
       v_pool = jax.lax.with_sharding_constraint(v_pool, self.sharding)
@@ -230,12 +235,14 @@ class ModelRunner:
     """Blocks until every dispatched call has finished on the device (calls return before they run)."""
     jax.block_until_ready([sl.state for sl in self.slices])
 
-  def write_layer_kv(self, layer: int, k, v, page_ids, offsets) -> None:
+  def write_layer_kv(self, layer: int, k, v, page_ids, offsets=None) -> None:
     """Stores k, v: [T, KV, D] of model layer `layer` at (page_ids, offsets): [T] in its slice's pools
-    (KV computed elsewhere, e.g. received from a prefill worker)."""
+    (KV computed elsewhere, e.g. received from a prefill worker); offsets=None: k, v: [P, page_size, KV, D]
+    are whole pages page_ids: [P] (local paged cache only)."""
     sl = next(sl for sl in self.slices if sl.first_layer <= layer < sl.first_layer + sl.num_layers)
-    sl.state = self._write_kv(sl.state, layer, k[None], v[None], page_ids[None], offsets[None],
-                              slice_index=sl.index)
+    if offsets is not None:
+      k, v, page_ids, offsets = k[None], v[None], page_ids[None], offsets[None]
+    sl.state = self._write_kv(sl.state, layer, k, v, page_ids, offsets, slice_index=sl.index)
 
   def _write_kv_fn(self, state, layer, k, v, page_ids, offsets, *, slice_index):
     _, k_pool, v_pool = self.slices[slice_index].backend.write(state, layer, k, v, page_ids, offsets)

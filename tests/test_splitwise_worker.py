@@ -8,8 +8,9 @@ import pytest
 
 from configs import tiny
 from glinthawk_jax.requests import SamplingParams
+from glinthawk_jax.splitwise.kv_sender import KVSender, ShippedRow
 from glinthawk_jax.splitwise.server import build_server
-from glinthawk_jax.splitwise.wire import encode_kv, params_to_json
+from glinthawk_jax.splitwise.wire import encode_kv, kv_message_tokens, params_to_json
 from glinthawk_jax.splitwise.worker import Worker, WorkerError
 
 PROMPT = list(range(1, 40))  # 38 tokens of KV
@@ -173,3 +174,55 @@ def test_transfers_are_begun_just_before_their_prefill_not_while_queued():
   finally:
     server.stop(0)
     prefill_worker.sender.close()
+
+
+@pytest.mark.parametrize("split", [16, 10])  # at a page boundary (whole-page writes), inside a page (per token)
+def test_kv_split_over_messages_lands_at_its_positions(decode, split):
+  uid, n, m = 20 + split, len(PROMPT) - 1, decode.model
+  decode.begin(_msg(uid, num_kv_tokens=n))
+  pages = list(decode.incoming[uid].seq.pages)
+  rng = np.random.default_rng(split)
+  kv = rng.standard_normal((m.num_layers, 2, n, m.num_kv_heads, m.head_dim)).astype(np.float32)
+  pos = np.arange(n)
+  for layer in range(m.num_layers):
+    for part in (slice(split, n), slice(0, split)):  # the later tokens first
+      decode.receive_kv(encode_kv(uid, layer, pos[part], kv[layer, 0, part], kv[layer, 1, part], m.num_heads))
+  decode.commit({"uid": uid})
+  decode.step()
+  k_pool, v_pool = (np.asarray(p) for p in decode.engine.runner.slices[0].state)
+  for pool, which in ((k_pool, 0), (v_pool, 1)):
+    got = pool[:, pages].reshape(m.num_layers, -1, m.num_kv_heads, m.head_dim)[:, :n]
+    np.testing.assert_array_equal(got, kv[:, which])
+  decode.abort({"uid": uid})
+  decode.step()
+  assert _used(decode) == 0
+
+
+def test_sender_splits_each_layer_into_messages_that_commit_whole(decode):
+  assert kv_message_tokens(4 * 2**20, 32, 128, 2) == 256  # Llama-2-7B bf16: 16 KiB of K,V a token
+  assert kv_message_tokens(1, 32, 128, 2) == 16  # never under 16 tokens
+  uid, n, m = 40, len(PROMPT) - 1, decode.model
+  server, port = build_server(decode, "127.0.0.1", 0)
+  sender = KVSender(m.num_heads, 5.0, 2, message_bytes=1)  # 16 tokens a message: 3 per layer
+  try:
+    sender.begin(uid, f"127.0.0.1:{port}", _msg(uid, num_kv_tokens=n))
+    pages = list(decode.incoming[uid].seq.pages)
+    kv = np.random.default_rng(1).standard_normal((m.num_layers, 2, n, m.num_kv_heads, m.head_dim))
+    done = []
+    sender.ship([kv.astype(np.float32)], [ShippedRow(uid, 0, np.arange(n, dtype=np.int32))], [uid],
+                lambda *_: None, lambda *a: done.append(a))
+    deadline = time.monotonic() + 10
+    while not done and time.monotonic() < deadline:
+      time.sleep(0.01)
+    assert done and done[0][1] is None, done
+    assert decode.poll()["stats"]["kv_stages"]["messages"] >= 3 * m.num_layers
+    decode.step()
+    k_pool = np.asarray(decode.engine.runner.slices[0].state[0])
+    got = k_pool[:, pages].reshape(m.num_layers, -1, m.num_kv_heads, m.head_dim)[:, :n]
+    np.testing.assert_array_equal(got, kv[:, 0].astype(np.float32))
+  finally:
+    sender.close()
+    server.stop(0)
+  decode.abort({"uid": uid})
+  decode.step()
+  assert _used(decode) == 0

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from glinthawk_jax.splitwise.wire import WorkerStub, encode_kv
+from glinthawk_jax.splitwise.wire import WorkerStub, encode_kv, kv_message_tokens
 
 OnDone = Callable[[int, "Exception | None", dict], None]
 
@@ -49,8 +49,10 @@ class KVSender:
   """Fetches shipped batches' layers in order, sends them on a thread pool, commits or aborts each
   request once. `notify` runs (on a sender thread) whenever a shipped batch's sends have all returned."""
 
-  def __init__(self, num_heads: int, timeout_s: float, threads: int, notify: Callable[[], None] = lambda: None):
+  def __init__(self, num_heads: int, timeout_s: float, threads: int, notify: Callable[[], None] = lambda: None,
+               message_bytes: float = 4 * 2**20):
     self.num_heads = num_heads
+    self.message_bytes = message_bytes
     self.timeout_s = timeout_s
     self.notify = notify
     self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kv-send")
@@ -93,7 +95,8 @@ class KVSender:
   def ship(self, kvs: list, rows: list[ShippedRow], finished: list[int], on_prefilled: Callable[[int, float], None],
            on_done: OnDone) -> None:
     """Sends a dispatched batch's layers: kvs: per jitted call [layers, 2, N, KV, D] (device arrays in
-    layer order, ModelRunner.prefill_by_layer); each layer goes as one message per request.
+    layer order, ModelRunner.prefill_by_layer); each layer goes as messages of at most `message_bytes` per
+    request (power-of-two token runs: several connections carry a layer at once, none pads).
 
     Requests in `finished` had their last chunk in this batch: once their last layer is on the host,
     on_prefilled(uid, wall time) runs and then finish(uid, commit=True, on_done).
@@ -111,6 +114,7 @@ class KVSender:
         group = np.asarray(kv)  # waits for these layers (GIL released) while the device runs later ones
         del kv
         now = time.time()
+        step = kv_message_tokens(self.message_bytes, group.shape[3], group.shape[4], group.dtype.itemsize)
         for host in group:
           for row in rows:
             with self._lock:
@@ -118,10 +122,11 @@ class KVSender:
               if t is None or t.cancelled:
                 continue
               t.layer_computed_s.setdefault(layer, now)
-              end = row.start + len(row.positions)
-              t.futures.append(self._pool.submit(self._send, t.address, row.uid, layer, row.positions,
-                                                 host[0, row.start:end], host[1, row.start:end]))
-              sent.append(t.futures[-1])
+              for i in range(0, len(row.positions), step):
+                a, b = row.start + i, row.start + min(i + step, len(row.positions))
+                t.futures.append(self._pool.submit(self._send, t.address, row.uid, layer, row.positions[i:i + step],
+                                                   host[0, a:b], host[1, a:b]))
+                sent.append(t.futures[-1])
           layer += 1
     except Exception as e:  # noqa: BLE001 (the device call failed: those requests' transfers fail)
       logging.warning("prefill of requests %s failed: %s", [r.uid for r in rows], e)

@@ -18,8 +18,9 @@ from glinthawk_jax.requests import SamplingParams
 SERVICE = "glinthawk.splitwise.Worker"
 METHODS = ("Submit", "Begin", "KV", "Commit", "Abort", "Poll")
 MAX_MESSAGE_BYTES = 2**31 - 1
+# The largest HTTP/2 frame: fewer frames per K,V message (1.2 GB/s vs 0.8 on loopback, docs/SPLITWISE.md).
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.http2.max_frame_size", 2**24 - 1)]
 
 
 def params_to_json(p: SamplingParams) -> dict:
@@ -30,6 +31,13 @@ def params_to_json(p: SamplingParams) -> dict:
 
 def params_from_json(d: dict) -> SamplingParams:
   return SamplingParams(**d)
+
+
+def kv_message_tokens(message_bytes: float, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
+  """Tokens per K,V message: the largest power of two (at least 16) whose K and V fit in message_bytes;
+  a power of two so the receiver pads nothing to its transfer buckets (worker.kv_bucket)."""
+  per_token = 2 * num_kv_heads * head_dim * itemsize
+  return 1 << max(4, int(message_bytes // per_token).bit_length() - 1)
 
 
 def encode_kv(uid: int, layer: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray, num_heads: int) -> bytes:

@@ -72,7 +72,8 @@ class Worker:
     self.wake = threading.Event()
     self.sender = None
     if ship:
-      self.sender = KVSender(self.model.num_heads, self.timeout_s, config.splitwise.send_threads, self.wake.set)
+      self.sender = KVSender(self.model.num_heads, self.timeout_s, config.splitwise.send_threads, self.wake.set,
+                             config.splitwise.kv_message_mb * 2**20)
     device = jax.devices()[0]
     self.device = f"{len(jax.devices())} x {device.platform} {device.device_kind}"
     self.scheduler = Scheduler(ec, PageAllocator(self.engine.num_pages), ec.decode_steps_per_call)
@@ -83,10 +84,11 @@ class Worker:
     self.local: dict[int, Sequence] = {}  # uid -> sequence in this worker's scheduler
     self.incoming: dict[int, Incoming] = {}
     self.kv_info: dict[int, dict] = {}  # uid -> transfer timings, attached to the request's output
-    self.writes: list[tuple] = []  # (uid, layer, positions, k, v) received, not yet in the cache
+    self.writes: list[tuple] = []  # (uid, layer, positions, k, v, whole pages?) received, not yet in the cache
     self.aborts: set[int] = set()
     self.outputs: list[dict] = []
     self.events: list[dict] = []
+    self.kv_stages = {"messages": 0, "bytes": 0, "decode_s": 0.0, "to_device_s": 0.0, "write_s": 0.0}  # receipt
 
   # ---- called from gRPC handler threads ----
 
@@ -119,6 +121,7 @@ class Worker:
   def receive_kv(self, payload: bytes) -> None:
     """One layer's K,V; checks it against the model and the request before it goes to the device."""
     now = time.time()
+    started = time.perf_counter()
     try:
       r = tensor_wire.decode_request(payload)
     except tensor_wire.WireError as e:
@@ -142,16 +145,25 @@ class Worker:
     if pos.min() < 0 or pos.max() >= inc.num_kv_tokens:
       raise WorkerError("INVALID_ARGUMENT", f"request {uid} layer {r.layer}: positions {pos.min()}..{pos.max()} "
                                             f"outside the prompt's 0..{inc.num_kv_tokens - 1}")
+    decoded = time.perf_counter()
     t = kv_bucket(len(pos))
-    k = np.zeros((t,) + expected, r.k.dtype)
-    v = np.zeros_like(k)
-    k[:len(pos)], v[:len(pos)] = r.k, r.v
+    if t == len(pos):  # no padding: straight from the message (device_put copies)
+      k, v = r.k, r.v
+    else:
+      k = np.zeros((t,) + expected, r.k.dtype)
+      v = np.zeros_like(k)
+      k[:len(pos)], v[:len(pos)] = r.k, r.v
+    ps = self.page_size
+    pages = _whole_pages(pos, ps, inc.num_kv_tokens) and t % ps == 0
+    if pages:  # whole pages of this request only (a partial page is its prompt's last)
+      k, v = k.reshape(t // ps, ps, *expected), v.reshape(t // ps, ps, *expected)
     k, v = jax.device_put(k), jax.device_put(v)
     with self.lock:
+      self._count(len(payload), decode_s=decoded - started, to_device_s=time.perf_counter() - decoded)
       inc.received[r.layer, pos] = True
       if math.isnan(inc.layer_received_s[r.layer]):
         inc.layer_received_s[r.layer] = now
-      self.writes.append((uid, r.layer, np.array(pos), k, v))
+      self.writes.append((uid, r.layer, np.array(pos), k, v, pages))
     self.wake.set()
 
   def commit(self, msg: dict) -> None:
@@ -207,11 +219,23 @@ class Worker:
       writes = self._take_writes()
       self._admit_committed()
     did = self._begin_blocked()
+    started = time.perf_counter()
     for layer, k, v, page_ids, offsets in writes:
       self.engine.runner.write_layer_kv(layer, k, v, page_ids, offsets)
+    if writes:
+      self.engine.runner.wait()  # the writes' time measured (kv_stages), not hidden in the next call
+      with self.lock:
+        self._count(0, write_s=time.perf_counter() - started)
     did = self._prefill() or did
     did = self._decode() or did
     return did or bool(writes)
+
+  def _count(self, num_bytes: int, **seconds: float) -> None:
+    """Adds to kv_stages (under `lock`): a received message's bytes, or seconds spent per stage."""
+    self.kv_stages["messages"] += num_bytes > 0
+    self.kv_stages["bytes"] += num_bytes
+    for key, s in seconds.items():
+      self.kv_stages[key] += s
 
   def _sequence(self, msg: dict) -> Sequence:
     try:
@@ -392,11 +416,17 @@ class Worker:
   def _take_writes(self) -> list[tuple]:
     """Received K,V whose request still holds its pages, with their page ids and offsets: [T]."""
     out = []
-    for uid, layer, pos, k, v in self.writes:
+    for uid, layer, pos, k, v, pages in self.writes:
       seq = self.incoming[uid].seq if uid in self.incoming else None
       if seq is None:
         continue
       page_ids = np.full((k.shape[0],), SCRATCH_PAGE, np.int32)
+      if pages:
+        first = pos[0] // self.page_size
+        used = seq.pages[first:first + math.ceil(len(pos) / self.page_size)]
+        page_ids[:len(used)] = used
+        out.append((np.int32(layer), k, v, page_ids, None))
+        continue
       offsets = np.zeros((k.shape[0],), np.int32)
       page_ids[:len(pos)] = np.asarray(seq.pages, np.int32)[pos // self.page_size]
       offsets[:len(pos)] = pos % self.page_size
@@ -415,7 +445,7 @@ class Worker:
             "kv_capacity_tokens": (self.engine.num_pages - 1) * self.page_size,
             "kv_used_pages": self.engine.num_pages - 1 - s.allocator.num_free,
             "num_seqs": len(held), "max_num_seqs": self.max_num_seqs, "num_incoming": len(self.incoming),
-            "num_shipping": len(self.ship) + len(self.blocked)}
+            "num_shipping": len(self.ship) + len(self.blocked), "kv_stages": dict(self.kv_stages)}
 
 
 def kv_bucket(n: int) -> int:
@@ -423,6 +453,15 @@ def kv_bucket(n: int) -> int:
   message): a power of two, at least MIN_PREFILL_TOKENS, so the gathers and writes compile a few times
   (each compile on a GPU would stall the loop in a measured run; padding costs only device-host bytes)."""
   return max(pow2_at_least(n), MIN_PREFILL_TOKENS)
+
+
+def _whole_pages(pos: np.ndarray, page_size: int, num_kv_tokens: int) -> bool:
+  """Positions that fill whole pages of a request from a page start: consecutive, starting on a page
+  boundary and ending on one or at the prompt's last token (so padding to whole pages overwrites no
+  token another message brings)."""
+  first, n = int(pos[0]), len(pos)
+  ends = (first + n) % page_size == 0 or first + n == num_kv_tokens
+  return first % page_size == 0 and ends and int(pos[-1]) == first + n - 1 and bool((np.diff(pos) == 1).all())
 
 
 def _describe(error: Exception) -> str:

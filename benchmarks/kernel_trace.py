@@ -114,7 +114,7 @@ def summarize(events: list[tuple[str, float, str]], hlo_text: str, steps: int, t
     group = classify(name, info)
     groups[group] += us / 1e3 / steps
     rows.append(dict(kernel=name, group=group, ms_per_step=us / 1e3 / steps, launches_per_step=count / steps,
-                     op_name=(info or {}).get("op_name", "")))
+                     op_name=info["op_name"]))
   rows.sort(key=lambda r: -r["ms_per_step"])
   return dict(group_ms_per_step=groups, kernel_ms_per_step=sum(groups.values()),
               launches_per_step=sum(r["launches_per_step"] for r in rows), top_kernels=rows[:top], num_kernels=len(rows))

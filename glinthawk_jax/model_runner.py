@@ -234,6 +234,7 @@ class ModelRunner:
   def wait(self) -> None:
     """Blocks until every dispatched call has finished on the device (calls return before they run)."""
     jax.block_until_ready([sl.state for sl in self.slices])
+    jax.effects_barrier()  # the callback placement's state lives on tier 2: its calls are effects
 
   def write_layer_kv(self, layer: int, k, v, page_ids, offsets=None) -> None:
     """Stores k, v: [T, KV, D] of model layer `layer` at (page_ids, offsets): [T] in its slice's pools

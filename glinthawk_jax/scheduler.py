@@ -9,7 +9,7 @@ anew.
 Two-tier placements with local_attention_fraction > 0 have two pools: `allocator` books tier 2's room
 and `local_allocator` hands out pages of tier 1's paged cache. Each admission places the sequence on one
 side (`Sequence.local`) so the running sequences' expected KV stays near the fraction, on the other side
-when the preferred one has no room; its KV stays there until it finishes or is preempted, and
+when the preferred one has no room (at fraction 1 it waits instead); its KV stays there until it finishes or is preempted, and
 preemption frees pages on its own side only. Batches carry the real pages of local sequences and the
 scratch page for the others (their KV is on tier 2), so tier 1 writes only local KV.
 

@@ -333,6 +333,8 @@ def build_server(options: ServerOptions) -> tuple[grpc.Server, int, Tier2Service
   address = f"{options.host}:{options.port}"
   port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
   if port == 0:
+    if service.doorbell:
+      service.doorbell.close()
     raise OSError(f"cannot bind {options.host}:{options.port}")
   server.start()
   for name in ("", SERVICE_NAME):

@@ -38,11 +38,13 @@ class AbortContext:
     raise CallError(code, details)
 
 
+HELLO_TIMEOUT_S = 10.0  # seconds a new connection has to identify its session
+
 class Doorbell:
   """Listens on a fresh abstract socket `name` and serves its connections on daemon threads.
 
   Args:
-    serve(session, notify bytes) -> reply bytes in the slot; raises CallError.
+    serve(session, notify bytes) -> the reply's length in bytes (written in the slot); raises CallError.
     check(session, pid): raises CallError unless `pid` may use `session`.
     closed(session): called when a checked session's connection ends.
     pool_size: > 1 = serve each call on a pool of that many threads (for injected delays).
@@ -58,7 +60,14 @@ class Doorbell:
     threading.Thread(target=self._accept, name="doorbell-accept", daemon=True).start()
 
   def close(self) -> None:
+    """Stops accepting (shutdown wakes the accept thread; close alone does not on Linux) and the pool."""
+    try:
+      self._listener.shutdown(socket.SHUT_RDWR)
+    except OSError:
+      pass
     self._listener.close()
+    if self._pool:
+      self._pool.shutdown(wait=False, cancel_futures=True)
 
   def _accept(self) -> None:
     while True:
@@ -72,7 +81,9 @@ class Doorbell:
     send_lock = threading.Lock()
     with conn:
       try:
+        conn.settimeout(HELLO_TIMEOUT_S)  # a connection that never says HELLO does not keep its thread
         (session,) = shm_wire.HELLO.unpack(shm_wire.recv_exact(conn, shm_wire.HELLO.size))
+        conn.settimeout(None)
         pid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
         if not self._reply(conn, send_lock, shm_wire.HELLO_SLOT, lambda: self._check(session, pid) or 0):
           return

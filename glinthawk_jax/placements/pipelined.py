@@ -274,8 +274,9 @@ class PipelinedRunner:
     return out
 
   def _by_shard(self, seq_ids: np.ndarray) -> np.ndarray:
-    """Row order with the tier-2 rows grouped by shard (LOCAL_ROW, then padding rows last), so a micro-batch
-    talks to few shards: each shard in a request costs tier 1 a call's host work (fan-out)."""
+    """Row order with the tier-2 rows grouped by shard and the other rows (local, padding) after them in
+    their order (unchanged order for a client without `shard_of`), so a micro-batch talks to few shards:
+    each shard in a request costs tier 1 a call's host work (fan-out)."""
     real = np.flatnonzero(seq_ids >= 0)
     shard_of = getattr(self.client, "shard_of", None)  # a client of layer slices has a fleet per slice
     if shard_of is None:

@@ -127,9 +127,9 @@ class ShmSession:
       self._calls[slot.index] = call
       heapq.heappush(self._deadlines, (call.deadline, slot.index))
       wake = call.deadline < self._wake_at
-    if wake:
-      self._wake.send(b"\0")
     try:
+      if wake:
+        self._wake.send(b"\0")
       with self._send_lock:
         self._sock.sendall(shm_wire.NOTIFY.pack(self.session, slot.index, op, request_bytes))
     except OSError as e:
@@ -156,7 +156,7 @@ class ShmSession:
           call = self._calls.pop(slot, None)
         if call is not None:  # None: a call that already expired
           self._complete(call, status, size, message)
-    except (OSError, ValueError) as e:  # ConnectionError included; ValueError: closed by close()
+    except Exception as e:  # noqa: BLE001 (OSError, ValueError after close(), a bug: never leave calls hanging)
       self._fail_all(ShmCallError(grpc.StatusCode.UNAVAILABLE, f"shm doorbell: {e}"))
     finally:
       self._woken.close()
@@ -211,6 +211,7 @@ class ShmSession:
     """Tells the server to unmap this session's regions (best effort), closes the doorbell."""
     with self._lock:
       self._free.clear()
+      self._broken = self._broken or ShmCallError(grpc.StatusCode.CANCELLED, "shm session closed")
     try:
       self._control.ShmDetach(tier2_pb2.ShmDetachRequest(session=self.session),
                               timeout=self._timeout_s, metadata=self._metadata)
@@ -225,6 +226,8 @@ class ShmSession:
 
   def _take(self, size: int) -> _Slot:
     with self._lock:
+      if self._broken:
+        raise self._broken  # closed or doorbell gone: attach nothing new
       fits = [s for s in self._free if s.region.size >= size]
       slot = fits[0] if fits else (self._free[0] if self._free else None)
       if slot:

@@ -122,10 +122,10 @@ class KVSender:
               if t is None or t.cancelled:
                 continue
               t.layer_computed_s.setdefault(layer, now)
-              for i in range(0, len(row.positions), step):
-                a, b = row.start + i, row.start + min(i + step, len(row.positions))
-                t.futures.append(self._pool.submit(self._send, t.address, row.uid, layer, row.positions[i:i + step],
-                                                   host[0, a:b], host[1, a:b]))
+              for start in range(0, len(row.positions), step):
+                a, b = row.start + start, row.start + min(start + step, len(row.positions))
+                t.futures.append(self._pool.submit(self._send, t.address, row.uid, layer,
+                                                   row.positions[start:start + step], host[0, a:b], host[1, a:b]))
                 sent.append(t.futures[-1])
           layer += 1
     except Exception as e:  # noqa: BLE001 (the device call failed: those requests' transfers fail)

@@ -97,7 +97,9 @@ class ShmSession:
                            shm_wire.recv_exact(self._sock, size).decode(errors="replace"))
       self._sock.settimeout(None)
     except BaseException:
-      self._sock.close()
+      for sock in (self._sock, self._wake, self._woken):
+        sock.close()
+      self._detach()  # the server would keep our attached region for as long as this process lives
       raise
     threading.Thread(target=self._read_replies, name="shm-replies", daemon=True).start()
 
@@ -212,17 +214,21 @@ class ShmSession:
     with self._lock:
       self._free.clear()
       self._broken = self._broken or ShmCallError(grpc.StatusCode.CANCELLED, "shm session closed")
-    try:
-      self._control.ShmDetach(tier2_pb2.ShmDetachRequest(session=self.session),
-                              timeout=self._timeout_s, metadata=self._metadata)
-    except grpc.RpcError:
-      pass  # server gone: its mappings went with it
+    self._detach()
     try:
       self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread
     except OSError:
       pass
     self._sock.close()
     self._wake.close()
+
+  def _detach(self) -> None:
+    """Asks the server to unmap this session's regions (best effort)."""
+    try:
+      self._control.ShmDetach(tier2_pb2.ShmDetachRequest(session=self.session),
+                              timeout=self._timeout_s, metadata=self._metadata)
+    except grpc.RpcError:
+      pass  # server gone: its mappings went with it
 
   def _take(self, size: int) -> _Slot:
     with self._lock:

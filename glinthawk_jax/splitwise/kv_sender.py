@@ -137,7 +137,8 @@ class KVSender:
       for uid in finished:
         on_prefilled(uid, now)
         self.finish(uid, True, on_done)
-    self._finisher.submit(self._batch_sent, sent)
+    # Its own thread: behind the finisher's Commits and Aborts the throttle would lift late.
+    threading.Thread(target=self._batch_sent, args=(sent,), name="kv-batch-sent", daemon=True).start()
 
   def _batch_sent(self, futures) -> None:
     concurrent.futures.wait(futures)

@@ -121,7 +121,7 @@ def make_config(args, model_name: str, placement: str, s: dict, delay_ms: float 
   c.tier2.kv_cache_gb = min(need, args.host_ram_gb) / c.tier2.spawn + 0.01
   c.tier2.inject_delay_ms = delay_ms
   c.tier2.in_flight = args.in_flight if in_flight is None else in_flight
-  c.local_attention_fraction = args.local_fraction
+  c.local_attention_fraction = args.local_fraction if placement != "local" else 0.0
   return c
 
 

@@ -156,6 +156,9 @@ def _validate_local_share(config) -> None:
   f = config.local_attention_fraction
   if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
     raise ConfigError(f"local_attention_fraction={f!r}: expected a number in [0, 1]")
+  if f > 0 and config.placement == "local":
+    raise ConfigError(f"local_attention_fraction={f!r} with placement='local': the share applies to the two-tier "
+                      "placements (callback, pipelined); local keeps all attention on tier 1 already")
   if f > 0 and config.placement == "pipelined" and config.engine.decode_attention == "pallas":
     raise ConfigError("local_attention_fraction > 0 with placement='pipelined' needs engine.decode_attention="
                       "'xla': its per-layer steps take the layer as a traced index, the Pallas kernel a static one")

@@ -82,6 +82,12 @@ def test_fraction_outside_zero_one_is_rejected(value):
     validate(c)
 
 
+def test_local_share_with_the_local_placement_is_rejected():
+  c = _shared("local", "", 0.5)
+  with pytest.raises(ConfigError, match="local_attention_fraction=0.5 with placement='local'"):
+    validate(c)
+
+
 def test_pipelined_local_share_rejects_the_pallas_kernel():
   c = _shared("pipelined", "", 0.5)
   c.engine.update(dict(decode_attention="pallas", layer_loop="unrolled"))

@@ -18,6 +18,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from glinthawk_jax.scheduler import pow2_at_most
+
 DOT_ROWS = 16  # Triton's dot needs at least 16 rows: larger GQA groups are padded to a multiple of it;
 # smaller ones (MHA: one query head per KV head) multiply and reduce instead, so nothing is padded.
 MAX_PAGES_PER_BLOCK = 8  # pages loaded per inner-loop step
@@ -75,12 +77,8 @@ def _kernel(q_ref, k_ref, v_ref, tables_ref, lengths_ref, o_ref, l_ref, m_ref, *
 def _splits(width: int) -> tuple[int, int]:
   """(pages per split, pages per inner step) for a block-table width; Triton needs powers of two."""
   low_bit = width & -width
-  per_split = min(low_bit, max(MAX_PAGES_PER_BLOCK, _pow2_floor(width // TARGET_SPLITS)))
+  per_split = min(low_bit, max(MAX_PAGES_PER_BLOCK, pow2_at_most(width // TARGET_SPLITS)))
   return per_split, min(per_split, MAX_PAGES_PER_BLOCK)
-
-
-def _pow2_floor(n: int) -> int:
-  return 1 << max(n, 1).bit_length() - 1
 
 
 def _one_row(q, k_pool, v_pool, tables, length, *, layer: int, sliding_window, interpret: bool):

@@ -104,6 +104,11 @@ def pow2_at_least(n: int) -> int:
   return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
+def pow2_at_most(n: int) -> int:
+  """The largest power of two <= n (1 for n < 2)."""
+  return 1 << max(int(n), 1).bit_length() - 1
+
+
 def width_bucket(pages: int, limit: int) -> int:
   """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, ... (2^k and 1.5 * 2^k) >= pages, capped at limit."""
   p = pow2_at_least(pages)

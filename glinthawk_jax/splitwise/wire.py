@@ -14,6 +14,7 @@ import numpy as np
 
 from glinthawk_jax.protos import tensor_wire
 from glinthawk_jax.requests import SamplingParams
+from glinthawk_jax.scheduler import MIN_PREFILL_TOKENS, pow2_at_most
 
 SERVICE = "glinthawk.splitwise.Worker"
 METHODS = ("Submit", "Begin", "KV", "Commit", "Abort", "Poll")
@@ -34,10 +35,10 @@ def params_from_json(d: dict) -> SamplingParams:
 
 
 def kv_message_tokens(message_bytes: float, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
-  """Tokens per K,V message: the largest power of two (at least 16) whose K and V fit in message_bytes;
-  a power of two so the receiver pads nothing to its transfer buckets (worker.kv_bucket)."""
+  """Tokens per K,V message: the largest power of two (at least MIN_PREFILL_TOKENS) whose K and V fit in
+  message_bytes; a power of two so the receiver pads nothing to its transfer buckets (worker.kv_bucket)."""
   per_token = 2 * num_kv_heads * head_dim * itemsize
-  return 1 << max(4, int(message_bytes // per_token).bit_length() - 1)
+  return max(pow2_at_most(message_bytes // per_token), MIN_PREFILL_TOKENS)
 
 
 def encode_kv(uid: int, layer: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray, num_heads: int) -> bytes:

@@ -257,16 +257,24 @@ class ModelRunner:
 
     def run_layers(x, positions, attend, state):
       x = jax.lax.with_sharding_constraint(x, replicated)  # the residual stream whole on every device
-      if self.layer_loop == "unrolled":
-        for i, layer_state in enumerate(layers):
-          layer = nnx.merge(self.layer_graphdef, layer_state)
-          q, k, v = layer.pre_attention(x, positions)
-          out, state = attend(sl.first_layer + i, q, k, v, state)
-          x = layer.post_attention(x, out)
-        return x, state
-      return scan_layers(self.layer_graphdef, layers, x, positions, attend, state, sl.first_layer)
+      return self._layer_loop(layers, sl.first_layer, x, positions, attend, state)
 
     return nnx.merge(self.graphdef, outer), run_layers
+
+  def _layer_loop(self, layers, first_layer, x, positions, attend, state, keep_kv: bool = False):
+    """The decoder layers `layers` (per-layer states if unrolled, else stacked) over x, numbered from
+    first_layer for attend; returns (x, state), and with keep_kv their K,V [layers, 2, B, T, KV, D]."""
+    if self.layer_loop != "unrolled":
+      return scan_layers(self.layer_graphdef, layers, x, positions, attend, state, first_layer, keep_kv)
+    kvs = []
+    for i, layer_state in enumerate(layers):
+      layer = nnx.merge(self.layer_graphdef, layer_state)
+      q, k, v = layer.pre_attention(x, positions)
+      out, state = attend(first_layer + i, q, k, v, state)
+      x = layer.post_attention(x, out)
+      if keep_kv:
+        kvs.append(jnp.stack([k, v]))
+    return (x, state, jnp.stack(kvs)) if keep_kv else (x, state)
 
   def _prefill_fn(self, params, state, inp, positions, page_ids, offsets, block_tables, context_lens, seq_ids,
                   *, slice_index):
@@ -289,27 +297,11 @@ class ModelRunner:
     sl = self.slices[slice_index]
     attend = sl.backend.prefill_attend(page_ids, offsets, block_tables, positions, context_lens)
     x = jax.lax.with_sharding_constraint(x, self.layout.replicated(slice_index))
-
-    def layer(h, st, params, index):
-      block = nnx.merge(self.layer_graphdef, params)
-      q, k, v = block.pre_attention(h, positions)
-      out, st = attend(index, q, k, v, st)
-      return block.post_attention(h, out), st, jnp.stack([k, v]).reshape(2, -1, *k.shape[2:])
-
-    if self.layer_loop == "unrolled":
-      kvs = []
-      for i, params in enumerate(layer_params):
-        x, state, kv = layer(x, state, params, first + i)
-        kvs.append(kv)
-      return state, x, jnp.stack(kvs)
-    stacked = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, first - sl.first_layer, count), layer_params)
-
-    def body(carry, xs):
-      h, st, kv = layer(*carry, *xs)
-      return (h, st), kv
-
-    (x, state), kvs = jax.lax.scan(body, (x, state), (stacked, first + jnp.arange(count, dtype=jnp.int32)))
-    return state, x, kvs
+    if self.layer_loop != "unrolled":
+      layer_params = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, first - sl.first_layer, count),
+                                  layer_params)
+    x, state, kvs = self._layer_loop(layer_params, first, x, positions, attend, state, keep_kv=True)
+    return state, x, kvs.reshape(count, 2, -1, *kvs.shape[-2:])
 
   def _decode_fn(self, params, state, inp, positions, block_tables, token_index, temperature, top_k,
                  top_p, seeds, seq_ids, *, slice_index, steps, greedy_only):

@@ -161,11 +161,12 @@ def abstract_model(config: ModelConfig) -> Llama:
 
 
 def scan_layers(graphdef, stacked, x: jnp.ndarray, positions: jnp.ndarray, attend: AttendFn, state: Any = None,
-                first_layer: int = 0):
+                first_layer: int = 0, keep_kv: bool = False):
   """Scans the decoder layers of `stacked` (nnx state, layers on the leading axis; `graphdef` of one
   DecoderLayer stack); attend gets layer indices first_layer, first_layer + 1, ...
 
-  Returns (x after the last layer, final state).
+  Returns (x after the last layer, final state), and with keep_kv also every layer's K,V:
+  [layers, 2, B, T, KV, D].
   """
   num_layers = jax.tree.leaves(stacked)[0].shape[0]
 
@@ -175,8 +176,8 @@ def scan_layers(graphdef, stacked, x: jnp.ndarray, positions: jnp.ndarray, atten
     layer = nnx.merge(graphdef, layer_state)
     q, k, v = layer.pre_attention(h, positions)
     out, st = attend(index, q, k, v, st)
-    return (layer.post_attention(h, out), st), None
+    return (layer.post_attention(h, out), st), (jnp.stack([k, v]) if keep_kv else None)
 
   indices = first_layer + jnp.arange(num_layers, dtype=jnp.int32)
-  (x, state), _ = jax.lax.scan(body, (x, state), (stacked, indices))
-  return x, state
+  (x, state), kvs = jax.lax.scan(body, (x, state), (stacked, indices))
+  return (x, state, kvs) if keep_kv else (x, state)

@@ -37,7 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"  # parameter/activation dtype: float32, bfloat16 or float16
   c.seed = 0  # seed of random weights and of the default sampling seed
   c.placement = "local"  # where attention runs: local (paged on tier 1), callback, pipelined
-  c.role = "colocated"  # Splitwise worker role: colocated (prefill and decode), prefill or decode
+  # Splitwise worker role: colocated (prefill and decode), prefill or decode; decode with placement pipelined
+  # is the combined mode (received K,V kept on tier-2 shards).
+  c.role = "colocated"
   # Two-tier placements: share of sequences (weighted by prompt + max_tokens) whose KV lives in tier 1's
   # paged cache and which attend there, the others on tier 2; 0 = all on tier 2, 1 = all local.
   c.local_attention_fraction = 0.0
@@ -217,8 +219,15 @@ def _validate_distributed(d) -> None:
 
 def _validate_splitwise(config) -> None:
   s = config.splitwise
-  if config.role != "colocated" and config.placement != "local":
-    raise ConfigError(f"role={config.role!r} needs placement='local' (got {config.placement!r})")
+  if config.role == "prefill" and config.placement != "local":
+    raise ConfigError(f"role='prefill' needs placement='local' (got {config.placement!r}): a prefill worker "
+                      "ships each layer's K,V from its paged cache")
+  if config.role == "decode" and config.placement not in ("local", "pipelined"):
+    raise ConfigError(f"role='decode' needs placement 'local' or 'pipelined' (the combined mode: K,V received "
+                      f"into tier-2 shards), got {config.placement!r}")
+  if config.role == "decode" and config.placement == "pipelined" and config.local_attention_fraction > 0:
+    raise ConfigError(f"local_attention_fraction={config.local_attention_fraction!r} with role='decode' and "
+                      "placement='pipelined': a combined decode worker keeps every request's KV on tier 2")
   _one_of("splitwise.on_transfer_failure", s.on_transfer_failure, TRANSFER_FAILURE_POLICIES)
   for key in ("kv_timeout_s", "poll_interval_s", "kv_message_mb"):
     if not s[key] > 0:

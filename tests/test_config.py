@@ -39,6 +39,18 @@ def test_bad_values_name_the_key(key, value, message):
     validate(config)
 
 
+def test_decode_role_takes_local_or_pipelined_placement():
+  config = tiny.get_config()
+  config.role = "decode"
+  validate(config)  # pipelined: the combined mode
+  config.local_attention_fraction = 0.5
+  with pytest.raises(ConfigError, match="a combined decode worker keeps every request's KV on tier 2"):
+    validate(config)
+  config.local_attention_fraction, config.placement = 0.0, "callback"
+  with pytest.raises(ConfigError, match="role='decode' needs placement 'local' or 'pipelined'"):
+    validate(config)
+
+
 def test_bad_model_dimensions_are_a_config_error():
   config = tiny.get_config()
   config.model.num_kv_heads = 3

@@ -88,8 +88,8 @@ class _Attempt:
 
 class Cluster:
   """Spawns the workers and runs request sets through them. roles[i] is worker i's "role" (placement
-  local) or "role:placement" ("decode:pipelined": the combined mode, its K,V on tier-2 servers it
-  spawns); the worker is named role+i."""
+  local unless `overrides` set one) or "role:placement" ("decode:pipelined": the combined mode, its K,V
+  on tier-2 servers it spawns); the worker is named role+i."""
 
   def __init__(self, config_path: str, roles: list[str], overrides: list[str] = (),
                envs: list[dict[str, str]] | None = None, ready_timeout_s: float = 300.0,
@@ -106,8 +106,8 @@ class Cluster:
       for i, (spec, env) in enumerate(zip(roles, envs)):
         role, _, placement = spec.partition(":")
         name = f"{role}{i}"
-        args = [f"--config={config_path}", f"--config.placement={placement or 'local'}", f"--config.role={role}",
-                "--port=0", *overrides]
+        args = [f"--config={config_path}", "--config.placement=local", f"--config.role={role}", "--port=0",
+                *overrides, *([f"--config.placement={placement}"] if placement else [])]  # the spec's wins
         self.processes[name] = WorkerProcess(name, args, env)
       for name, p in self.processes.items():
         self.stubs[name] = WorkerStub(p.wait_ready(ready_timeout_s))

@@ -86,7 +86,7 @@ def test_messages_sent_at_once_from_threads_all_land(receiver):
   for th in threads:
     th.join()
   for layer in range(model.num_layers):
-    got = np.sort(np.concatenate([p for l, p in stored if l == layer]))
+    got = np.sort(np.concatenate([p for lay, p in stored if lay == layer]))
     assert got.tolist() == list(range(N)) and t.written[layer] == N
   _check_attention(receiver, model, t, kv, rng)
   receiver.release(t)

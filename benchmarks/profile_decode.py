@@ -36,7 +36,7 @@ from benchmarks.device_ceilings import copy_bandwidth_gbs  # noqa: E402
 from benchmarks.throughput import model_shape, streaming_floor  # noqa: E402
 from glinthawk_jax import config as config_lib  # noqa: E402
 from glinthawk_jax.model_runner import LocalPagedAttention, ModelRunner  # noqa: E402
-from glinthawk_jax.paged_cache import pages_per_sequence  # noqa: E402
+from glinthawk_jax.paged_cache import SCRATCH_PAGE, pages_per_sequence  # noqa: E402
 from glinthawk_jax.scheduler import width_bucket  # noqa: E402
 from models.llama import init_model  # noqa: E402
 
@@ -54,6 +54,8 @@ def parse_args(argv=None):
   p.add_argument("--output_len", type=int, default=None, help="default 128 (small: 16)")
   p.add_argument("--decode_steps", type=int, default=8, help="engine.decode_steps_per_call")
   p.add_argument("--page_size", type=int, default=16, help="engine.page_size")
+  p.add_argument("--width_buckets", type=int, default=None,
+                 help="engine.width_buckets_per_octave of the block-table width (default: the config's)")
   p.add_argument("--iters", type=int, default=None, help="timed decode calls (default 10; small: 2)")
   p.add_argument("--trace_calls", type=int, default=3, help="decode calls under the profiler")
   p.add_argument("--trace_dir", default="/tmp/profile_decode", help="where the traces go (kept)")
@@ -64,6 +66,7 @@ def parse_args(argv=None):
   args.output_len = args.output_len or (16 if args.small else 128)
   args.iters = args.iters or (2 if args.small else 10)
   args.variants = [_variant(v) for v in args.variants.split(",") if v]
+  args.width_buckets = args.width_buckets or config_lib.base_config().engine.width_buckets_per_octave
   return args
 
 
@@ -75,12 +78,15 @@ def _variant(text: str) -> tuple[str, str]:
 
 
 def decode_inputs(args, model_cfg) -> tuple[dict, int]:
-  """The decode call's arrays with every row at the run's average context; and the pool's pages."""
+  """The decode call's arrays with every row at the run's average context, its pages for the call's steps
+  then the scratch page up to the bucketed width (as the scheduler builds them); and the pool's pages."""
   b, steps, page = args.batch, args.decode_steps, args.page_size
   per_seq = pages_per_sequence(args.prompt_len + args.output_len, page)
   context = args.prompt_len + args.output_len // 2
-  width = width_bucket(math.ceil((context + steps) / page), per_seq)
+  live = min(math.ceil((context + steps) / page), per_seq)
+  width = width_bucket(live, per_seq, args.width_buckets)
   tables = 1 + np.arange(b, dtype=np.int32)[:, None] * per_seq + np.arange(width, dtype=np.int32)[None]
+  tables[:, live:] = SCRATCH_PAGE
   rng = np.random.default_rng(0)
   inputs = dict(
       tokens=rng.integers(3, model_cfg.vocab_size, b).astype(np.int32),
@@ -168,14 +174,16 @@ def main(argv=None):
       device=device, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       command=" ".join([os.path.basename(sys.executable)] + sys.argv), batch=args.batch,
       prompt_len=args.prompt_len, output_len=args.output_len, context=int(inputs["positions"][0]),
-      block_table_width=int(inputs["block_tables"].shape[1]), num_pages=num_pages,
+      block_table_width=int(inputs["block_tables"].shape[1]), width_buckets_per_octave=args.width_buckets,
+      live_pages=int((inputs["block_tables"][0] != SCRATCH_PAGE).sum()), num_pages=num_pages,
       decode_steps_per_call=args.decode_steps, page_size=args.page_size, hbm_tbps=hbm_tbps,
       floor_step_ms=floor["floor_step_ms"], weight_gb=floor["weight_gb"], avg_kv_read_gb=floor["avg_kv_read_gb"],
       variants=rows)
   with open(args.out, "w") as f:
     json.dump(report, f, indent=2)
   print(f"{device}: copy {hbm_tbps:.2f} TB/s; batch {args.batch}, context {report['context']}, "
-        f"block-table width {report['block_table_width']} pages, {args.decode_steps} steps a call; "
+        f"block-table width {report['block_table_width']} pages ({report['live_pages']} live), "
+        f"{args.decode_steps} steps a call; "
         f"floor {floor['floor_step_ms']:.2f} ms/step (weights {floor['weight_gb']:.1f} GB + "
         f"KV {floor['avg_kv_read_gb']:.1f} GB)")
   print(table(rows, floor["floor_step_ms"]))

@@ -162,7 +162,8 @@ def _label(row) -> str:
 
 def table(rows, floor_ms) -> str:
   groups = kernel_trace.GROUPS
-  lines = [f"{'variant, width':<20} {'compile s':>9} {'ms/step':>8} {'x floor':>8} " + " ".join(f"{g:>11}" for g in groups)
+  lines = [f"{'variant, width':<20} {'compile s':>9} {'ms/step':>8} {'x floor':>8} "
+           + " ".join(f"{g:>11}" for g in groups)
            + f" {'kernels':>8} {'gaps':>6} {'launches':>8} {'big copies':>10}"]
   for r in rows:
     lines.append(f"{_label(r):<20} {r['compile_s']:>9.1f} {r['step_ms']:>8.2f} {r['step_ms'] / floor_ms:>8.2f} "

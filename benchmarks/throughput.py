@@ -236,7 +236,8 @@ def main(argv=None):
       command=" ".join([os.path.basename(sys.executable)] + sys.argv), prompt_len=args.prompt_len,
       output_len=args.output_len, decode_steps_per_call=args.decode_steps, page_size=args.page_size,
       layer_loop=args.layer_loop, decode_attention=args.decode_attention,
-      max_prefill_tokens=args.max_prefill_tokens, hbm_tbps=args.hbm_tbps, peak_tflops=args.peak_tflops, engine=engine_rows, hf=hf_rows)
+      max_prefill_tokens=args.max_prefill_tokens, hbm_tbps=args.hbm_tbps, peak_tflops=args.peak_tflops,
+      engine=engine_rows, hf=hf_rows)
   with open(args.out, "w") as f:
     json.dump(report, f, indent=2)
   print(f"{device}: copy {args.hbm_tbps:.2f} TB/s, bf16 matmul {args.peak_tflops:.0f} TFLOP/s; "

@@ -280,7 +280,7 @@ class Scheduler:
       start = seq.num_computed
       pos = np.arange(start, start + chunk, dtype=np.int32)
       pages = np.asarray(self._device_pages(seq), np.int32)
-      tokens[i, :chunk] = [seq.token(p) for p in pos]
+      tokens[i, :chunk] = (seq.prompt_ids + seq.output_ids)[start:start + chunk]
       positions[i, :chunk] = pos
       positions[i, chunk:] = pos[-1]
       if len(pages):

@@ -68,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.engine.max_model_len = 2048  # longest prompt + output, in tokens
   c.engine.max_prefill_tokens = 4096  # token budget of one batched prefill step (chunks longer prompts)
   c.engine.decode_steps_per_call = 1  # decode steps fused into one jitted call (fewer dispatches)
+  # Block-table widths (pages) the jitted calls compile for: this many evenly spaced sizes per doubling
+  # (1: 2^k; 2: 2^k and 1.5 * 2^k). More = less padded KV read a decode step, at most this many compiles
+  # per octave of context; 4 pads a width by under a quarter of its octave's base.
+  c.engine.width_buckets_per_octave = 4
   # scan: one compiled layer over stacked weights (fast compiles); unrolled: per-layer weights, no
   # per-layer slice of the stack (1.5x faster decode on an H100, docs/BENCHMARKS.md).
   c.engine.layer_loop = "scan"
@@ -133,7 +137,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("engine.decode_attention='pallas' needs engine.layer_loop='unrolled' (a static layer "
                       "index per kernel call)")
   for key in ("max_num_seqs", "page_size", "max_model_len", "max_prefill_tokens", "decode_steps_per_call",
-              "tensor_parallel", "layer_slices"):
+              "width_buckets_per_octave", "tensor_parallel", "layer_slices"):
     _positive(config, f"engine.{key}")
   if config.engine.decode_attention == "pallas" and config.engine.tensor_parallel > 1:
     raise ConfigError("engine.decode_attention='pallas' runs on one device: it needs engine.tensor_parallel=1")

@@ -17,6 +17,7 @@ def test_shipped_configs_have_the_real_parameter_counts(module, params_billion):
     ("placement", "gpu", "placement='gpu': expected one of local, callback, pipelined"),
     ("dtype", "int4", "dtype='int4'"),
     ("engine.page_size", 0, "engine.page_size=0"),
+    ("engine.width_buckets_per_octave", 0, "engine.width_buckets_per_octave=0: expected a positive integer"),
     ("engine.kv_cache_memory_fraction", 1.5, "engine.kv_cache_memory_fraction=1.5"),
     ("sampling.top_p", 0.0, "sampling.top_p=0.0"),
     ("checkpoint", "/no/such/dir", "checkpoint='/no/such/dir'"),

@@ -10,7 +10,7 @@ import pytest
 from configs import tiny
 from glinthawk_jax.engine import Engine
 from glinthawk_jax.requests import SamplingParams
-from glinthawk_jax.splitwise.cluster import Cluster, ClusterRequest
+from glinthawk_jax.splitwise.cluster import STAGES, Cluster, ClusterRequest
 from glinthawk_jax.splitwise.wire import WorkerStub, encode_kv, params_to_json
 
 # Wide enough that a layer's prefill takes several ms on a CPU (the overlap test), chunked prefill.
@@ -67,6 +67,10 @@ def test_split_gives_colocated_greedy_tokens_and_layers_arrive_during_prefill(cl
   assert len(received) == len(computed) == MODEL["num_layers"]
   assert received[0] < computed[-1] < t["prefill_end_s"] <= t["commit_s"]
   assert outs[1].kv_visible_s is not None and outs[1].kv_visible_s >= 0
+  # Its timeline has every stage of a split route, in order of time, ending at its first token.
+  stages = outs[1].timeline
+  assert list(stages) == list(STAGES) and list(stages.values()) == sorted(stages.values())
+  assert stages["first_token"] - stages["arrival"] == pytest.approx(outs[1].ttft_s)
 
 
 @pytest.mark.slow

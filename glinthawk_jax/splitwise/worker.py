@@ -25,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from glinthawk_jax.compile_log import compile_log
 from glinthawk_jax.engine import Engine
 from glinthawk_jax.paged_cache import SCRATCH_PAGE, PageAllocator
 from glinthawk_jax.protos import tensor_wire
@@ -89,6 +90,7 @@ class Worker:
     self.outputs: list[dict] = []
     self.events: list[dict] = []
     self.kv_stages = {"messages": 0, "bytes": 0, "decode_s": 0.0, "to_device_s": 0.0, "write_s": 0.0}  # receipt
+    self.compiles = compile_log()  # this process's XLA compiles (Poll's stats: the router counts new ones)
 
   # ---- called from gRPC handler threads ----
 
@@ -282,6 +284,7 @@ class Worker:
       error = None
       try:
         self.sender.begin(uid, address, begin)
+        begun = time.time()
       except grpc.RpcError as e:
         if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
           with self.lock:
@@ -301,6 +304,7 @@ class Worker:
         elif begin["num_kv_tokens"] == 0:  # nothing to prefill
           self.sender.finish(uid, True, self._transfer_done)
         else:
+          self.events.append({"uid": uid, "event": "begun", "t": begun})
           self.ship.add(uid)
           self.local[uid] = seq
           self.scheduler.add(seq)
@@ -334,11 +338,14 @@ class Worker:
                                     self.layers_per_call)
     else:
       runner.prefill(*args)
+    dispatched = time.time()
     finished = []
     with self.lock:
       batch.commit()
       for seq, _ in batch.rows:
         uid = seq.index
+        if seq.decode_ready:  # its last chunk is on the device's queue
+          self.events.append({"uid": uid, "event": "dispatched", "t": dispatched})
         if uid in self.ship and seq.decode_ready and seq in self.scheduler.running:
           self.scheduler.finish(seq)  # its pages are reused only by later device calls
           self.ship.discard(uid)
@@ -410,7 +417,8 @@ class Worker:
       inc = self.incoming.pop(uid)
       inc.seq.num_computed = inc.num_kv_tokens
       self.local[uid] = inc.seq
-      self.kv_info[uid] = {"kv_layer_received_s": inc.layer_received_s, "commit_s": inc.committed_s}
+      self.kv_info[uid] = {"kv_layer_received_s": inc.layer_received_s, "commit_s": inc.committed_s,
+                           "admitted_s": time.time()}
       self.scheduler.admit_prefilled(inc.seq)
 
   def _take_writes(self) -> list[tuple]:
@@ -445,7 +453,8 @@ class Worker:
             "kv_capacity_tokens": (self.engine.num_pages - 1) * self.page_size,
             "kv_used_pages": self.engine.num_pages - 1 - s.allocator.num_free,
             "num_seqs": len(held), "max_num_seqs": self.max_num_seqs, "num_incoming": len(self.incoming),
-            "num_shipping": len(self.ship) + len(self.blocked), "kv_stages": dict(self.kv_stages)}
+            "num_shipping": len(self.ship) + len(self.blocked), "kv_stages": dict(self.kv_stages),
+            "compiles": self.compiles.snapshot()}
 
 
 def kv_bucket(n: int) -> int:

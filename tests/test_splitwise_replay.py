@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from glinthawk_jax.scheduler import width_bucket
 from glinthawk_jax.splitwise.cluster import FINISH_ERROR, STAGES, ClusterOutput
 from glinthawk_jax.splitwise.replay import (ReplaySpec, compiles_between, goodput, stage_p50s, summarize,
                                             trace_requests, warm_up_requests)
@@ -56,12 +57,18 @@ def test_warm_up_sends_the_measured_lengths_with_other_tokens():
   spec = ReplaySpec("conv", num_requests=12, max_prompt_tokens=1000, max_output_tokens=64, max_model_len=1024,
                     vocab_size=512)
   measured_reqs = trace_requests(spec, rate=2.0)
-  sets = warm_up_requests(spec, rate=4.0)
-  singles, at_rate, burst = sets[:-2], sets[-2], sets[-1]
-  assert [len(s) for s in singles] == [1] * 12
-  for reqs in (at_rate, burst, [s[0] for s in singles]):
+  sets = warm_up_requests(spec, rate=4.0, copies=2)
+  singles, at_rate, bursts = sets[:-3], sets[-3], sets[-2:]
+  assert [len(b) for b in bursts] == [8, 12]
+  burst = bursts[-1]
+  for reqs in (at_rate, burst):
     assert [len(r.prompt_ids) for r in reqs] == [len(r.prompt_ids) for r in measured_reqs]
     assert all(w.prompt_ids != m.prompt_ids for w, m in zip(reqs, measured_reqs))
+  # One lone prompt per length class (2^k, 1.5 * 2^k] of KV tokens: every measured prompt's class.
+  classes = lambda reqs: [width_bucket(len(r.prompt_ids) - 1, 1 << 30) for r in reqs]
+  assert [len(s) for s in singles] == [2] * len(singles) and 1 < len(singles) < 12  # a copy for each prefiller
+  assert sorted(set(classes(measured_reqs))) == classes([s[0] for s in singles])
+  assert all(len({r.request_id for r in s}) == 2 and len({len(r.prompt_ids) for r in s}) == 1 for s in singles)
   assert [r.params for r in at_rate] == [r.params for r in measured_reqs]  # whole outputs: decode widths
   assert all(s[0].params.max_tokens == 1 for s in singles) and all(r.arrival_s == 0 for r in burst)
   assert [r.arrival_s for r in at_rate] == [r.arrival_s for r in trace_requests(spec, rate=4.0)]

@@ -77,7 +77,8 @@ class Worker:
                              config.splitwise.kv_message_mb * 2**20)
     device = jax.devices()[0]
     self.device = f"{len(jax.devices())} x {device.platform} {device.device_kind}"
-    self.scheduler = Scheduler(ec, PageAllocator(self.engine.num_pages), ec.decode_steps_per_call)
+    self.scheduler = Scheduler(ec, PageAllocator(self.engine.num_pages), ec.decode_steps_per_call,
+                               max_prefill_rows=config.splitwise.prefill_rows if ship else 0)
     self.lock = threading.Lock()
     self.submits: list[tuple[Sequence, dict]] = []  # (sequence, Submit message) not yet admitted
     self.blocked: list[tuple[Sequence, dict, float]] = []  # ship requests waiting for Begin, next try time

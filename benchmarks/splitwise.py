@@ -5,7 +5,9 @@ conversation), Poisson arrivals at three rates, each after a warm-up. Split runs
 decode worker; colocated runs two colocated workers on the same devices (two GPUs: one each; one GPU:
 two processes sharing it with XLA_PYTHON_CLIENT_MEM_FRACTION=0.45). Reports TTFT and TBT p50/p99,
 throughput, SLO attainment, goodput and the visible KV-transfer time (prefill end to KV committed at
-the decode worker) as a share of TTFT; prints a table, writes JSON and a PNG plot.
+the decode worker) as a share of TTFT; prints the median time of each stage of a request's timeline and
+the XLA compiles during the measured requests (docs/SPLITWISE.md, Measuring), then the results table;
+writes JSON and a PNG plot.
 
   python benchmarks/splitwise.py --out splitwise.json      # GPU machine: --budget_s (300) + start-up
   python benchmarks/splitwise.py --smoke --out /tmp/sw.json  # CPU, tiny model, under a minute

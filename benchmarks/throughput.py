@@ -8,7 +8,13 @@ run: x floor is the measured decode step (the engine waits for prefill before it
 x run floor is the whole run's output tokens/s against the floor of the whole run (every decode step plus
 the prefill's matmul FLOPs at the measured bf16 matmul rate).
 
+--width_buckets runs each listed engine.width_buckets_per_octave (block-table width ladder; 2 = the old
+2^k and 1.5 * 2^k) as its own row at the batches of --width_batches (the first value at the others), in
+one call; a persistent compilation cache lets the variants share the widths they have in common.
+
   python benchmarks/throughput.py --out throughput.json            # GPU, about 4 minutes
+  python benchmarks/throughput.py --batches 32,128,256 --hf_batches 128 --width_buckets 4,2,8 \
+      --width_batches 128 --out throughput.json                    # GPU, with the width A/B at 128
   python benchmarks/throughput.py --small --out /tmp/small.json    # CPU smoke test, seconds
 """
 
@@ -21,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,6 +47,14 @@ def parse_args(argv=None):
                  help="engine.layer_loop: scan over stacked weights, or unrolled per-layer weights")
   p.add_argument("--decode_attention", default="xla", choices=("xla", "pallas"),
                  help="engine.decode_attention: the decode attention kernel")
+  p.add_argument("--width_buckets", default=None,
+                 help="engine.width_buckets_per_octave values, one row each (default: the config's)")
+  p.add_argument("--width_batches", default=None,
+                 help="batches that run every --width_buckets value (default: all; others run the first)")
+  p.add_argument("--max_prefill_tokens", type=int, default=16384,
+                 help="engine.max_prefill_tokens (16384: batch 128's prompts in one prefill call)")
+  p.add_argument("--compile_cache", default=os.path.join(tempfile.gettempdir(), "throughput_jax_cache"),
+                 help="persistent compilation cache directory shared by the variants; '' = off")
   p.add_argument("--hbm_tbps", type=float, default=0.0,
                  help="memory bandwidth for the floor; 0 = the device's copy bandwidth measured in this run")
   p.add_argument("--hf_only", action="store_true", help=argparse.SUPPRESS)  # the HF subprocess
@@ -49,6 +64,13 @@ def parse_args(argv=None):
   args.hf_batches = [int(b) for b in hf.split(",") if b]
   args.prompt_len = args.prompt_len or (16 if args.small else 128)
   args.output_len = args.output_len or (16 if args.small else 128)
+  from glinthawk_jax.config import base_config
+  buckets = args.width_buckets or str(base_config().engine.width_buckets_per_octave)
+  args.width_buckets = [int(w) for w in buckets.split(",") if w]
+  if not args.width_buckets or min(args.width_buckets) < 1:
+    p.error(f"--width_buckets={buckets!r}: expected positive integers")
+  args.width_batches = (set(args.batches) if args.width_batches is None
+                        else {int(b) for b in args.width_batches.split(",") if b})
   return args
 
 
@@ -119,11 +141,14 @@ def run_engine(args) -> tuple[list[dict], str]:
   from glinthawk_jax.requests import SamplingParams
   from models.llama import init_model
 
+  if args.compile_cache:
+    jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   config = model_shape(args.small)
   config.engine.max_model_len = args.prompt_len + args.output_len
   config.engine.page_size = args.page_size
   config.engine.decode_steps_per_call = args.decode_steps
-  config.engine.max_prefill_tokens = 8192
+  config.engine.max_prefill_tokens = args.max_prefill_tokens
   config.engine.kv_cache_gb = 0.0  # fraction of free memory, capped at what the batch needs
   model_cfg = config_lib.model_config(config)
   config.engine.layer_loop = args.layer_loop
@@ -131,50 +156,61 @@ def run_engine(args) -> tuple[list[dict], str]:
   # unrolled: each Engine builds its own weights, so the runner's per-layer copies are the only ones.
   model = init_model(model_cfg, config.seed) if args.layer_loop == "scan" else None
   params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
-  rng = np.random.default_rng(0)
   results = []
   for b in args.batches:
-    config.engine.max_num_seqs = b
-    engine = Engine(config, model=model)
-    prompts = rng.integers(3, model_cfg.vocab_size, (b, args.prompt_len)).tolist()
-    start = time.perf_counter()
-    engine.generate(prompts, params)  # compiles every shape the timed run uses
-    first_s = time.perf_counter() - start
-    before = dict(engine.stats_dict())
-    start = time.perf_counter()
-    outs = engine.generate(prompts, params)
-    elapsed = time.perf_counter() - start
-    after = engine.stats_dict()
-    tokens = sum(len(o.token_ids) for o in outs)
-    calls = after["num_decode_calls"] - before["num_decode_calls"]
-    decode_s = after["decode_time_s"] - before["decode_time_s"]
-    step_ms = decode_s / max(calls * args.decode_steps, 1) * 1e3
-    floor = streaming_floor(model_cfg, b, args.prompt_len, args.output_len, args.hbm_tbps, args.peak_tflops)
-    results.append(dict(
-        batch=b, elapsed_s=elapsed, output_tokens=tokens, output_tok_s=tokens / elapsed,
-        first_run_s=first_s, prefill_s=after["prefill_time_s"] - before["prefill_time_s"],
-        decode_s=decode_s, decode_calls=calls, decode_step_ms=step_ms, decode_tok_s=b / step_ms * 1e3,
-        num_compilations=after["num_compilations"], num_pages=after["num_pages"],
-        kv_pool_gib=after["kv_pool_gib"], num_preemptions=after["num_preemptions"],
-        x_floor=step_ms / floor["floor_step_ms"],
-        x_run_floor=floor["floor_run_output_tok_s"] / (tokens / elapsed), **floor))
-    del engine
-    gc.collect()  # the runner's jitted methods form a cycle; free its KV pool before the next batch
+    prompts = np.random.default_rng(b).integers(3, model_cfg.vocab_size, (b, args.prompt_len)).tolist()
+    for buckets in args.width_buckets if b in args.width_batches else args.width_buckets[:1]:
+      config.engine.max_num_seqs = b
+      config.engine.width_buckets_per_octave = buckets
+      results.append(_engine_row(Engine(config, model=model), prompts, params, args, model_cfg))
+      results[-1]["width_buckets_per_octave"] = buckets
+      gc.collect()  # the runner's jitted methods form a cycle; free its KV pool before the next engine
   results_device = jax.devices()[0].device_kind
   return results, results_device
 
 
+def _engine_row(engine, prompts, params, args, model_cfg) -> dict:
+  """One engine's timed run (the second of two; the first compiles every shape it uses)."""
+  b = len(prompts)
+  start = time.perf_counter()
+  engine.generate(prompts, params)
+  first_s = time.perf_counter() - start
+  before = dict(engine.stats_dict())
+  start = time.perf_counter()
+  outs = engine.generate(prompts, params)
+  elapsed = time.perf_counter() - start
+  after = engine.stats_dict()
+  tokens = sum(len(o.token_ids) for o in outs)
+  calls = after["num_decode_calls"] - before["num_decode_calls"]
+  decode_s = after["decode_time_s"] - before["decode_time_s"]
+  step_ms = decode_s / max(calls * args.decode_steps, 1) * 1e3
+  floor = streaming_floor(model_cfg, b, args.prompt_len, args.output_len, args.hbm_tbps, args.peak_tflops)
+  shapes = engine.runner.compiled_shapes
+  return dict(
+      batch=b, elapsed_s=elapsed, output_tokens=tokens, output_tok_s=tokens / elapsed,
+      first_run_s=first_s, prefill_s=after["prefill_time_s"] - before["prefill_time_s"],
+      prefill_calls=after["num_prefill_calls"] - before["num_prefill_calls"],
+      decode_s=decode_s, decode_calls=calls, decode_step_ms=step_ms, decode_tok_s=b / step_ms * 1e3,
+      num_compilations=after["num_compilations"], num_pages=after["num_pages"],
+      decode_widths=sorted({s[2][1] for s in shapes if s[0] == "decode"}),
+      kv_pool_gib=after["kv_pool_gib"], num_preemptions=after["num_preemptions"],
+      x_floor=step_ms / floor["floor_step_ms"],
+      x_run_floor=floor["floor_run_output_tok_s"] / (tokens / elapsed), **floor)
+
+
 def table(engine_rows, hf_rows) -> str:
   hf = {r["batch"]: r["output_tok_s"] for r in hf_rows}
-  lines = [f"{'batch':>6} {'engine tok/s':>13} {'HF tok/s':>9} {'vs HF':>6} {'step ms':>8} "
-           f"{'floor ms':>9} {'floor tok/s':>12} {'x floor':>8} {'x run floor':>12} {'compiles':>9}"]
+  lines = [f"{'batch':>6} {'widths/oct':>10} {'engine tok/s':>13} {'HF tok/s':>9} {'vs HF':>6} {'step ms':>8} "
+           f"{'floor ms':>9} {'floor tok/s':>12} {'x floor':>8} {'x run floor':>12} {'prefill s':>9} "
+           f"{'compiles':>9}  decode widths (pages)"]
   for r in engine_rows:
     h = hf.get(r["batch"])
-    lines.append(f"{r['batch']:>6} {r['output_tok_s']:>13,.0f} {h or float('nan'):>9,.0f} "
+    lines.append(f"{r['batch']:>6} {r['width_buckets_per_octave']:>10} {r['output_tok_s']:>13,.0f} "
+                 f"{h or float('nan'):>9,.0f} "
                  f"{(r['output_tok_s'] / h if h else float('nan')):>6.2f} {r['decode_step_ms']:>8.2f} "
                  f"{r['floor_step_ms']:>9.2f} {r['floor_output_tok_s']:>12,.0f} {r['x_floor']:>8.2f} "
-                 f"{r['x_run_floor']:>12.2f} "
-                 f"{r['num_compilations']:>9}")
+                 f"{r['x_run_floor']:>12.2f} {r['prefill_s']:>9.3f} "
+                 f"{r['num_compilations']:>9}  {','.join(map(str, r['decode_widths']))}")
   return "\n".join(lines)
 
 
@@ -200,7 +236,8 @@ def main(argv=None):
       command=" ".join([os.path.basename(sys.executable)] + sys.argv), prompt_len=args.prompt_len,
       output_len=args.output_len, decode_steps_per_call=args.decode_steps, page_size=args.page_size,
       layer_loop=args.layer_loop, decode_attention=args.decode_attention,
-      hbm_tbps=args.hbm_tbps, peak_tflops=args.peak_tflops, engine=engine_rows, hf=hf_rows)
+      max_prefill_tokens=args.max_prefill_tokens, hbm_tbps=args.hbm_tbps, peak_tflops=args.peak_tflops,
+      engine=engine_rows, hf=hf_rows)
   with open(args.out, "w") as f:
     json.dump(report, f, indent=2)
   print(f"{device}: copy {args.hbm_tbps:.2f} TB/s, bf16 matmul {args.peak_tflops:.0f} TFLOP/s; "

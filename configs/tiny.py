@@ -2,7 +2,8 @@
 
 Its default placement is pipelined: the job starts two local tier-2 processes and stops them at exit.
 `--config.placement=local` keeps attention on tier 1. Splitwise workers (launch/worker.py) take
-`--config.placement=local --config.role=prefill|decode|colocated`.
+`--config.placement=local --config.role=prefill|decode|colocated`; a decode worker with the pipelined
+placement is the combined mode (received K,V on tier-2 servers, docs/SPLITWISE.md).
 """
 
 from glinthawk_jax.config import base_config

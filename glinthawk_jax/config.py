@@ -37,7 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"  # parameter/activation dtype: float32, bfloat16 or float16
   c.seed = 0  # seed of random weights and of the default sampling seed
   c.placement = "local"  # where attention runs: local (paged on tier 1), callback, pipelined
-  c.role = "colocated"  # Splitwise worker role: colocated (prefill and decode), prefill or decode
+  # Splitwise worker role: colocated (prefill and decode), prefill or decode; decode with placement pipelined
+  # is the combined mode (received K,V kept on tier-2 shards).
+  c.role = "colocated"
   # Two-tier placements: share of sequences (weighted by prompt + max_tokens) whose KV lives in tier 1's
   # paged cache and which attend there, the others on tier 2; 0 = all on tier 2, 1 = all local.
   c.local_attention_fraction = 0.0
@@ -66,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.engine.max_model_len = 2048  # longest prompt + output, in tokens
   c.engine.max_prefill_tokens = 4096  # token budget of one batched prefill step (chunks longer prompts)
   c.engine.decode_steps_per_call = 1  # decode steps fused into one jitted call (fewer dispatches)
+  # Block-table widths (pages) the jitted calls compile for: this many evenly spaced sizes per doubling
+  # (1: 2^k; 2: 2^k and 1.5 * 2^k). More = less padded KV read a decode step, at most this many compiles
+  # per octave of context; 4 pads a width by under a quarter of its octave's base.
+  c.engine.width_buckets_per_octave = 4
   # scan: one compiled layer over stacked weights (fast compiles); unrolled: per-layer weights, no
   # per-layer slice of the stack (1.5x faster decode on an H100, docs/BENCHMARKS.md).
   c.engine.layer_loop = "scan"
@@ -116,8 +122,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.splitwise.prefills_in_flight = 2  # a prefill worker's shipped batches dispatched but not yet all sent
   c.splitwise.layers_per_call = 4  # a prefill worker's layers per jitted call: K,V ship after each call
   # Rows of a prefill worker's batch at most: 1 prefills each prompt alone, so its prefill and K,V gather
-  # take one compiled shape per prompt-length class (replay's warm-up compiles each; batches of several
-  # rows would compile a new shape per combination, seconds each on a GPU, during measured requests).
+  # shapes depend on its length alone (replay's warm-up runs each length; batches of several rows would
+  # compile a new shape per combination, seconds each on a GPU, during measured requests).
   c.splitwise.prefill_rows = 1
   c.splitwise.kv_message_mb = 4.0  # a layer's K,V goes in messages of at most this (power-of-two tokens)
   c.splitwise.poll_interval_s = 0.002  # how often the router polls each worker for outputs and load
@@ -135,7 +141,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("engine.decode_attention='pallas' needs engine.layer_loop='unrolled' (a static layer "
                       "index per kernel call)")
   for key in ("max_num_seqs", "page_size", "max_model_len", "max_prefill_tokens", "decode_steps_per_call",
-              "tensor_parallel", "layer_slices"):
+              "width_buckets_per_octave", "tensor_parallel", "layer_slices"):
     _positive(config, f"engine.{key}")
   if config.engine.decode_attention == "pallas" and config.engine.tensor_parallel > 1:
     raise ConfigError("engine.decode_attention='pallas' runs on one device: it needs engine.tensor_parallel=1")
@@ -221,8 +227,15 @@ def _validate_distributed(d) -> None:
 
 def _validate_splitwise(config) -> None:
   s = config.splitwise
-  if config.role != "colocated" and config.placement != "local":
-    raise ConfigError(f"role={config.role!r} needs placement='local' (got {config.placement!r})")
+  if config.role == "prefill" and config.placement != "local":
+    raise ConfigError(f"role='prefill' needs placement='local' (got {config.placement!r}): a prefill worker "
+                      "ships each layer's K,V from its paged cache")
+  if config.role == "decode" and config.placement not in ("local", "pipelined"):
+    raise ConfigError(f"role='decode' needs placement 'local' or 'pipelined' (the combined mode: K,V received "
+                      f"into tier-2 shards), got {config.placement!r}")
+  if config.role == "decode" and config.placement == "pipelined" and config.local_attention_fraction > 0:
+    raise ConfigError(f"local_attention_fraction={config.local_attention_fraction!r} with role='decode' and "
+                      "placement='pipelined': a combined decode worker keeps every request's KV on tier 2")
   _one_of("splitwise.on_transfer_failure", s.on_transfer_failure, TRANSFER_FAILURE_POLICIES)
   for key in ("kv_timeout_s", "poll_interval_s", "kv_message_mb"):
     if not s[key] > 0:

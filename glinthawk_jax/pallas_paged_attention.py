@@ -18,7 +18,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from glinthawk_jax.scheduler import pow2_at_most
+from glinthawk_jax.paged_cache import SCRATCH_PAGE
+from glinthawk_jax.scheduler import pow2_at_least, pow2_at_most
 
 DOT_ROWS = 16  # Triton's dot needs at least 16 rows: larger GQA groups are padded to a multiple of it;
 # smaller ones (MHA: one query head per KV head) multiply and reduce instead, so nothing is padded.
@@ -130,6 +131,12 @@ def paged_decode_attention(q: jnp.ndarray, k_pool: jnp.ndarray, v_pool: jnp.ndar
     raise ValueError(f"the Pallas decode kernel needs engine.page_size and head_dim to be powers of two >= 16, "
                      f"got {page_size} and {head_dim}")
   scaled = q / jnp.sqrt(jnp.asarray(head_dim, q.dtype))
+  # Splits and inner steps are powers of two dividing the width: a width of the scheduler's ladder (10, 14,
+  # ...) would load one or two pages a step. Padded pages past a row's last step are never loaded.
+  width = block_tables.shape[1]
+  step = MAX_PAGES_PER_BLOCK
+  padded = -(-width // step) * step if width > step else pow2_at_least(width)
+  block_tables = jnp.pad(block_tables, ((0, 0), (0, padded - width)), constant_values=SCRATCH_PAGE)
   row = functools.partial(_one_row, layer=int(layer), sliding_window=sliding_window, interpret=interpret)
   out = jax.vmap(row, in_axes=(0, None, None, 0, 0))(scaled, k_pool, v_pool, block_tables,
                                                       context_lens.astype(jnp.int32)[:, None])

@@ -13,8 +13,9 @@ when the preferred one has no room (at fraction 1 it waits instead); its KV stay
 preemption frees pages on its own side only. Batches carry the real pages of local sequences and the
 scratch page for the others (their KV is on tier 2), so tier 1 writes only local KV.
 
-Shapes are bucketed (rows and tokens to powers of two, block-table widths to 2^k and 1.5 * 2^k) so the
-jitted calls compile a handful of times.
+Shapes are bucketed (rows and tokens to powers of two, block-table widths to engine.width_buckets_per_octave
+evenly spaced sizes per doubling) so the jitted calls compile a bounded number of times. A decode batch's
+width covers its longest row's context at the call's last fused step (the pages reserved for it).
 """
 
 from __future__ import annotations
@@ -109,12 +110,13 @@ def pow2_at_most(n: int) -> int:
   return 1 << max(int(n), 1).bit_length() - 1
 
 
-def width_bucket(pages: int, limit: int) -> int:
-  """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, ... (2^k and 1.5 * 2^k) >= pages, capped at limit."""
-  p = pow2_at_least(pages)
-  if p >= 4 and pages <= 3 * p // 4:
-    p = 3 * p // 4
-  return min(p, limit)
+def width_bucket(pages: int, limit: int, per_octave: int = 2) -> int:
+  """Smallest width >= pages on the ladder of `per_octave` evenly spaced sizes in each octave [p, 2p]
+  (p + ceil(j * p / per_octave), p a power of two), capped at limit. per_octave 1: powers of two; 2: 2^k and
+  1.5 * 2^k; 8: every width up to 16, then steps of p / 8 (padding under 1/8 of the width)."""
+  p = pow2_at_most(pages)
+  j = (pages - p - 1) * per_octave // p + 1 if pages > p else 0  # the first step reaching pages
+  return min(p + -(-j * p // per_octave), limit)
 
 
 class Scheduler:
@@ -130,6 +132,7 @@ class Scheduler:
     self.max_prefill_tokens = engine_config.max_prefill_tokens
     self.chunk_cap = 1 << int(math.log2(engine_config.max_prefill_tokens))
     self.max_width = pages_per_sequence(engine_config.max_model_len, engine_config.page_size)
+    self.widths_per_octave = engine_config.width_buckets_per_octave
     self.allocator = allocator
     self.local_allocator = local_allocator  # tier 1's pool when some two-tier sequences attend locally
     self.local_fraction = local_fraction if local_allocator is not None else 0.0
@@ -268,7 +271,8 @@ class Scheduler:
     return pow2_at_least(num_rows) * self._token_bucket(longest) <= self.max_prefill_tokens
 
   def _width(self, pages: int) -> int:
-    return width_bucket(max(pages, math.ceil(MIN_CONTEXT_TOKENS / self.page_size)), self.max_width)
+    pages = max(pages, math.ceil(MIN_CONTEXT_TOKENS / self.page_size))
+    return width_bucket(pages, self.max_width, self.widths_per_octave)
 
   def _prefill_batch(self, rows, longest) -> PrefillBatch:
     r, t = pow2_at_least(len(rows)), self._token_bucket(longest)
@@ -283,7 +287,7 @@ class Scheduler:
       start = seq.num_computed
       pos = np.arange(start, start + chunk, dtype=np.int32)
       pages = np.asarray(self._device_pages(seq), np.int32)
-      tokens[i, :chunk] = [seq.token(p) for p in pos]
+      tokens[i, :chunk] = (seq.prompt_ids + seq.output_ids)[start:start + chunk]
       positions[i, :chunk] = pos
       positions[i, chunk:] = pos[-1]
       if len(pages):

@@ -3,9 +3,10 @@
   python launch/replay.py --config=configs/tiny.py --workers=prefill,decode --trace=conv \
       --rates=1,2,4 --num_requests=50 --slo_ttft_s=2 --slo_tbt_s=0.2 --out=out/replay.json
 
---workers lists one role per worker process (prefill, decode, colocated); --devices gives each its
-CUDA_VISIBLE_DEVICES ("0;1"); --mem_fraction sets XLA_PYTHON_CLIENT_MEM_FRACTION for workers sharing a
-GPU. Any --config.X=Y flag is also passed to every worker. Prints a table and writes JSON.
+--workers lists one role per worker process (prefill, decode, colocated), optionally with its placement
+(decode:pipelined: a combined-mode decode worker, its received K,V on tier-2 servers it spawns); --devices
+gives each its CUDA_VISIBLE_DEVICES ("0;1"); --mem_fraction sets XLA_PYTHON_CLIENT_MEM_FRACTION for
+workers sharing a GPU. Any --config.X=Y flag is also passed to every worker. Prints a table and writes JSON.
 """
 
 import json
@@ -18,7 +19,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file (get_config()).")
-_WORKERS = flags.DEFINE_string("workers", "prefill,decode", "Comma-separated roles, one worker each.")
+_WORKERS = flags.DEFINE_string("workers", "prefill,decode",
+                               "Comma-separated role or role:placement, one worker each.")
 _DEVICES = flags.DEFINE_string("devices", "", "';'-separated CUDA_VISIBLE_DEVICES per worker; empty = inherit.")
 _MEM_FRACTION = flags.DEFINE_float("mem_fraction", 0.0, "XLA_PYTHON_CLIENT_MEM_FRACTION per worker; 0 = default.")
 _TRACE = flags.DEFINE_enum("trace", "conv", ["code", "conv"], "Azure LLM trace 2023 to draw lengths from.")

@@ -1,6 +1,10 @@
 """Starts one Splitwise worker: python launch/worker.py --config=configs/tiny.py \
       --config.placement=local --config.role=prefill|decode|colocated --port=0
 
+With --config.role=decode --config.placement=pipelined (the combined mode) the worker keeps received K,V
+on tier-2 servers: it spawns config.tier2.spawn of them (or connects to config.tier2.addresses) like
+launch/tier1.py, and stops the ones it spawned on exit.
+
 The worker serves the raw-bytes worker service (glinthawk_jax/splitwise/wire.py) on --host:--port and
 prints "worker ready on HOST:PORT". Devices are the process's own (set CUDA_VISIBLE_DEVICES per worker).
 """
@@ -34,7 +38,11 @@ def main(argv):
     validate(_CONFIG.value)
   except ConfigError as e:
     sys.exit(f"error: {e}")
-  serve(Worker(_CONFIG.value), _HOST.value, _PORT.value)
+  worker = Worker(_CONFIG.value)  # placement pipelined: spawns (or connects to) its tier-2 servers
+  try:
+    serve(worker, _HOST.value, _PORT.value)
+  finally:
+    worker.close()  # stops spawned tier-2 servers
 
 
 if __name__ == "__main__":

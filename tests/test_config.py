@@ -17,6 +17,7 @@ def test_shipped_configs_have_the_real_parameter_counts(module, params_billion):
     ("placement", "gpu", "placement='gpu': expected one of local, callback, pipelined"),
     ("dtype", "int4", "dtype='int4'"),
     ("engine.page_size", 0, "engine.page_size=0"),
+    ("engine.width_buckets_per_octave", 0, "engine.width_buckets_per_octave=0: expected a positive integer"),
     ("engine.kv_cache_memory_fraction", 1.5, "engine.kv_cache_memory_fraction=1.5"),
     ("sampling.top_p", 0.0, "sampling.top_p=0.0"),
     ("checkpoint", "/no/such/dir", "checkpoint='/no/such/dir'"),
@@ -37,6 +38,18 @@ def test_bad_values_name_the_key(key, value, message):
     section = section[p]
   section[leaf] = value
   with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    validate(config)
+
+
+def test_decode_role_takes_local_or_pipelined_placement():
+  config = tiny.get_config()
+  config.role = "decode"
+  validate(config)  # pipelined: the combined mode
+  config.local_attention_fraction = 0.5
+  with pytest.raises(ConfigError, match="a combined decode worker keeps every request's KV on tier 2"):
+    validate(config)
+  config.local_attention_fraction, config.placement = 0.0, "callback"
+  with pytest.raises(ConfigError, match="role='decode' needs placement 'local' or 'pipelined'"):
     validate(config)
 
 

@@ -105,6 +105,20 @@ def test_compilations_are_bounded_and_reused(llama):
   assert engine.runner._decode._cache_size() + engine.runner._prefill._cache_size() == first
 
 
+def test_decode_widths_follow_the_context_with_transformers_tokens(llama):
+  """engine.width_buckets_per_octave=4, page 16: decode block tables grow from 4 to 5 pages as the longest
+  context passes 64 tokens (2^k and 1.5 * 2^k would jump to 6); one compile per width."""
+  path, hf_model, _ = llama
+  prompts = _prompts(seed=4, lengths=(5, 30))
+  engine = Engine(_config(path, page_size=16, max_model_len=128, max_prefill_tokens=64, width_buckets_per_octave=4))
+  outs = engine.generate(prompts, SamplingParams(max_tokens=42, ignore_eos=True))
+  assert [o.token_ids for o in outs] == [_hf_greedy(hf_model, p, 42) for p in prompts]
+  shapes = engine.runner.compiled_shapes
+  assert sorted(s[2][1] for s in shapes if s[0] == "decode") == [4, 5]
+  assert engine.stats.num_compilations == len(shapes) == engine.runner._decode._cache_size() + \
+      engine.runner._prefill._cache_size()
+
+
 def test_preemption_by_recompute_keeps_greedy_and_seeded_tokens(llama, tmp_path):
   path, _, engine = llama
   prompts = _prompts(seed=2, lengths=(20, 9, 14, 3, 17))

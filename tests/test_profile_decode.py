@@ -68,3 +68,13 @@ def test_profile_decode_small_runs_end_to_end(tmp_path, capsys):
   groups = report["variants"][0]["group_ms_per_step"]
   assert groups["matmul"] > 0 and groups["attention"] > 0
   assert "xla/unrolled" in capsys.readouterr().out
+
+
+def test_decode_inputs_hold_the_live_pages_then_the_scratch_page():
+  args = profile_decode.parse_args(["--small"])  # batch 4, context 16 + 8, 8 steps a call, page 16
+  live = profile_decode.live_pages(args)
+  assert live == 2  # 32 tokens after the call's steps
+  inputs, num_pages = profile_decode.decode_inputs(args, profile_decode.model_shape(True).model, live + 2)
+  tables = inputs["block_tables"]
+  assert tables.shape == (4, 4) and (tables[:, live:] == 0).all()
+  assert len(set(tables[:, :live].ravel().tolist())) == 4 * live and 0 < tables.max() < num_pages

@@ -1,16 +1,20 @@
 """Scheduler decisions on the host: admission, chunking, page reservation, preemption, buckets."""
 
-import ml_collections
-
+from glinthawk_jax.config import base_config
 from glinthawk_jax.paged_cache import PageAllocator
 from glinthawk_jax.requests import SamplingParams
-from glinthawk_jax.scheduler import Scheduler, Sequence, pow2_at_least, width_bucket
+from glinthawk_jax.scheduler import Scheduler, Sequence, pow2_at_least, pow2_at_most, width_bucket
+
+
+def _engine_config(**kw):
+  c = base_config().engine
+  c.update(dict(max_num_seqs=4, page_size=4, max_model_len=64, max_prefill_tokens=32))
+  c.update(kw)
+  return c
 
 
 def _scheduler(num_pages=64, decode_steps=1, max_prefill_rows=0, **kw):
-  c = ml_collections.ConfigDict(dict(max_num_seqs=4, page_size=4, max_model_len=64, max_prefill_tokens=32))
-  c.update(kw)
-  return Scheduler(c, PageAllocator(num_pages), decode_steps, max_prefill_rows=max_prefill_rows)
+  return Scheduler(_engine_config(**kw), PageAllocator(num_pages), decode_steps, max_prefill_rows=max_prefill_rows)
 
 
 def _seq(i, n):
@@ -40,6 +44,50 @@ def test_buckets():
   assert [pow2_at_least(n) for n in (1, 2, 3, 5, 64, 65)] == [1, 2, 4, 8, 64, 128]
   assert [width_bucket(n, 100) for n in (1, 2, 3, 4, 5, 6, 7, 9, 13, 17)] == [1, 2, 3, 4, 6, 6, 8, 12, 16, 24]
   assert width_bucket(40, 33) == 33
+  assert [width_bucket(n, 100, 1) for n in (1, 3, 5, 9, 17)] == [1, 4, 8, 16, 32]
+  assert [width_bucket(n, 100, 4) for n in (5, 9, 11, 13, 15, 17, 21)] == [5, 10, 12, 14, 16, 20, 24]
+  assert [width_bucket(n, 100, 8) for n in range(1, 17)] == list(range(1, 17))
+
+
+def test_width_ladder_bounds_padding_and_distinct_widths():
+  """per_octave sizes per doubling: padding under one step (p / per_octave pages), at most per_octave
+  widths per octave (the compile bound)."""
+  for per_octave in (1, 2, 3, 4, 8):
+    widths = set()
+    for pages in range(1, 1025):
+      w = width_bucket(pages, 4096, per_octave)
+      assert pages <= w < pages + -(-pow2_at_most(pages) // per_octave), (per_octave, pages, w)
+      widths.add(w)
+    assert len(widths) <= 10 * per_octave + 1  # 10 octaves up to 1024 pages
+
+
+def _decode_widths(per_octave, steps=3):
+  """(block-table width, pages the longest row needs by the call's last step) of every decode call of
+  two sequences run to their max_tokens, prompts 5 and 30, page 4."""
+  s = _scheduler(num_pages=200, decode_steps=steps, max_model_len=256, width_buckets_per_octave=per_octave)
+  for i, n in enumerate((5, 30)):
+    s.add(Sequence(index=i, request_id=str(i), prompt_ids=list(range(1, n + 1)), params=SamplingParams(),
+                   seed=i, max_tokens=200 - n))
+  _run_prefills(s)
+  calls = []
+  while (d := s.schedule_decode()) is not None:
+    need = max(-(-min(q.num_tokens - 1 + steps, 256) // 4) for q in d.seqs)
+    calls.append((d.block_tables.shape[1], need))
+    for q in d.seqs:
+      q.output_ids += [7] * steps
+      q.num_computed = q.num_tokens - 1
+      if len(q.output_ids) >= q.max_tokens:
+        s.finish(q)
+  return calls
+
+
+def test_decode_width_tracks_the_longest_context_at_the_calls_last_step():
+  fine, coarse = _decode_widths(8), _decode_widths(2)
+  # page 4: at least 16 pages (MIN_CONTEXT_TOKENS); 16..32 pages in steps of 2, then steps of 4
+  assert all(max(need, 16) <= w <= max(need, 16) + (2 if need <= 32 else 4) - 1 for w, need in fine)
+  assert sorted({w for w, _ in fine}) == [16, 18, 20, 22, 24, 26, 28, 30, 32, 36, 40, 44, 48, 52]
+  assert sorted({w for w, _ in coarse}) == [16, 24, 32, 48, 64]
+  assert sum(w for w, _ in fine) < 0.9 * sum(w for w, _ in coarse)  # less padded KV read
 
 
 def test_admission_stops_at_max_num_seqs_and_prefill_leaves_the_last_token_to_decode():
@@ -122,7 +170,7 @@ def test_a_prompt_is_admitted_only_when_all_its_chunks_fit():
 
 def _shared(local_pages, fraction, tier2_pages=64):
   """A two-tier scheduler with tier 1's pool beside tier 2's (local_attention_fraction)."""
-  c = ml_collections.ConfigDict(dict(max_num_seqs=4, page_size=4, max_model_len=64, max_prefill_tokens=64))
+  c = _engine_config(max_prefill_tokens=64)
   return Scheduler(c, PageAllocator(tier2_pages), 1, PageAllocator(local_pages), fraction)
 
 

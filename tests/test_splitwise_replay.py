@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 
-from glinthawk_jax.scheduler import width_bucket
 from glinthawk_jax.splitwise.cluster import FINISH_ERROR, STAGES, ClusterOutput
 from glinthawk_jax.splitwise.replay import (ReplaySpec, compiles_between, goodput, stage_p50s, summarize,
                                             trace_requests, warm_up_requests)
@@ -64,10 +63,9 @@ def test_warm_up_sends_the_measured_lengths_with_other_tokens():
   for reqs in (at_rate, burst):
     assert [len(r.prompt_ids) for r in reqs] == [len(r.prompt_ids) for r in measured_reqs]
     assert all(w.prompt_ids != m.prompt_ids for w, m in zip(reqs, measured_reqs))
-  # One lone prompt per length class (2^k, 1.5 * 2^k] of KV tokens: every measured prompt's class.
-  classes = lambda reqs: [width_bucket(len(r.prompt_ids) - 1, 1 << 30) for r in reqs]
-  assert [len(s) for s in singles] == [2] * len(singles) and 1 < len(singles) < 12  # a copy for each prefiller
-  assert sorted(set(classes(measured_reqs))) == classes([s[0] for s in singles])
+  # Each measured prompt length alone (a copy for each worker that prefills).
+  assert [len(s) for s in singles] == [2] * len(singles)
+  assert [len(s[0].prompt_ids) for s in singles] == sorted({len(r.prompt_ids) for r in measured_reqs})
   assert all(len({r.request_id for r in s}) == 2 and len({len(r.prompt_ids) for r in s}) == 1 for s in singles)
   assert [r.params for r in at_rate] == [r.params for r in measured_reqs]  # whole outputs: decode widths
   assert all(s[0].params.max_tokens == 1 for s in singles) and all(r.arrival_s == 0 for r in burst)

@@ -105,7 +105,9 @@ class _Attempt:
 
 
 class Cluster:
-  """Spawns the workers (roles[i] for worker i, named role+i) and runs request sets through them."""
+  """Spawns the workers and runs request sets through them. roles[i] is worker i's "role" (placement
+  local unless `overrides` set one) or "role:placement" ("decode:pipelined": the combined mode, its K,V
+  on tier-2 servers it spawns); the worker is named role+i."""
 
   def __init__(self, config_path: str, roles: list[str], overrides: list[str] = (),
                envs: list[dict[str, str]] | None = None, ready_timeout_s: float = 300.0,
@@ -119,10 +121,11 @@ class Cluster:
     self.stubs: dict[str, WorkerStub] = {}
     envs = envs or [{}] * len(roles)
     try:
-      for i, (role, env) in enumerate(zip(roles, envs)):
+      for i, (spec, env) in enumerate(zip(roles, envs)):
+        role, _, placement = spec.partition(":")
         name = f"{role}{i}"
         args = [f"--config={config_path}", "--config.placement=local", f"--config.role={role}", "--port=0",
-                *overrides]
+                *overrides, *([f"--config.placement={placement}"] if placement else [])]  # the spec's wins
         self.processes[name] = WorkerProcess(name, args, env)
       for name, p in self.processes.items():
         self.stubs[name] = WorkerStub(p.wait_ready(ready_timeout_s))

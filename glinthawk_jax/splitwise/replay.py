@@ -18,7 +18,6 @@ import numpy as np
 
 from glinthawk_jax.metrics import latency_percentiles
 from glinthawk_jax.requests import SamplingParams
-from glinthawk_jax.scheduler import width_bucket
 from glinthawk_jax.sim import traces
 from glinthawk_jax.splitwise.cluster import FINISH_ERROR, STAGES, Cluster, ClusterOutput, ClusterRequest
 
@@ -105,19 +104,18 @@ def goodput(rows: list[dict], slo_target: float) -> float | None:
 
 def warm_up_requests(spec: ReplaySpec, rate: float, copies: int = 1) -> list[list[ClusterRequest]]:
   """The request sets warm_up runs: replay()'s requests (the same lengths at every rate) with other prompt
-  tokens. First one of each prompt-length class alone with one output token, `copies` at once (one for
-  each worker that prefills: the router spreads them); a class (scheduler.width_bucket of the prompt's KV
-  tokens: 2^k and 1.5 * 2^k) holds prompts whose lone prefill has one shape (token bucket, block-table
-  width, K,V gather) at any page size. Then all at `rate`, then bursts of the first 8, 16 and all
+  tokens. First each prompt length alone with one output token (its lone prefill's shapes: token bucket,
+  block-table width, K,V gather, whatever the buckets), `copies` at once (one for each worker that
+  prefills: the router spreads them); then all at `rate`, then bursts of the first 8, 16 and all
   (decode batches of 8, 16 and more rows while their contexts grow)."""
   rng = np.random.default_rng(spec.seed + 7919)
   like = [dataclasses.replace(r, request_id=f"warm-{r.request_id}",
                               prompt_ids=[int(t) for t in rng.integers(0, spec.vocab_size, len(r.prompt_ids))])
           for r in trace_requests(spec, rate)]
-  classes = {width_bucket(len(r.prompt_ids) - 1, 1 << 30): r for r in like}
+  lengths = {len(r.prompt_ids): r for r in like}
   singles = [[dataclasses.replace(r, request_id=f"{r.request_id}-{i}", arrival_s=0.0,
                                   params=dataclasses.replace(r.params, max_tokens=1)) for i in range(copies)]
-             for _, r in sorted(classes.items())]
+             for _, r in sorted(lengths.items())]
   sizes = sorted({min(8, len(like)), min(16, len(like)), len(like)})
   bursts = [[dataclasses.replace(r, arrival_s=0.0) for r in like[:n]] for n in sizes]
   return singles + [like] + bursts
@@ -125,7 +123,7 @@ def warm_up_requests(spec: ReplaySpec, rate: float, copies: int = 1) -> list[lis
 
 def warm_up(cluster: Cluster, spec: ReplaySpec, rate: float, timeout_s: float = 600.0) -> None:
   """Compiles the shapes the measured requests hit before measuring them (warm_up_requests): each prompt
-  class alone on each worker that prefills (its prefill and K,V shapes), then all at `rate` and in bursts
+  length alone on each worker that prefills (its prefill and K,V shapes), then all at `rate` and in bursts
   (batched prefills, decode batches and widths; without this the first measured rate paid for compiles,
   seconds each on a GPU). Raises TimeoutError after timeout_s in all."""
   roles = [w.role for w in cluster.router.workers.values() if w.alive]

@@ -9,13 +9,16 @@ queue work under `lock`. A request reaches a worker in one of three ways:
   then Commit; its pages here are freed at once;
 - Begin/KV/Commit from a prefill worker: pages reserved at Begin, each layer written into the paged cache
   as it arrives, and at Commit the request joins the decode batch. A transfer not committed within
-  splitwise.kv_timeout_s, or aborted, frees its pages.
+  splitwise.kv_timeout_s, or aborted, frees its pages. In the combined mode (placement pipelined) the
+  pages only count tier 2's room: Begin also places the request on a tier-2 shard, each layer is appended
+  there (tier2_receiver.py), and the request decodes with the pipelined placement.
 Times reported to the router are wall-clock seconds (time.time()), comparable across local processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import threading
 import time
@@ -31,7 +34,9 @@ from glinthawk_jax.paged_cache import SCRATCH_PAGE, PageAllocator
 from glinthawk_jax.protos import tensor_wire
 from glinthawk_jax.scheduler import MIN_PREFILL_TOKENS, Scheduler, Sequence, pow2_at_least
 from glinthawk_jax.splitwise.kv_sender import KVSender, ShippedRow
+from glinthawk_jax.splitwise.tier2_receiver import Tier2Receiver, Tier2Transfer
 from glinthawk_jax.splitwise.wire import params_from_json
+from glinthawk_jax.tier2_client import Tier2Error
 
 BEGIN_RETRY_S = 0.02  # a decode worker that was full is asked again after this
 
@@ -53,6 +58,7 @@ class Incoming:
   deadline: float
   layer_received_s: list  # per layer: wall time of its first K,V message (nan until then)
   committed_s: float = 0.0  # when Commit came (the loop then admits it after writing its K,V)
+  tier2: Tier2Transfer | None = None  # combined mode: its K,V on tier 2
 
 
 class Worker:
@@ -79,6 +85,11 @@ class Worker:
     self.device = f"{len(jax.devices())} x {device.platform} {device.device_kind}"
     self.scheduler = Scheduler(ec, PageAllocator(self.engine.num_pages), ec.decode_steps_per_call,
                                max_prefill_rows=config.splitwise.prefill_rows if ship else 0)
+    self.receiver = None  # two-tier placement: received K,V go to tier 2 (the combined mode)
+    if self.engine.tier2 is not None:
+      self.receiver = Tier2Receiver(self.engine.tier2.client, self.model.num_layers,
+                                    lambda: next(self.engine._next_tier2_id))  # noqa: SLF001
+    self.tier2_done: list[Sequence] = []  # two-tier: sequences whose tier-2 KV the loop frees next
     self.lock = threading.Lock()
     self.submits: list[tuple[Sequence, dict]] = []  # (sequence, Submit message) not yet admitted
     self.blocked: list[tuple[Sequence, dict, float]] = []  # ship requests waiting for Begin, next try time
@@ -118,8 +129,28 @@ class Worker:
       if need > spare:
         raise WorkerError("RESOURCE_EXHAUSTED", f"request {uid}: needs {need} pages, {spare} spare")
       seq.pages = self.scheduler.allocator.allocate(need)
-      self.incoming[uid] = Incoming(seq, n, np.zeros((self.model.num_layers, n), bool),
-                                    time.monotonic() + self.timeout_s, [math.nan] * self.model.num_layers)
+      inc = Incoming(seq, n, np.zeros((self.model.num_layers, n), bool), time.monotonic() + self.timeout_s,
+                     [math.nan] * self.model.num_layers)
+      self.incoming[uid] = inc
+    if self.receiver is not None:
+      self._begin_tier2(inc)
+
+  def _begin_tier2(self, inc: Incoming) -> None:
+    """Combined mode: places the request on a tier-2 shard; a refusal undoes the reservation."""
+    uid = inc.seq.index
+    try:
+      transfer = self.receiver.begin(inc.seq.num_tokens + inc.seq.max_tokens)
+    except Tier2Error as e:
+      with self.lock:
+        if self.incoming.pop(uid, None) is inc:
+          self.scheduler.allocator.free(inc.seq.pages)
+          inc.seq.pages = []
+      raise WorkerError(_tier2_code(e), f"request {uid}: {e}") from None
+    with self.lock:
+      inc.tier2 = transfer
+      if self.incoming.get(uid) is inc:
+        return
+    self._release_transfer(transfer)  # aborted or expired meanwhile
 
   def receive_kv(self, payload: bytes) -> None:
     """One layer's K,V; checks it against the model and the request before it goes to the device."""
@@ -149,6 +180,9 @@ class Worker:
       raise WorkerError("INVALID_ARGUMENT", f"request {uid} layer {r.layer}: positions {pos.min()}..{pos.max()} "
                                             f"outside the prompt's 0..{inc.num_kv_tokens - 1}")
     decoded = time.perf_counter()
+    if inc.tier2 is not None:
+      self._append_tier2(inc, r, len(payload), now, decoded - started)
+      return
     t = kv_bucket(len(pos))
     if t == len(pos):  # no padding: straight from the message (device_put copies)
       k, v = r.k, r.v
@@ -168,6 +202,26 @@ class Worker:
         inc.layer_received_s[r.layer] = now
       self.writes.append((uid, r.layer, np.array(pos), k, v, pages))
     self.wake.set()
+
+  def _append_tier2(self, inc: Incoming, r, num_bytes: int, now: float, decode_s: float) -> None:
+    """Combined mode: receive_kv's store, the message's K,V appended to the request's tier-2 shard."""
+    uid, pos = inc.seq.index, r.positions
+    if not (np.diff(pos) == 1).all():
+      raise WorkerError("INVALID_ARGUMENT", f"request {uid} layer {r.layer}: positions not consecutive (a "
+                                            "two-tier decode worker appends each message's K,V in order)")
+    started = time.perf_counter()
+    try:
+      stored = self.receiver.append(inc.tier2, r.layer, pos, r.k, r.v)
+    except Tier2Error as e:
+      raise WorkerError(_tier2_code(e), f"request {uid} layer {r.layer}: {e}") from None
+    except ValueError:  # the client no longer knows the sequence: released by an abort or a timeout
+      raise WorkerError("NOT_FOUND", f"request {uid}: no transfer begun here (aborted or timed out)") from None
+    with self.lock:
+      self._count(num_bytes, decode_s=decode_s, write_s=time.perf_counter() - started)
+      for p in stored:
+        inc.received[r.layer, p] = True
+      if math.isnan(inc.layer_received_s[r.layer]):
+        inc.layer_received_s[r.layer] = now
 
   def commit(self, msg: dict) -> None:
     """Every layer of the request's prompt has arrived: it joins the decode batch."""
@@ -194,6 +248,8 @@ class Worker:
         inc.seq.pages = []
       else:
         self.aborts.add(uid)
+    if inc is not None and inc.tier2 is not None:
+      self._release_transfer(inc.tier2)
     self.wake.set()
 
   def poll(self) -> dict:
@@ -202,6 +258,10 @@ class Worker:
       outputs, self.outputs = self.outputs, []
       events, self.events = self.events, []
       return {"outputs": outputs, "events": events, "stats": self._stats()}
+
+  def close(self) -> None:
+    """Stops the tier-2 servers the engine spawned (two-tier placement)."""
+    self.engine.close()
 
   # ---- the loop thread ----
 
@@ -218,9 +278,12 @@ class Worker:
     with self.lock:
       self._apply_aborts()
       self._admit()
-      self._expire()
+      expired = self._expire()
       writes = self._take_writes()
       self._admit_committed()
+    for transfer in expired:
+      self._release_transfer(transfer)
+    self._free_tier2()
     did = self._begin_blocked()
     started = time.perf_counter()
     for layer, k, v, page_ids, offsets in writes:
@@ -338,7 +401,8 @@ class Worker:
       kvs = runner.prefill_by_layer(*args, np.pad(np.asarray(take, np.int32), (0, n - len(take))),
                                     self.layers_per_call)
     else:
-      runner.prefill(*args)
+      seqs = [seq for seq, _ in batch.rows]
+      runner.prefill(*args, self._tier2_rows(seqs, len(batch.tokens), [q for q in seqs if q.num_computed == 0]))
     dispatched = time.time()
     finished = []
     with self.lock:
@@ -368,14 +432,38 @@ class Worker:
     start = time.time()
     tokens = self.engine.runner.decode(batch.tokens, batch.positions, batch.block_tables, batch.token_index,
                                        batch.temperature, batch.top_k, batch.top_p, batch.seeds,
-                                       batch.greedy_only)
+                                       batch.greedy_only, self._tier2_rows(batch.seqs, len(batch.tokens)))
     now = time.time()
     with self.lock:
       self.engine.append_decoded(batch.seqs, tokens, start, now, self._finish)
     return True
 
+  def _tier2_rows(self, seqs: list[Sequence], rows: int, fresh: list[Sequence] = ()) -> np.ndarray | None:
+    """Two-tier placement: frees the tier-2 KV that can go (finished, aborted, preempted, and `fresh` rows
+    prefilled from their start), then the rows' tier-2 ids [rows] (Engine's); None for placement local."""
+    if self.engine.tier2 is None:
+      return None
+    self._free_tier2(list(fresh))
+    return self.engine._tier2_rows(seqs, rows)  # noqa: SLF001
+
+  def _free_tier2(self, more: list[Sequence] = ()) -> None:
+    """Loop thread (the only one that touches the engine's tier-2 ids): frees sequences' tier-2 KV."""
+    if self.engine.tier2 is None:
+      return
+    with self.lock:
+      done, self.tier2_done = self.tier2_done + self.scheduler.take_preempted(), []
+    self.engine._release_tier2(done + list(more))  # noqa: SLF001
+
+  def _release_transfer(self, transfer: Tier2Transfer) -> None:
+    """Frees a transfer's tier-2 KV that never joined the decode batch (an unreachable shard lost it anyway)."""
+    try:
+      self.receiver.release(transfer)
+    except (Tier2Error, ValueError) as e:
+      logging.warning("releasing tier-2 sequence %d failed: %s", transfer.tier2_id, e)
+
   def _finish(self, seq: Sequence) -> None:
     self.scheduler.finish(seq)
+    self._forget_tier2(seq)
     del self.local[seq.index]
     out = {"uid": seq.index, "request_id": seq.request_id, "token_ids": list(seq.output_ids),
            "finish_reason": seq.finish_reason, "text": seq.text, "token_times_s": list(seq.token_times_s)}
@@ -399,24 +487,37 @@ class Worker:
           self.scheduler.finish(seq)
         elif seq in self.scheduler.waiting:
           self.scheduler.waiting.remove(seq)
+        self._forget_tier2(seq)
       self.ship.discard(uid)
       if self.sender is not None:  # also stops a transfer whose prefill is still being fetched
         self.sender.abort(uid, lambda *_: None)
       self.kv_info.pop(uid, None)
     self.aborts.clear()
 
-  def _expire(self) -> None:
+  def _forget_tier2(self, seq: Sequence) -> None:
+    """Under `lock`: a finished or aborted sequence's tier-2 KV is freed by the loop's next _free_tier2."""
+    if self.engine.tier2 is not None:
+      self.tier2_done.append(seq)
+
+  def _expire(self) -> list[Tier2Transfer]:
+    """Frees transfers not committed in time; returns their tier-2 transfers (released outside `lock`)."""
     now = time.monotonic()
+    expired = []
     for uid in [u for u, inc in self.incoming.items() if inc.deadline < now and not inc.committed_s]:
       inc = self.incoming.pop(uid)
       self.scheduler.allocator.free(inc.seq.pages)
       self.events.append({"uid": uid, "event": "kv_timeout"})
+      if inc.tier2 is not None:
+        expired.append(inc.tier2)
+    return expired
 
   def _admit_committed(self) -> None:
     """Committed transfers join the decode batch (their writes were taken just before)."""
     for uid in [u for u, inc in self.incoming.items() if inc.committed_s]:
       inc = self.incoming.pop(uid)
       inc.seq.num_computed = inc.num_kv_tokens
+      if inc.tier2 is not None:  # decodes under the tier-2 id its K,V went to
+        self.engine._tier2_ids[inc.seq] = inc.tier2.tier2_id  # noqa: SLF001
       self.local[uid] = inc.seq
       self.kv_info[uid] = {"kv_layer_received_s": inc.layer_received_s, "commit_s": inc.committed_s,
                            "admitted_s": time.time()}
@@ -455,6 +556,7 @@ class Worker:
             "kv_used_pages": self.engine.num_pages - 1 - s.allocator.num_free,
             "num_seqs": len(held), "max_num_seqs": self.max_num_seqs, "num_incoming": len(self.incoming),
             "num_shipping": len(self.ship) + len(self.blocked), "kv_stages": dict(self.kv_stages),
+            "tier2_addresses": self.engine.tier2.addresses if self.engine.tier2 is not None else [],
             "compiles": self.compiles.snapshot()}
 
 
@@ -472,6 +574,11 @@ def _whole_pages(pos: np.ndarray, page_size: int, num_kv_tokens: int) -> bool:
   first, n = int(pos[0]), len(pos)
   ends = (first + n) % page_size == 0 or first + n == num_kv_tokens
   return first % page_size == 0 and ends and int(pos[-1]) == first + n - 1 and bool((np.diff(pos) == 1).all())
+
+
+def _tier2_code(error: Tier2Error) -> str:
+  """The status a worker answers for a tier-2 failure: tier 2's own (RESOURCE_EXHAUSTED when full)."""
+  return error.code.name if error.code is not None else "INTERNAL"
 
 
 def _describe(error: Exception) -> str:

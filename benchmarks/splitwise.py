@@ -152,9 +152,11 @@ def main(argv=None):
           results.append({"mode": mode, "trace": trace, "goodput_rps": None,
                           "rates": [{"rate": r, "error": f"warm-up: {e}"} for r in rates]})
           break  # the workers are still busy: on to the next mode's fresh cluster
-        print(f"== {mode} {trace}: warm-up {time.time() - t:.1f} s", file=sys.stderr, flush=True)
+        warm_s, compiled = time.time() - t, cluster.compiles()  # none at all: jax stopped reporting them
+        so_far = ", ".join(f"{name} {c['count']} ({c['seconds']:.1f} s)" for name, c in compiled.items())
+        print(f"== {mode} {trace}: warm-up {warm_s:.1f} s; compiles so far: {so_far}", file=sys.stderr, flush=True)
         res = replay(cluster, spec, rates, slo_ttft, slo_tbt, deadline=deadline)
-        res["mode"] = mode
+        res.update(mode=mode, warm_up_s=warm_s, compiles_after_warm_up=compiled)
         results.append(res)
         save(a.out, results, devices, gpus, config, overrides, started)  # a run cut short keeps what finished
         if any("error" in r for r in res["rates"]):

@@ -5,10 +5,13 @@ conversation), Poisson arrivals at three rates, each after a warm-up. Split runs
 decode worker; colocated runs two colocated workers on the same devices (two GPUs: one each; one GPU:
 two processes sharing it with XLA_PYTHON_CLIENT_MEM_FRACTION=0.45). Reports TTFT and TBT p50/p99,
 throughput, SLO attainment, goodput and the visible KV-transfer time (prefill end to KV committed at
-the decode worker) as a share of TTFT; prints a table, writes JSON and a PNG plot.
+the decode worker) as a share of TTFT; prints the median time of each stage of a request's timeline and
+the XLA compiles during the measured requests (docs/SPLITWISE.md, Measuring), then the results table;
+writes JSON and a PNG plot.
 
   python benchmarks/splitwise.py --out splitwise.json      # GPU machine: --budget_s (300) + start-up
   python benchmarks/splitwise.py --smoke --out /tmp/sw.json  # CPU, tiny model, under a minute
+  python benchmarks/splitwise.py --cpu --out /tmp/sw.json    # CPU, the GPU run's shapes on a small model
 
 Rates not started within a mode's share of --budget_s are skipped and recorded as such; the parent
 process never imports JAX, so the workers have the GPUs to themselves.
@@ -27,7 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from glinthawk_jax.splitwise.cluster import Cluster  # noqa: E402 (no jax in this process: GPUs stay free)
-from glinthawk_jax.splitwise.replay import ReplaySpec, measured, replay, table, warm_up  # noqa: E402
+from glinthawk_jax.splitwise.replay import ReplaySpec, measured, replay, stage_table, table, warm_up  # noqa: E402
 
 MODES = {"split": ["prefill", "decode"], "colocated": ["colocated", "colocated"]}
 # Scan compiles one layer: the traces' many shapes would otherwise cost minutes of compiles per worker.
@@ -35,12 +38,17 @@ GPU_OVERRIDES = ["--config.dtype=bfloat16", "--config.engine.layer_loop=scan", "
                  "--config.engine.max_model_len=2048", "--config.engine.max_prefill_tokens=4096",
                  "--config.engine.decode_steps_per_call=4"]
 SMOKE_OVERRIDES = ["--config.engine.max_model_len=256", "--config.engine.max_num_seqs=8"]
+# --cpu: the GPU run's engine shapes, lengths and rates on a small model (its compiles and stages).
+CPU_OVERRIDES = [o for o in GPU_OVERRIDES if "dtype" not in o] + ["--config.model.num_layers=8",
+                                                                    "--config.engine.kv_cache_gb=0.5"]
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="splitwise.json", help="JSON of every number (the plot goes beside it)")
   p.add_argument("--smoke", action="store_true", help="tiny model on the CPU (a bug check, not a result)")
+  p.add_argument("--cpu", action="store_true",
+                 help="small model on the CPU with the GPU run's shapes, lengths and rates (compiles, stages)")
   p.add_argument("--traces", default="code,conv")
   p.add_argument("--rates", default=None, help="requests/s (default 1,2,4; smoke: 4,8,16)")
   p.add_argument("--num_requests", type=int, default=None, help="per rate (default 20; smoke: 6)")
@@ -111,15 +119,15 @@ def save(path: str, results: list[dict], devices: set, gpus: int, config: str, o
 def main(argv=None):
   a = parse_args(argv)
   smoke = a.smoke
-  gpus = 0 if smoke else (a.gpus if a.gpus is not None else num_gpus())
-  if not smoke and gpus == 0:
-    sys.exit("no GPU found (nvidia-smi -L); pass --gpus=N, or --smoke for the CPU check")
-  config = "configs/tiny.py" if smoke else "configs/llama2_7b.py"
-  overrides = SMOKE_OVERRIDES if smoke else GPU_OVERRIDES
+  gpus = 0 if smoke or a.cpu else (a.gpus if a.gpus is not None else num_gpus())
+  if not (smoke or a.cpu) and gpus == 0:
+    sys.exit("no GPU found (nvidia-smi -L); pass --gpus=N, or --smoke / --cpu for the CPU checks")
+  config = "configs/tiny.py" if smoke or a.cpu else "configs/llama2_7b.py"
+  overrides = SMOKE_OVERRIDES if smoke else CPU_OVERRIDES if a.cpu else GPU_OVERRIDES
   rates = [float(r) for r in (a.rates or ("4,8,16" if smoke else "1,2,4")).split(",")]
   n = a.num_requests or (6 if smoke else 20)
   max_len = 256 if smoke else 2048
-  vocab = 512 if smoke else 32000
+  vocab = 512 if smoke or a.cpu else 32000
   slo_ttft, slo_tbt = a.slo_ttft_s or (5.0 if smoke else 1.0), a.slo_tbt_s or (1.0 if smoke else 0.1)
   results, devices = [], set()
   started = time.time()
@@ -139,18 +147,21 @@ def main(argv=None):
                           "rates": [{"rate": r, "skipped": True} for r in rates]})
           continue
         try:  # at least a minute for the compiles, past the mode's share if need be
-          warm_up(cluster, spec, max(rates), count=min(n, 8), timeout_s=max(60.0, deadline - t))
+          warm_up(cluster, spec, max(rates), timeout_s=max(60.0, deadline - t))
         except TimeoutError as e:
           results.append({"mode": mode, "trace": trace, "goodput_rps": None,
                           "rates": [{"rate": r, "error": f"warm-up: {e}"} for r in rates]})
           break  # the workers are still busy: on to the next mode's fresh cluster
-        print(f"== {mode} {trace}: warm-up {time.time() - t:.1f} s", file=sys.stderr, flush=True)
+        warm_s, compiled = time.time() - t, cluster.compiles()  # none at all: jax stopped reporting them
+        so_far = ", ".join(f"{name} {c['count']} ({c['seconds']:.1f} s)" for name, c in compiled.items())
+        print(f"== {mode} {trace}: warm-up {warm_s:.1f} s; compiles so far: {so_far}", file=sys.stderr, flush=True)
         res = replay(cluster, spec, rates, slo_ttft, slo_tbt, deadline=deadline)
-        res["mode"] = mode
+        res.update(mode=mode, warm_up_s=warm_s, compiles_after_warm_up=compiled)
         results.append(res)
         save(a.out, results, devices, gpus, config, overrides, started)  # a run cut short keeps what finished
         if any("error" in r for r in res["rates"]):
           break  # a timed-out run leaves the workers busy: on to the next mode's fresh cluster
+  print(stage_table(results))
   print(table(results))
   save(a.out, results, devices, gpus, config, overrides, started)
   png = os.path.splitext(a.out)[0] + ".png"

@@ -121,6 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.splitwise.send_threads = 4  # threads a prefill worker sends layers' K,V with
   c.splitwise.prefills_in_flight = 2  # a prefill worker's shipped batches dispatched but not yet all sent
   c.splitwise.layers_per_call = 4  # a prefill worker's layers per jitted call: K,V ship after each call
+  # Rows of a prefill worker's batch at most: 1 prefills each prompt alone, so its prefill and K,V gather
+  # shapes depend on its length alone (replay's warm-up runs each length; batches of several rows would
+  # compile a new shape per combination, seconds each on a GPU, during measured requests).
+  c.splitwise.prefill_rows = 1
   c.splitwise.kv_message_mb = 4.0  # a layer's K,V goes in messages of at most this (power-of-two tokens)
   c.splitwise.poll_interval_s = 0.002  # how often the router polls each worker for outputs and load
   return c
@@ -236,7 +240,7 @@ def _validate_splitwise(config) -> None:
   for key in ("kv_timeout_s", "poll_interval_s", "kv_message_mb"):
     if not s[key] > 0:
       raise ConfigError(f"splitwise.{key}={s[key]}: expected > 0")
-  for key in ("send_threads", "prefills_in_flight", "layers_per_call"):
+  for key in ("send_threads", "prefills_in_flight", "layers_per_call", "prefill_rows"):
     if not isinstance(s[key], int) or s[key] < 1:
       raise ConfigError(f"splitwise.{key}={s[key]!r}: expected a positive integer")
 

@@ -123,8 +123,10 @@ class Scheduler:
   """FIFO admission, prefill before decode, LIFO preemption by recompute."""
 
   def __init__(self, engine_config, allocator: PageAllocator, decode_steps: int,
-               local_allocator: PageAllocator | None = None, local_fraction: float = 0.0):
+               local_allocator: PageAllocator | None = None, local_fraction: float = 0.0,
+               max_prefill_rows: int = 0):
     self.page_size = engine_config.page_size
+    self.max_prefill_rows = max_prefill_rows  # rows of a prefill batch at most (0: the token budget only)
     self.max_num_seqs = engine_config.max_num_seqs
     self.max_model_len = engine_config.max_model_len
     self.max_prefill_tokens = engine_config.max_prefill_tokens
@@ -229,6 +231,8 @@ class Scheduler:
     rows: list[tuple[Sequence, int]] = []
     longest = 0
     for seq in [s for s in self.running if not s.decode_ready]:
+      if self._rows_full(rows):
+        break
       chunk = min(seq.num_tokens - 1 - seq.num_computed, self.chunk_cap)
       if rows and not self._fits(len(rows) + 1, max(longest, chunk)):
         break
@@ -236,7 +240,7 @@ class Scheduler:
         continue
       rows.append((seq, chunk))
       longest = max(longest, chunk)
-    while self.waiting and len(self.running) < self.max_num_seqs:
+    while self.waiting and len(self.running) < self.max_num_seqs and not self._rows_full(rows):
       seq = self.waiting[0]
       chunk = min(seq.num_tokens - 1 - seq.num_computed, self.chunk_cap)
       if chunk and rows and not self._fits(len(rows) + 1, max(longest, chunk)):
@@ -256,6 +260,9 @@ class Scheduler:
         rows.append((seq, chunk))
         longest = max(longest, chunk)
     return self._prefill_batch(rows, longest) if rows else None
+
+  def _rows_full(self, rows: list) -> bool:
+    return 0 < self.max_prefill_rows <= len(rows)
 
   def _token_bucket(self, longest: int) -> int:
     return min(max(pow2_at_least(longest), MIN_PREFILL_TOKENS), self.chunk_cap)

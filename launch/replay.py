@@ -51,7 +51,7 @@ def main(argv):
   del argv
   from glinthawk_jax.config import model_config, validate  # noqa: PLC0415
   from glinthawk_jax.splitwise.cluster import Cluster  # noqa: PLC0415
-  from glinthawk_jax.splitwise.replay import ReplaySpec, replay, table, warm_up  # noqa: PLC0415
+  from glinthawk_jax.splitwise.replay import ReplaySpec, replay, stage_table, table, warm_up  # noqa: PLC0415
 
   config = _CONFIG.value
   validate(config)
@@ -69,6 +69,7 @@ def main(argv):
                     _SLO_TARGET.value)
   result["mode"] = "+".join(roles)
   result["command"] = " ".join(sys.argv)
+  print(stage_table([result]))
   print(table([result]))
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, "w") as f:

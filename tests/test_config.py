@@ -28,6 +28,7 @@ def test_shipped_configs_have_the_real_parameter_counts(module, params_billion):
     ("splitwise.send_threads", 0, "splitwise.send_threads=0"),
     ("splitwise.prefills_in_flight", 0, "splitwise.prefills_in_flight=0"),
     ("splitwise.layers_per_call", 0, "splitwise.layers_per_call=0"),
+    ("splitwise.prefill_rows", 0, "splitwise.prefill_rows=0"),
 ])
 def test_bad_values_name_the_key(key, value, message):
   config = tiny.get_config()

@@ -13,8 +13,8 @@ def _engine_config(**kw):
   return c
 
 
-def _scheduler(num_pages=64, decode_steps=1, **kw):
-  return Scheduler(_engine_config(**kw), PageAllocator(num_pages), decode_steps)
+def _scheduler(num_pages=64, decode_steps=1, max_prefill_rows=0, **kw):
+  return Scheduler(_engine_config(**kw), PageAllocator(num_pages), decode_steps, max_prefill_rows=max_prefill_rows)
 
 
 def _seq(i, n):
@@ -28,6 +28,16 @@ def _run_prefills(s):
     b.commit()
     batches.append(b)
   return batches
+
+
+def test_max_prefill_rows_prefills_each_prompt_alone_in_order():
+  s = _scheduler(max_prefill_rows=1)
+  for i, n in enumerate([5, 3, 9, 2]):
+    s.add(_seq(i, n))
+  batches = _run_prefills(s)
+  assert [[(seq.index, chunk) for seq, chunk in b.rows] for b in batches] == [[(0, 4)], [(1, 2)], [(2, 8)], [(3, 1)]]
+  assert [b.tokens.shape for b in batches] == [(1, 16)] * 4  # one shape: a lone row of the token bucket
+  assert all(seq.decode_ready for seq in s.running)
 
 
 def test_buckets():

@@ -10,7 +10,8 @@ import pytest
 from configs import tiny
 from glinthawk_jax.engine import Engine
 from glinthawk_jax.requests import SamplingParams
-from glinthawk_jax.splitwise.cluster import Cluster, ClusterRequest
+from glinthawk_jax.splitwise.cluster import STAGES, Cluster, ClusterRequest
+from glinthawk_jax.splitwise.replay import ReplaySpec, compiles_between, trace_requests, warm_up
 from glinthawk_jax.splitwise.wire import WorkerStub, encode_kv, params_to_json
 
 # Wide enough that a layer's prefill takes several ms on a CPU (the overlap test), chunked prefill.
@@ -67,6 +68,24 @@ def test_split_gives_colocated_greedy_tokens_and_layers_arrive_during_prefill(cl
   assert len(received) == len(computed) == MODEL["num_layers"]
   assert received[0] < computed[-1] < t["prefill_end_s"] <= t["commit_s"]
   assert outs[1].kv_visible_s is not None and outs[1].kv_visible_s >= 0
+  # Its timeline has every stage of a split route, in order of time, ending at its first token.
+  stages = outs[1].timeline
+  assert list(stages) == list(STAGES) and list(stages.values()) == sorted(stages.values())
+  assert stages["first_token"] - stages["arrival"] == pytest.approx(outs[1].ttft_s)
+
+
+def test_warm_up_leaves_the_prefill_worker_nothing_to_compile(cluster):
+  """After replay's warm-up, the measured requests (the trace's lengths, Poisson arrivals) compile
+  nothing on the prefill worker: each prompt is prefilled alone (splitwise.prefill_rows=1) in a shape
+  the warm-up ran."""
+  # Prompts of at most 70 tokens: one chunk each, and a (tokens, width) shape no other test here prefills.
+  spec = ReplaySpec("conv", num_requests=8, max_prompt_tokens=70, max_output_tokens=4,
+                    max_model_len=ENGINE["max_model_len"], vocab_size=512, seed=3)
+  warm_up(cluster, spec, rate=20.0, timeout_s=240)
+  before = cluster.compiles()
+  outs = cluster.run(trace_requests(spec, rate=10.0), timeout_s=240)
+  assert all(o.route == ("prefill0", "decode1") for o in outs)
+  assert compiles_between(before, cluster.compiles())["prefill0"]["count"] == 0
 
 
 @pytest.mark.slow

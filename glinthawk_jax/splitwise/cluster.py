@@ -30,6 +30,16 @@ from tier2_cpu.process import ServerProcess, stop_servers
 LAUNCHER = os.path.join(REPO_ROOT, "launch", "worker.py")
 _READY = re.compile(r"^worker ready on (\S+:\d+)$", re.M)
 FINISH_ERROR = "error"  # a request ended by a failed transfer under on_transfer_failure=fail
+# A request's timeline, in order (wall-clock stamps; a colocated route has no Begin and no transfer):
+# arrival; routed (workers picked, Submit sent); begun (the decode worker's Begin returned at the prefill worker);
+# dispatched (its last prefill chunk queued on the device); prefilled (its last layer's K,V on the prefill
+# worker's host); commit_sent (every send returned, Commit going out); committed (Commit reached the decode
+# worker); admitted (it joined the decode batch); first_token.
+STAGES = ("arrival", "routed", "begun", "dispatched", "prefilled", "commit_sent", "committed", "admitted",
+          "first_token")
+_STAGE_KEYS = {"arrival": "arrival_s", "routed": "routed_s", "begun": "begun_s", "dispatched": "dispatched_s",
+               "prefilled": "prefill_end_s", "commit_sent": "commit_sent_s", "committed": "commit_s",
+               "admitted": "admitted_s"}
 
 
 class WorkerProcess(ServerProcess):
@@ -78,6 +88,14 @@ class ClusterOutput:
   def time_between_tokens_s(self) -> list[float]:
     return token_gaps(self.token_times_s)
 
+  @property
+  def timeline(self) -> dict[str, float]:
+    """The STAGES this request's finishing attempt went through: stage -> wall-clock time, in order."""
+    out = {stage: self.transfer[key] for stage, key in _STAGE_KEYS.items() if self.transfer.get(key) is not None}
+    if "arrival" in out and self.token_times_s:
+      out["first_token"] = out["arrival"] + self.ttft_s
+    return out
+
 
 @dataclasses.dataclass
 class _Attempt:
@@ -124,6 +142,11 @@ class Cluster:
   @property
   def addresses(self) -> dict[str, str]:
     return {name: p.address for name, p in self.processes.items()}
+
+  def compiles(self) -> dict[str, dict]:
+    """Each live worker's XLA compiles so far (Poll's stats; call between runs: Poll takes outputs)."""
+    return {name: stub.call("Poll", {}, self.rpc_timeout_s)["stats"]["compiles"] for name, stub in self.stubs.items()
+            if self.router.workers[name].alive}
 
   def kill(self, name: str) -> None:
     """SIGKILLs a worker (failure tests); the run loop notices and recomputes its requests."""
@@ -216,8 +239,11 @@ class _Run:
     kind = event["event"]
     if kind == "prefilled":
       a.transfer["prefill_end_s"] = event["prefill_end_s"]
+    elif kind in ("begun", "dispatched"):
+      a.transfer[f"{kind}_s"] = event["t"]
     elif kind == "transferred":
       a.transfer["layer_computed_s"] = event["layer_computed_s"]
+      a.transfer["commit_sent_s"] = event.get("commit_sent_s")
     elif kind == "transfer_failed":
       del self.attempts[event["uid"]]
       logging.warning("request %s: KV transfer %s -> %s failed: %s", self.requests[a.index].request_id,
@@ -232,7 +258,8 @@ class _Run:
     r = self.requests[a.index]
     arrival = self.t0 + r.arrival_s
     times = [t - arrival for t in out["token_times_s"]]
-    transfer = dict(a.transfer, **{k: out[k] for k in ("commit_s", "kv_layer_received_s") if k in out})
+    transfer = dict(a.transfer, arrival_s=arrival,
+                    **{k: out[k] for k in ("commit_s", "kv_layer_received_s", "admitted_s") if k in out})
     visible = (transfer["commit_s"] - transfer["prefill_end_s"]
                if "commit_s" in transfer and "prefill_end_s" in transfer else None)
     self._done(a.index, ClusterOutput(r.request_id, len(r.prompt_ids), out["token_ids"], out["finish_reason"],
@@ -291,6 +318,7 @@ class _Run:
       decode = "" if route.colocated else self.c.processes[route.decode].address
       msg = {"uid": uid, "request_id": r.request_id, "prompt_ids": r.prompt_ids,
              "params": params_to_json(r.params), "decode_address": decode}
+      self.attempts[uid].transfer["routed_s"] = time.time()
       try:
         self.c.stubs[route.prefill].call("Submit", msg, self.c.rpc_timeout_s)
       except grpc.RpcError as e:

@@ -151,7 +151,8 @@ class KVSender:
 
   def finish(self, uid: int, commit: bool, on_done: OnDone) -> None:
     """After the request's queued layers are sent: Commit (if `commit` and all went well) or Abort at the
-    decode worker. on_done(uid, error or None, {"layer_computed_s", "commit_s"}) runs on a sender thread."""
+    decode worker. on_done(uid, error or None, {"layer_computed_s", "commit_sent_s": when every send had
+    returned and Commit went out (None if it did not), "commit_s": when it returned}) runs on a sender thread."""
     with self._lock:
       t = self._transfers.get(uid)
       if t is None or t.finishing:
@@ -172,7 +173,7 @@ class KVSender:
     self.finish(uid, False, on_done)
 
   def _finish(self, uid: int, t: Transfer, commit: bool, on_done) -> None:
-    error = None
+    error, sent = None, None
     try:
       with self._lock:
         futures = list(t.futures)
@@ -180,6 +181,7 @@ class KVSender:
         f.result()
       if t.cancelled or not commit:
         raise RuntimeError(f"request {uid}: transfer cancelled")
+      sent = time.time()
       self.stub(t.address).call("Commit", {"uid": uid}, self.timeout_s)
     except Exception as e:  # noqa: BLE001 (reported to the router through on_done)
       error = e
@@ -190,7 +192,7 @@ class KVSender:
     with self._lock:
       self._transfers.pop(uid, None)
     layers = [t.layer_computed_s[k] for k in sorted(t.layer_computed_s)]
-    on_done(uid, error, {"layer_computed_s": layers, "commit_s": time.time()})
+    on_done(uid, error, {"layer_computed_s": layers, "commit_sent_s": sent, "commit_s": time.time()})
 
   def close(self) -> None:
     for pool in (self._fetcher, self._pool, self._finisher):

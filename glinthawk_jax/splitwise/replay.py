@@ -19,7 +19,7 @@ import numpy as np
 from glinthawk_jax.metrics import latency_percentiles
 from glinthawk_jax.requests import SamplingParams
 from glinthawk_jax.sim import traces
-from glinthawk_jax.splitwise.cluster import FINISH_ERROR, Cluster, ClusterOutput, ClusterRequest
+from glinthawk_jax.splitwise.cluster import FINISH_ERROR, STAGES, Cluster, ClusterOutput, ClusterRequest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +70,30 @@ def summarize(outputs: list[ClusterOutput], elapsed_s: float, slo_ttft_s: float,
        "kv_visible_share_of_ttft_p50": (float(np.median([o.kv_visible_s / o.ttft_s for o in split]))
                                         if split else None)}
   s.update(latency_percentiles(ok))
+  s["stages_s_p50"] = stage_p50s(ok)
   return s
+
+
+def stage_p50s(outputs: list[ClusterOutput]) -> dict[str, float]:
+  """Median time into each timeline stage from the stage before it (cluster.STAGES; stages a request
+  skipped are bridged, so each request's gaps sum to its TTFT), over the requests that reached it."""
+  gaps: dict[str, list[float]] = {}
+  for o in outputs:
+    t = o.timeline
+    seen = [stage for stage in STAGES if stage in t]
+    for prev, stage in zip(seen, seen[1:]):
+      gaps.setdefault(stage, []).append(t[stage] - t[prev])
+  return {stage: float(np.median(gaps[stage])) for stage in STAGES if stage in gaps}
+
+
+def compiles_between(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
+  """Per worker, the compiles (compile_log snapshots) after added to before: count, seconds, functions."""
+  out = {}
+  for name, a in after.items():
+    b = before.get(name, {"count": 0, "seconds": 0.0, "by_function": {}})
+    grew = {f: n - b["by_function"].get(f, 0) for f, n in a["by_function"].items() if n > b["by_function"].get(f, 0)}
+    out[name] = {"count": a["count"] - b["count"], "seconds": a["seconds"] - b["seconds"], "by_function": grew}
+  return out
 
 
 def goodput(rows: list[dict], slo_target: float) -> float | None:
@@ -79,12 +102,34 @@ def goodput(rows: list[dict], slo_target: float) -> float | None:
   return max(good) if good else None
 
 
-def warm_up(cluster: Cluster, spec: ReplaySpec, rate: float, count: int = 16, timeout_s: float = 600.0) -> None:
-  """Compiles the common shapes before measuring: trace-shaped requests (other seed) as a burst and at
-  `rate`, then one alone. Raises TimeoutError after timeout_s in all."""
-  warm = dataclasses.replace(spec, num_requests=min(count, spec.num_requests), seed=spec.seed + 7919)
+def warm_up_requests(spec: ReplaySpec, rate: float, copies: int = 1) -> list[list[ClusterRequest]]:
+  """The request sets warm_up runs: replay()'s requests (the same lengths at every rate) with other prompt
+  tokens. First each prompt length alone with one output token (its lone prefill's shapes: token bucket,
+  block-table width, K,V gather, whatever the buckets), `copies` at once (one for each worker that
+  prefills: the router spreads them); then all at `rate`, then bursts of the first 8, 16 and all
+  (decode batches of 8, 16 and more rows while their contexts grow)."""
+  rng = np.random.default_rng(spec.seed + 7919)
+  like = [dataclasses.replace(r, request_id=f"warm-{r.request_id}",
+                              prompt_ids=[int(t) for t in rng.integers(0, spec.vocab_size, len(r.prompt_ids))])
+          for r in trace_requests(spec, rate)]
+  lengths = {len(r.prompt_ids): r for r in like}
+  singles = [[dataclasses.replace(r, request_id=f"{r.request_id}-{i}", arrival_s=0.0,
+                                  params=dataclasses.replace(r.params, max_tokens=1)) for i in range(copies)]
+             for _, r in sorted(lengths.items())]
+  sizes = sorted({min(8, len(like)), min(16, len(like)), len(like)})
+  bursts = [[dataclasses.replace(r, arrival_s=0.0) for r in like[:n]] for n in sizes]
+  return singles + [like] + bursts
+
+
+def warm_up(cluster: Cluster, spec: ReplaySpec, rate: float, timeout_s: float = 600.0) -> None:
+  """Compiles the shapes the measured requests hit before measuring them (warm_up_requests): each prompt
+  length alone on each worker that prefills (its prefill and K,V shapes), then all at `rate` and in bursts
+  (batched prefills, decode batches and widths; without this the first measured rate paid for compiles,
+  seconds each on a GPU). Raises TimeoutError after timeout_s in all."""
+  roles = [w.role for w in cluster.router.workers.values() if w.alive]
+  copies = roles.count("prefill") or len(roles)
   end = time.time() + timeout_s
-  for reqs in (trace_requests(warm, rate=1e6), trace_requests(warm, rate=rate), trace_requests(warm, 1e6)[:1]):
+  for reqs in warm_up_requests(spec, rate, copies):
     cluster.run(reqs, timeout_s=max(1.0, end - time.time()))
 
 
@@ -109,6 +154,7 @@ def replay(cluster: Cluster, spec: ReplaySpec, rates: list[float], slo_ttft_s: f
         print(f"  [{spec.trace} @ {rate:g}/s] {len(done)}/{n} done, {time.time() - start:.1f} s",
               file=sys.stderr, flush=True)
 
+    compiled = cluster.compiles()
     start = time.time()
     try:
       outputs = cluster.run(reqs, on_output=report,
@@ -116,9 +162,27 @@ def replay(cluster: Cluster, spec: ReplaySpec, rates: list[float], slo_ttft_s: f
     except TimeoutError as e:
       rows.append({"rate": rate, "error": str(e)})
       continue
-    rows.append({"rate": rate, **summarize(outputs, time.time() - start, slo_ttft_s, slo_tbt_s)})
+    rows.append({"rate": rate, **summarize(outputs, time.time() - start, slo_ttft_s, slo_tbt_s),
+                 "compiles": compiles_between(compiled, cluster.compiles())})
   return {"trace": spec.trace, "rates": rows, "goodput_rps": goodput(measured(rows), slo_target),
           "slo": {"ttft_s": slo_ttft_s, "tbt_s": slo_tbt_s, "target": slo_target}}
+
+
+def stage_table(results: list[dict]) -> str:
+  """Per (mode, trace, rate): the median ms into each timeline stage (stage_p50s) and the XLA compiles
+  the workers ran during the measured requests (count, seconds)."""
+  head = f"{'mode':<20} {'trace':<5} {'rate':>6} " + " ".join(f"{s[:11]:>11}" for s in STAGES[1:])
+  head += f" {'compiles':>9} {'compile s':>9}"
+  lines = ["median ms into each stage from the one before (colocated routes skip the transfer stages)",
+           head, "-" * len(head)]
+  for res in results:
+    for r in measured(res["rates"]):
+      cells = [f"{1e3 * r['stages_s_p50'][s]:.0f}" if s in r["stages_s_p50"] else "-" for s in STAGES[1:]]
+      compiles = r.get("compiles", {}).values()
+      lines.append(f"{res.get('mode', ''):<20} {res['trace']:<5} {r['rate']:>6g} " +
+                   " ".join(f"{c:>11}" for c in cells) + f" {sum(c['count'] for c in compiles):>9} "
+                   f"{sum(c['seconds'] for c in compiles):>9.1f}")
+  return "\n".join(lines)
 
 
 def measured(rows: list[dict]) -> list[dict]:

@@ -28,6 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from glinthawk_jax.compile_log import compile_log
 from glinthawk_jax.engine import Engine
 from glinthawk_jax.paged_cache import SCRATCH_PAGE, PageAllocator
 from glinthawk_jax.protos import tensor_wire
@@ -82,7 +83,8 @@ class Worker:
                              config.splitwise.kv_message_mb * 2**20)
     device = jax.devices()[0]
     self.device = f"{len(jax.devices())} x {device.platform} {device.device_kind}"
-    self.scheduler = Scheduler(ec, PageAllocator(self.engine.num_pages), ec.decode_steps_per_call)
+    self.scheduler = Scheduler(ec, PageAllocator(self.engine.num_pages), ec.decode_steps_per_call,
+                               max_prefill_rows=config.splitwise.prefill_rows if ship else 0)
     self.receiver = None  # two-tier placement: received K,V go to tier 2 (the combined mode)
     if self.engine.tier2 is not None:
       self.receiver = Tier2Receiver(self.engine.tier2.client, self.model.num_layers,
@@ -100,6 +102,7 @@ class Worker:
     self.outputs: list[dict] = []
     self.events: list[dict] = []
     self.kv_stages = {"messages": 0, "bytes": 0, "decode_s": 0.0, "to_device_s": 0.0, "write_s": 0.0}  # receipt
+    self.compiles = compile_log()  # this process's XLA compiles (Poll's stats: the router counts new ones)
 
   # ---- called from gRPC handler threads ----
 
@@ -345,6 +348,7 @@ class Worker:
       error = None
       try:
         self.sender.begin(uid, address, begin)
+        begun = time.time()
       except grpc.RpcError as e:
         if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
           with self.lock:
@@ -364,6 +368,7 @@ class Worker:
         elif begin["num_kv_tokens"] == 0:  # nothing to prefill
           self.sender.finish(uid, True, self._transfer_done)
         else:
+          self.events.append({"uid": uid, "event": "begun", "t": begun})
           self.ship.add(uid)
           self.local[uid] = seq
           self.scheduler.add(seq)
@@ -398,11 +403,14 @@ class Worker:
     else:
       seqs = [seq for seq, _ in batch.rows]
       runner.prefill(*args, self._tier2_rows(seqs, len(batch.tokens), [q for q in seqs if q.num_computed == 0]))
+    dispatched = time.time()
     finished = []
     with self.lock:
       batch.commit()
       for seq, _ in batch.rows:
         uid = seq.index
+        if seq.decode_ready:  # its last chunk is on the device's queue
+          self.events.append({"uid": uid, "event": "dispatched", "t": dispatched})
         if uid in self.ship and seq.decode_ready and seq in self.scheduler.running:
           self.scheduler.finish(seq)  # its pages are reused only by later device calls
           self.ship.discard(uid)
@@ -511,7 +519,8 @@ class Worker:
       if inc.tier2 is not None:  # decodes under the tier-2 id its K,V went to
         self.engine._tier2_ids[inc.seq] = inc.tier2.tier2_id  # noqa: SLF001
       self.local[uid] = inc.seq
-      self.kv_info[uid] = {"kv_layer_received_s": inc.layer_received_s, "commit_s": inc.committed_s}
+      self.kv_info[uid] = {"kv_layer_received_s": inc.layer_received_s, "commit_s": inc.committed_s,
+                           "admitted_s": time.time()}
       self.scheduler.admit_prefilled(inc.seq)
 
   def _take_writes(self) -> list[tuple]:
@@ -547,7 +556,8 @@ class Worker:
             "kv_used_pages": self.engine.num_pages - 1 - s.allocator.num_free,
             "num_seqs": len(held), "max_num_seqs": self.max_num_seqs, "num_incoming": len(self.incoming),
             "num_shipping": len(self.ship) + len(self.blocked), "kv_stages": dict(self.kv_stages),
-            "tier2_addresses": self.engine.tier2.addresses if self.engine.tier2 is not None else []}
+            "tier2_addresses": self.engine.tier2.addresses if self.engine.tier2 is not None else [],
+            "compiles": self.compiles.snapshot()}
 
 
 def kv_bucket(n: int) -> int:

@@ -80,6 +80,8 @@ def parse_args(argv=None):
   p.add_argument("--roundtrip", action="store_true",
                  help="only the per-layer round trip of the pipelined path on a small model (CPU)")
   p.add_argument("--roundtrip_batch", type=int, default=32, help="sequences in the --roundtrip run")
+  p.add_argument("--append", action="store_true",
+                 help="only the bulk prefill's K, V append to tier 2 (CPU): GB/s of the runner's host path")
   p.add_argument("--host_ram_gb", type=float, default=110.0, help="cap on all tier-2 pools together")
   p.add_argument("--local_fraction", type=float, default=0.0,
                  help="config.local_attention_fraction of the two-tier runs (0 = all KV on tier 2)")
@@ -397,10 +399,107 @@ def estimate_s(args, model, s: dict, config, timed_tokens: int, floors: dict, me
   return setup + prefill + total_tokens(config, timed_tokens) * step_s
 
 
+def append(args) -> None:
+  """The bulk prefill's host path to tier 2 at the Llama-2-7B long shape's sizes, no model (CPU): per layer a
+  chunk's K, V (8 prompts of 503 tokens, 32 KV heads x 128, bf16), grouped by shard as the device gather of
+  PipelinedRunner._bulk_prefill leaves them, go to --spawn servers with its append_layer, 4 layers sent
+  back to back, then all waited for. GB/s of K, V per chunk (the first one warms up) and the share of the
+  time the sending thread was busy."""
+  import ml_dtypes
+  import numpy as np
+
+  from configs import tiny
+  from glinthawk_jax.config import model_config
+  from glinthawk_jax.placements.pipelined import append_layer
+  from glinthawk_jax.tier2_launch import Tier2Servers
+
+  rows, width, prompt, layers = 8, 512, 503, 4
+  c = tiny.get_config()
+  c.model.update(dict(num_layers=layers, num_heads=32, num_kv_heads=32, head_dim=128))
+  c.engine.update(dict(max_model_len=width + 16, page_size=16))
+  c.tier2.update(dict(spawn=args.spawn, kv_dtype="bfloat16", kv_cache_gb=0.6))
+  kv = np.random.default_rng(0).standard_normal((2, rows * prompt, 32, 128), np.float32).astype(ml_dtypes.bfloat16)
+  servers = Tier2Servers(c, model_config(c))
+  runs = []
+  try:
+    for chunk in range(5):
+      seqs = np.arange(chunk * rows, (chunk + 1) * rows)
+      servers.client.allocate(seqs, width)
+      seqs = np.array(sorted(seqs, key=servers.client.shard_of))
+      ids, pos = np.repeat(seqs, prompt), np.tile(np.arange(prompt), rows)
+      t, busy, sent = time.perf_counter(), 0.0, []
+      for layer in range(layers):
+        t0 = time.perf_counter()
+        sent.append(append_layer(servers.client, layer, ids, pos, kv, 30.0))
+        busy += time.perf_counter() - t0
+      for future in sent:
+        future.result()
+      seconds = time.perf_counter() - t
+      runs.append({"kv_gb_s": kv.nbytes * layers / seconds / 1e9, "sender_busy": busy / seconds})
+      servers.client.release(seqs)
+  finally:
+    servers.close()
+  print(json.dumps({"spawn": args.spawn, "best_kv_gb_s": max(r["kv_gb_s"] for r in runs[1:]), "chunks": runs},
+                   indent=1))
+
+
+# Rough seconds for the --budget_s guard and the printed plan (GPU machine; smoke: CPU): an Engine with its
+# servers (build, compile), the bulk prefill's K, V append to tier 2, decode at a guessed share of the floor.
+SETUP_S = {"smoke": 8.0, "gpu": 30.0}
+PREFILL_KV_GB_S = 3.0  # measured rows of the same model and shape replace this guess
+DECODE_SHARE = {"local": 0.5, "callback": 0.005, "pipelined": 0.3}
+GUESSED_BASE_ROW = {"tier1_step_ms": 3.0, "mean_rtt_ms": 5.0}  # for the delay sweep's depth in the plan
+
+
+def plan(args, model_shapes: dict) -> list[tuple]:
+  """(model, shape, placement, delay ms, spawn) of every run, in the order they run: per model its shapes'
+  placements, then (first model, first shape) the spawn sweep and the delay sweep, before the next model."""
+  runs = []
+  for i, model_name in enumerate(args.models):
+    for j, shape_name in enumerate(args.shapes):
+      runs += [(model_name, shape_name, p, 0.0, None) for p in args.placements
+               if not (p == "callback" and shape_name == "long")]
+    if i == 0 and args.shapes and "pipelined" in args.placements:
+      first = args.shapes[0]
+      runs += [(model_name, first, "pipelined", 0.0, n) for n in args.spawn_sweep if n != args.spawn]
+      runs += [(model_name, first, "pipelined", d, None) for d in args.delays if d > 0]
+  return runs
+
+
+def run_settings(args, s: dict, placement: str, delay: float, base_row: dict | None) -> tuple:
+  """(timed tokens, in-flight depth or None, decode steps per call or None) of a run. Under delay the depth is
+  the one auto mode would choose from the no-delay run's tier-1 step and round trip plus the delay
+  (measuring it at 200 ms would take minutes), one step a call; callback runs one step a call (slow)."""
+  if delay > 0:
+    return args.sweep_output_len, sweep_depth(base_row, delay), 1
+  if placement == "callback":
+    return args.callback_output_len, None, 1
+  return s["output"], None, None
+
+
+def estimate_s(args, model, s: dict, config, timed_tokens: int, floors: dict, measured: list[dict]) -> float:
+  """Rough wall seconds of one run (setup, prefill, warm and timed decode calls)."""
+  setup = SETUP_S["smoke" if args.smoke else "gpu"]
+  placement, delay = config.placement, config.tier2.inject_delay_ms
+  prompt_kv = s["batch"] * s["prompt"] * kv_bytes_per_token(model, config.tier2.kv_dtype)
+  same = [r for r in measured if r["batch"] == s["batch"] and r["prompt"] == s["prompt"]
+          and r["placement"] == placement and r.get("prefill_kv_gb_s")]
+  prefill = 0.0 if placement == "local" else prompt_kv / 1e9 / (same[-1]["prefill_kv_gb_s"] if same else PREFILL_KV_GB_S)
+  floor_row = {"placement": placement, "local_fraction": config.local_attention_fraction, "output": timed_tokens,
+               "decode_tok_s": 1.0}
+  add_floors(floor_row, model, s, floors, config.dtype, config.tier2.kv_dtype)
+  step_s = s["batch"] / floor_row["floor_tok_s"] / DECODE_SHARE[placement]
+  if delay > 0:
+    step_s = max(step_s, (model.num_layers + 1) * (delay / 1e3 + 0.005))  # every layer waits the delay
+  return setup + prefill + total_tokens(config, timed_tokens) * step_s
+
+
 def main(argv=None):
   args = parse_args(argv)
   if args.roundtrip:
     return roundtrip(args)
+  if args.append:
+    return append(args)
   if args.smoke:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax

@@ -12,6 +12,7 @@ from glinthawk_jax.config import ConfigError, model_config, validate
 from glinthawk_jax.engine import Engine
 from glinthawk_jax.placements.pipelined import auto_depth
 from glinthawk_jax.requests import SamplingParams
+from glinthawk_jax import tier2_client
 from glinthawk_jax.tier2_client import Tier2Client, Tier2Error
 from glinthawk_jax.tier2_launch import server_args
 from tests.tier2_reference import ReferenceKV
@@ -97,6 +98,30 @@ def test_append_only_then_attend_matches_float64_reference(servers):
       client.append_async(1, [502], [9], k[:1], v[:1]).result()
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     client.release([501, 502])
+
+
+def test_shm_requests_written_on_shard_threads_match_reference(servers, monkeypatch):
+  """Large shared-memory requests are written on the shards' threads (here every one): appends whose tokens
+  are grouped by shard (sent as views) or interleaved (gathered), then attention, match float64."""
+  monkeypatch.setattr(tier2_client, "THREAD_WRITE_BYTES", 0)
+  cfg = model_config(_config())
+  rng = np.random.default_rng(2)
+  h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  with Tier2Client.for_model(servers.split(","), cfg, transport="shm") as client:
+    seqs = [601, 602, 603, 604, 605, 606]
+    client.allocate(seqs)
+    assert len({client.shard_of(s) for s in seqs}) == 3
+    grouped = sorted(seqs, key=client.shard_of)
+    ref = ReferenceKV()
+    for layer, order in ((0, grouped), (1, seqs)):  # layer 1: shards interleaved
+      ids, pos = [s for s in order for _ in range(5)], [p for _ in order for p in range(5)]
+      k, v = (rng.standard_normal((len(ids), kv, d)).astype(np.float32) for _ in range(2))
+      assert client.append_async(layer, ids, pos, k, v).result() is None
+      ref.attend(layer, ids, pos, np.zeros((len(ids), h, d)), k, v)
+      q, k2, v2 = (rng.standard_normal((len(seqs), n, d)).astype(np.float32) for n in (h, kv, kv))
+      out = client.attend(layer, seqs, [5] * len(seqs), q, k2, v2)
+      np.testing.assert_allclose(out, ref.attend(layer, seqs, [5] * len(seqs), q, k2, v2), rtol=1e-5, atol=1e-6)
+    client.release(seqs)
 
 
 def kill_at_first_output(procs, finished: list):

@@ -117,6 +117,7 @@ class PipelinedRunner:
         x, positions)))
     self._embed = jax.jit(lambda outer, tokens: nnx.merge(self.graphdef, outer).embed(tokens))
     self._bulk = jax.jit(self._bulk_fn)
+    self._gather = jax.jit(lambda k, v, take: jnp.stack([k[take[0], take[1]], v[take[0], take[1]]]))
     # Tier 1's paged cache of local sequences, one backend and pool per layer slice.
     self.local = [] if local is None else [local.for_slice(first, end - first, self.layout.kv_sharding(s))
                                            for s, (first, end) in enumerate(self.layout.bounds)]
@@ -222,13 +223,23 @@ class PipelinedRunner:
 
   def _bulk_prefill(self, tokens, positions, context_lens, seq_ids, page_ids, offsets) -> None:
     """Layer by layer on tier 1; layer L's K, V are appended while layer L + 1 computes (LOCAL_ROW rows'
-    written to the local cache at page_ids, offsets: [B, T])."""
+    written to the local cache at page_ids, offsets: [B, T]). The device gathers each layer's real tier-2
+    tokens, grouped by shard, into one array [2, N', KV, D] (N' = N padded to a power of two): one copy
+    to the host, and each shard's request is a contiguous slice of it."""
     local = bool(np.any(seq_ids == LOCAL_ROW))
     tokens, positions, page_ids, offsets = _pad(tokens), _pad(positions), _pad(page_ids), _pad(offsets)
     counts = _pad(context_lens - positions[:len(context_lens), 0], 0)
-    rows, cols = valid_tokens(_pad(seq_ids, -1), positions, _pad(context_lens, 1))
-    ids, pos = seq_ids[rows], positions[rows, cols]
+    padded_ids = _pad(seq_ids, PADDING_ROW)
+    rows, cols = valid_tokens(padded_ids, positions, _pad(context_lens, 1))
+    rank = np.empty(len(padded_ids), np.int64)
+    rank[self._by_shard(padded_ids)] = np.arange(len(padded_ids))
+    by_shard = np.argsort(rank[rows], kind="stable")
+    rows, cols = rows[by_shard], cols[by_shard]
+    ids, pos, n = padded_ids[rows], positions[rows, cols], len(rows)
+    take = np.zeros((2, pow2_at_least(max(n, 1))), np.int32)
+    take[:, :n] = rows, cols
     self.compiled_shapes.add(("bulk", tokens.shape))
+    self.compiled_shapes.add(("gather", tokens.shape, take.shape))
     t = time.perf_counter()
     x = self._embed(self.outer, tokens)
     sent, previous = [], None
@@ -238,22 +249,23 @@ class PipelinedRunner:
       if local:
         self.local_states[s] = self._local_write(self.local_states[s], np.int32(layer), k, v, page_ids, offsets,
                                                  slice_index=s)
-      k.copy_to_host_async()
-      v.copy_to_host_async()
-      if previous is not None:
-        sent.append(self._append(layer - 1, ids, pos, *previous, rows, cols))
-      previous = (k, v)
-    sent.append(self._append(self.num_layers - 1, ids, pos, *previous, rows, cols))
+      if n:
+        kv = self._gather(k, v, take)
+        kv.copy_to_host_async()
+        if previous is not None:
+          sent.append(self._append(layer - 1, ids, pos, previous))
+        previous = kv
+    if n:
+      sent.append(self._append(self.num_layers - 1, ids, pos, previous))
     self.stats.tier1_s += time.perf_counter() - t
     t = time.perf_counter()
     for future in sent:
       future.result()
     self.stats.wait_s += time.perf_counter() - t
 
-  def _append(self, layer, ids, pos, k, v, rows, cols) -> futures.Future:
-    k, v = np.asarray(k)[rows, cols], np.asarray(v)[rows, cols]
-    self.stats.tier2_bytes += k.nbytes + v.nbytes
-    return self.client.append_async(layer, ids, pos, k, v, timeout_s=self.timeout_s)
+  def _append(self, layer, ids, pos, kv) -> futures.Future:
+    self.stats.tier2_bytes += 2 * len(ids) * math.prod(kv.shape[2:]) * kv.dtype.itemsize
+    return append_layer(self.client, layer, ids, pos, kv, self.timeout_s)
 
   def decode(self, tokens, positions, block_tables, token_index, temperature, top_k, top_p, seeds,
              greedy_only, seq_ids) -> np.ndarray:
@@ -413,6 +425,13 @@ class PipelinedRunner:
     attn = np.zeros(m.q_shape, out.dtype)
     attn[m.index] = out
     return attn
+
+
+def append_layer(client, layer: int, ids: np.ndarray, pos: np.ndarray, kv, timeout_s: float) -> futures.Future:
+  """Appends a layer's K, V to tier 2: kv [2, N', KV, D] (device or host) whose first len(ids) tokens are
+  real, grouped by shard (each shard's request is then a view of the host copy, not a gather)."""
+  kv = np.asarray(kv)[:, :len(ids)]
+  return client.append_async(layer, ids, pos, kv[0], kv[1], timeout_s=timeout_s)
 
 
 def auto_depth(t1_s: float, rtt_s: float) -> int:

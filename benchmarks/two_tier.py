@@ -72,11 +72,14 @@ def parse_args(argv=None):
                  help="timed new tokens per request (default 16, long shape half; smoke 8)")
   p.add_argument("--callback_output_len", type=int, default=2, help="timed tokens of callback (one a call)")
   p.add_argument("--in_flight", type=int, default=0, help="config.tier2.in_flight (0 = auto)")
+  p.add_argument("--splits", default="shards,spread",
+                 help="config.tier2.split values pipelined runs at (the sweeps use the first)")
   p.add_argument("--delays", default=None, help="ms for the sweep (default 0,5,20,50,100,200; smoke 0,20)")
   p.add_argument("--sweep_output_len", type=int, default=2, help="timed tokens per request in the delay sweep")
   p.add_argument("--decode_steps", type=int, default=4, help="engine.decode_steps_per_call")
   p.add_argument("--budget_s", type=float, default=0.0,
                  help="skip a run whose estimate would end it past this many seconds (0 = no limit)")
+  p.add_argument("--plan", action="store_true", help="print the runs and their rough estimates, run nothing")
   p.add_argument("--roundtrip", action="store_true",
                  help="only the per-layer round trip of the pipelined path on a small model (CPU)")
   p.add_argument("--roundtrip_batch", type=int, default=32, help="sequences in the --roundtrip run")
@@ -89,6 +92,7 @@ def parse_args(argv=None):
   args.models = (args.models or ("tiny" if args.smoke else "llama2_7b,llama3_8b")).split(",")
   args.shapes = [s for s in args.shapes.split(",") if s]
   args.placements = [x for x in args.placements.split(",") if x]
+  args.splits = [x for x in args.splits.split(",") if x]
   cores = len(os.sched_getaffinity(0))
   args.spawn = args.spawn or (2 if args.smoke or args.roundtrip else max(1, (cores - 2) // 4))
   args.spawn_sweep = [int(n) for n in args.spawn_sweep.split(",") if n]
@@ -243,7 +247,8 @@ def run_one(config, s: dict, timed_tokens: int) -> dict:
     local, admitted = engine.stats.num_local_admissions, engine.stats.num_local_admissions + \
         engine.stats.num_tier2_admissions
     two_tier = config.placement != "local"
-    row = {"placement": config.placement, "delay_ms": config.tier2.inject_delay_ms, "spawn": config.tier2.spawn,
+    row = {"placement": config.placement, "split": config.tier2.split if config.placement == "pipelined" else "",
+           "delay_ms": config.tier2.inject_delay_ms, "spawn": config.tier2.spawn,
            "batch": s["batch"], "prompt": s["prompt"], "output": timed * steps, "decode_steps": steps,
            "warm_calls": len(calls.calls) - timed, "timed_calls": timed,
            "warm_tokens": sum(len(c["out"]) for c in calls.calls[:-timed]),
@@ -348,57 +353,6 @@ def roundtrip(args) -> None:
                     "runs": runs}, indent=1))
 
 
-# Rough seconds for the --budget_s guard and the printed plan (GPU machine; smoke: CPU): an Engine with its
-# servers (build, compile), the bulk prefill's K, V append to tier 2, decode at a guessed share of the floor.
-SETUP_S = {"smoke": 8.0, "gpu": 30.0}
-PREFILL_KV_GB_S = 3.0  # measured rows of the same model and shape replace this guess
-DECODE_SHARE = {"local": 0.5, "callback": 0.005, "pipelined": 0.3}
-GUESSED_BASE_ROW = {"tier1_step_ms": 3.0, "mean_rtt_ms": 5.0}  # for the delay sweep's depth in the plan
-
-
-def plan(args, model_shapes: dict) -> list[tuple]:
-  """(model, shape, placement, delay ms, spawn) of every run, in the order they run: per model its shapes'
-  placements, then (first model, first shape) the spawn sweep and the delay sweep, before the next model."""
-  runs = []
-  for i, model_name in enumerate(args.models):
-    for j, shape_name in enumerate(args.shapes):
-      runs += [(model_name, shape_name, p, 0.0, None) for p in args.placements
-               if not (p == "callback" and shape_name == "long")]
-    if i == 0 and args.shapes and "pipelined" in args.placements:
-      first = args.shapes[0]
-      runs += [(model_name, first, "pipelined", 0.0, n) for n in args.spawn_sweep if n != args.spawn]
-      runs += [(model_name, first, "pipelined", d, None) for d in args.delays if d > 0]
-  return runs
-
-
-def run_settings(args, s: dict, placement: str, delay: float, base_row: dict | None) -> tuple:
-  """(timed tokens, in-flight depth or None, decode steps per call or None) of a run. Under delay the depth is
-  the one auto mode would choose from the no-delay run's tier-1 step and round trip plus the delay
-  (measuring it at 200 ms would take minutes), one step a call; callback runs one step a call (slow)."""
-  if delay > 0:
-    return args.sweep_output_len, sweep_depth(base_row, delay), 1
-  if placement == "callback":
-    return args.callback_output_len, None, 1
-  return s["output"], None, None
-
-
-def estimate_s(args, model, s: dict, config, timed_tokens: int, floors: dict, measured: list[dict]) -> float:
-  """Rough wall seconds of one run (setup, prefill, warm and timed decode calls)."""
-  setup = SETUP_S["smoke" if args.smoke else "gpu"]
-  placement, delay = config.placement, config.tier2.inject_delay_ms
-  prompt_kv = s["batch"] * s["prompt"] * kv_bytes_per_token(model, config.tier2.kv_dtype)
-  same = [r for r in measured if r["batch"] == s["batch"] and r["prompt"] == s["prompt"]
-          and r["placement"] == placement and r.get("prefill_kv_gb_s")]
-  prefill = 0.0 if placement == "local" else prompt_kv / 1e9 / (same[-1]["prefill_kv_gb_s"] if same else PREFILL_KV_GB_S)
-  floor_row = {"placement": placement, "local_fraction": config.local_attention_fraction, "output": timed_tokens,
-               "decode_tok_s": 1.0}
-  add_floors(floor_row, model, s, floors, config.dtype, config.tier2.kv_dtype)
-  step_s = s["batch"] / floor_row["floor_tok_s"] / DECODE_SHARE[placement]
-  if delay > 0:
-    step_s = max(step_s, (model.num_layers + 1) * (delay / 1e3 + 0.005))  # every layer waits the delay
-  return setup + prefill + total_tokens(config, timed_tokens) * step_s
-
-
 def append(args) -> None:
   """The bulk prefill's host path to tier 2 at the Llama-2-7B long shape's sizes, no model (CPU): per layer a
   chunk's K, V (8 prompts of 503 tokens, 32 KV heads x 128, bf16), grouped by shard as the device gather of
@@ -448,21 +402,24 @@ def append(args) -> None:
 SETUP_S = {"smoke": 8.0, "gpu": 30.0}
 PREFILL_KV_GB_S = 3.0  # measured rows of the same model and shape replace this guess
 DECODE_SHARE = {"local": 0.5, "callback": 0.005, "pipelined": 0.3}
+FLOORS_S = 15.0  # measuring the host's attention bandwidth, per model and shape
 GUESSED_BASE_ROW = {"tier1_step_ms": 3.0, "mean_rtt_ms": 5.0}  # for the delay sweep's depth in the plan
 
 
-def plan(args, model_shapes: dict) -> list[tuple]:
-  """(model, shape, placement, delay ms, spawn) of every run, in the order they run: per model its shapes'
-  placements, then (first model, first shape) the spawn sweep and the delay sweep, before the next model."""
-  runs = []
+def plan(args) -> list[tuple]:
+  """(model, shape, placement, delay ms, spawn, split) of every run, in the order they run: per model its
+  shapes' placements (pipelined at each of --splits), then (first model, first shape, first split) the spawn
+  sweep and the delay sweep, before the next model."""
+  runs, split = [], args.splits[0]
   for i, model_name in enumerate(args.models):
-    for j, shape_name in enumerate(args.shapes):
-      runs += [(model_name, shape_name, p, 0.0, None) for p in args.placements
-               if not (p == "callback" and shape_name == "long")]
+    for shape_name in args.shapes:
+      for p in args.placements:
+        if not (p == "callback" and shape_name == "long"):
+          runs += [(model_name, shape_name, p, 0.0, None, x) for x in (args.splits if p == "pipelined" else [split])]
     if i == 0 and args.shapes and "pipelined" in args.placements:
       first = args.shapes[0]
-      runs += [(model_name, first, "pipelined", 0.0, n) for n in args.spawn_sweep if n != args.spawn]
-      runs += [(model_name, first, "pipelined", d, None) for d in args.delays if d > 0]
+      runs += [(model_name, first, "pipelined", 0.0, n, split) for n in args.spawn_sweep if n != args.spawn]
+      runs += [(model_name, first, "pipelined", d, None, split) for d in args.delays if d > 0]
   return runs
 
 
@@ -513,18 +470,24 @@ def main(argv=None):
              "errors": [], "skipped": []}
   from benchmarks.device_ceilings import copy_bandwidth_gbs
 
-  copy_gb_s = copy_bandwidth_gbs(64 << 20 if args.smoke else 4 << 30)
+  copy_gb_s = 3000.0 if args.plan else copy_bandwidth_gbs(64 << 20 if args.smoke else 4 << 30)
   models = {m: model_config(importlib.import_module(f"configs.{m}").get_config()) for m in args.models}
-  runs = plan(args, models)
+  runs = plan(args)
   guess = {"device_copy_gb_s": copy_gb_s, "host_attention_gb_s": 30.0 if args.smoke else 160.0}
   total = 0.0
-  for m, sh, p, d, n in runs:
-    config, timed = _config(args, m, sh, p, d, n, models[m], GUESSED_BASE_ROW)
+  for m, sh, p, d, n, x in runs:
+    config, timed = _config(args, m, sh, p, d, n, x, models[m], GUESSED_BASE_ROW)
     total += estimate_s(args, models[m], shape(args, sh, models[m]), config, timed, guess, [])
-  print(f"{len(runs)} runs, about {total:.0f} s (rough estimate, floors guessed)"
+    if args.plan:
+      print(f"  {m}/{sh} {p} ({x}) delay {d:.0f} ms: {timed} timed tokens, {total_tokens(config, timed)} in all, "
+            f"depth {config.tier2.in_flight or 'auto'}; ends near {total:.0f} s")
+  total += FLOORS_S * len({(m, sh) for m, sh, *_ in runs})
+  print(f"{len(runs)} runs, about {total:.0f} s with the floors' measurement (rough estimate, floors guessed)"
         + (f"; budget {args.budget_s:.0f} s" if args.budget_s else ""), flush=True)
+  if args.plan:
+    return
   base_rows: dict[str, dict] = {}
-  for model_name, shape_name, placement, delay, spawn in runs:
+  for model_name, shape_name, placement, delay, spawn, split in runs:
     model, key = models[model_name], f"{model_name}/{shape_name}"
     s = shape(args, shape_name, model)
     if key not in results["floors"]:
@@ -533,8 +496,8 @@ def main(argv=None):
                                 "host_attention_gb_s": host_attention_gb_s(args, model, s, kv_dtype)}
       print(f"{key}: device copy {copy_gb_s:.0f} GB/s, host attention "
             f"{results['floors'][key]['host_attention_gb_s']:.1f} GB/s", flush=True)
-    config, timed = _config(args, model_name, shape_name, placement, delay, spawn, model, base_rows.get(key))
-    label = f"{key} {placement} delay {delay:.0f} ms, {config.tier2.spawn} servers, depth {config.tier2.in_flight or 'auto'}"
+    config, timed = _config(args, model_name, shape_name, placement, delay, spawn, split, model, base_rows.get(key))
+    label = f"{key} {placement} ({split}) delay {delay:.0f} ms, {config.tier2.spawn} servers, depth {config.tier2.in_flight or 'auto'}"
     estimate = estimate_s(args, model, s, config, timed, results["floors"][key], results["runs"])
     elapsed = time.perf_counter() - started
     if args.budget_s and elapsed + estimate > args.budget_s:
@@ -550,9 +513,9 @@ def main(argv=None):
       print(f"  FAILED {results['errors'][-1]}", flush=True)
       continue
     row["estimate_s"] = estimate
-    row["sweep"] = placement == "pipelined" and spawn is None and model_name == args.models[0] and \
-        shape_name == args.shapes[0]
-    if placement == "pipelined" and delay == 0 and spawn is None:
+    row["sweep"] = placement == "pipelined" and spawn is None and split == args.splits[0] and \
+        model_name == args.models[0] and shape_name == args.shapes[0]
+    if placement == "pipelined" and delay == 0 and spawn is None and split == args.splits[0]:
       base_rows[key] = row
     add_floors(row, model, s, results["floors"][key], config.dtype, config.tier2.kv_dtype)
     results["runs"].append(row)
@@ -565,11 +528,14 @@ def main(argv=None):
   print(f"wrote {args.out}" + (f" and {results['plot']}" if results["plot"] else ""))
 
 
-def _config(args, model_name: str, shape_name: str, placement: str, delay: float, spawn, model, base_row):
+def _config(args, model_name: str, shape_name: str, placement: str, delay: float, spawn, split: str, model,
+            base_row):
   """(config, timed tokens) of one planned run."""
   s = shape(args, shape_name, model)
   timed, depth, steps = run_settings(args, s, placement, delay, base_row)
-  return make_config(args, model_name, placement, s, timed, delay, depth, steps, spawn), timed
+  config = make_config(args, model_name, placement, s, timed, delay, depth, steps, spawn)
+  config.tier2.split = split
+  return config, timed
 
 
 def save(results: dict, path: str, started: float) -> None:
@@ -582,14 +548,14 @@ def save(results: dict, path: str, started: float) -> None:
 def print_table(results: dict) -> None:
   print(f"\nTwo-tier generation on {results['device']}, {results['host_cores']} host cores, "
         f"{results['args']['spawn']} tier-2 processes (srv: this row's), {results['elapsed_s']:.0f} s")
-  head = (f"{'model':>10} {'shape':>5} {'batch':>5} {'ctx':>5} {'placement':>9} {'delay':>5} {'srv':>3} "
+  head = (f"{'model':>10} {'shape':>5} {'batch':>5} {'ctx':>5} {'placement':>9} {'split':>6} {'delay':>5} {'srv':>3} "
           f"{'pf s':>6} {'dec tok/s':>9} {'local':>5} {'depth':>5} {'t1 busy':>7} {'step ms':>7} {'disp ms':>7} "
           f"{'send ms':>7} {'rtt ms':>6} {'t2 KV GB/s':>10} {'wire B':>7} {'t1 fl ms':>8} {'t2 fl ms':>8} "
           f"{'bound':>6} {'eff':>6} {'pf GB/s':>7} {'run s':>5}")
   print(head)
   for r in results["runs"]:
     f = lambda k, spec: format(r[k], spec) if k in r else ""  # noqa: E731
-    print(f"{r['model']:>10} {r['shape']:>5} {r['batch']:>5} {r['prompt'] + r['output']:>5} {r['placement']:>9} "
+    print(f"{r['model']:>10} {r['shape']:>5} {r['batch']:>5} {r['prompt'] + r['output']:>5} {r['placement']:>9} {r.get('split', ''):>6} "
           f"{r['delay_ms']:>5.0f} {r['spawn']:>3} {r['prefill_s']:>6.1f} {r['decode_tok_s']:>9.1f} "
           f"{r['local_share']:>5.2f} "
           f"{f('in_flight', 'd'):>5} {f('tier1_busy_fraction', '.2f'):>7} {f('tier1_step_ms', '.2f'):>7} "

@@ -93,8 +93,9 @@ class PipelinedRunner:
   in `local`, tier 1's paged cache, when given)."""
 
   def __init__(self, model, client: Tier2Client, decode_steps: int, in_flight: int, timeout_s: float,
-               layout: Layout | None = None, local: LocalPagedAttention | None = None):
+               layout: Layout | None = None, local: LocalPagedAttention | None = None, spread: bool = False):
     self.client = client
+    self.spread = spread  # decode micro-batches span every shard (tier2.split "spread") instead of few
     self.decode_steps = decode_steps
     self.timeout_s = timeout_s
     self.depth = in_flight  # 0 until measured
@@ -270,7 +271,7 @@ class PipelinedRunner:
   def decode(self, tokens, positions, block_tables, token_index, temperature, top_k, top_p, seeds,
              greedy_only, seq_ids) -> np.ndarray:
     """`decode_steps` steps from tokens: [B] at positions: [B]; returns sampled tokens [steps, B]."""
-    order = self._by_shard(seq_ids)
+    order = self._by_shard(seq_ids, interleave=self.spread)
     tokens, positions, seq_ids, temperature, top_k, top_p, seeds, token_index, block_tables = (
         np.asarray(a)[order] for a in (tokens, positions, seq_ids, temperature, top_k, top_p, seeds, token_index,
                                        block_tables))
@@ -285,16 +286,24 @@ class PipelinedRunner:
       out[:, order[m.rows]] = np.stack(m.results)
     return out
 
-  def _by_shard(self, seq_ids: np.ndarray) -> np.ndarray:
+  def _by_shard(self, seq_ids: np.ndarray, interleave: bool = False) -> np.ndarray:
     """Row order with the tier-2 rows grouped by shard and the other rows (local, padding) after them in
     their order (unchanged order for a client without `shard_of`), so a micro-batch talks to few shards:
-    each shard in a request costs tier 1 a call's host work (fan-out)."""
+    each shard in a request costs tier 1 a call's host work (fan-out). With `interleave` the shards take
+    turns instead (one row of each, then the next of each), so every micro-batch cut from the order
+    spreads over all shards in proportion: each keeps every shard busy, not the few it holds rows of."""
     real = np.flatnonzero(seq_ids >= 0)
     shard_of = getattr(self.client, "shard_of", None)  # a client of layer slices has a fleet per slice
     if shard_of is None:
       return np.arange(len(seq_ids))
     shards = np.fromiter((shard_of(s) for s in seq_ids[real].tolist()), np.int64, len(real))
-    return np.concatenate([real[np.argsort(shards, kind="stable")], np.flatnonzero(seq_ids < 0)])
+    order = np.argsort(shards, kind="stable")
+    if interleave:  # by (rank within its shard, spread over the shard's share of the rows), then shard
+      sizes = np.bincount(shards)
+      rank = np.empty(len(real), np.float64)
+      rank[order] = np.arange(len(real)) - np.repeat(np.cumsum(sizes) - sizes, sizes[sizes > 0])
+      order = np.lexsort((shards, rank / sizes[shards]))
+    return np.concatenate([real[order], np.flatnonzero(seq_ids < 0)])
 
   # The pipeline.
 
@@ -337,8 +346,9 @@ class PipelinedRunner:
         self.stats.wait_s += time.perf_counter() - t
     if measure and len(self.compiled_shapes) == before[1]:
       s, b = self.stats, before[0]
-      self.depth = auto_depth((s.tier1_s - b.tier1_s) / max(s.num_steps - b.num_steps, 1),
-                              (s.rtt_s - b.rtt_s) / max(s.num_round_trips - b.num_round_trips, 1))
+      depth = spread_depth if self.spread else auto_depth
+      self.depth = depth((s.tier1_s - b.tier1_s) / max(s.num_steps - b.num_steps, 1),
+                         (s.rtt_s - b.rtt_s) / max(s.num_round_trips - b.num_round_trips, 1))
 
   def _dispatch_first(self, m: _Micro):
     return self._attend_locally(m, 0, self._launch("first", self._first, self.outer, self.layers[0], m.tokens,
@@ -437,6 +447,15 @@ def append_layer(client, layer: int, ids: np.ndarray, pos: np.ndarray, kv, timeo
 def auto_depth(t1_s: float, rtt_s: float) -> int:
   """Micro-batches that keep tier 1 busy: ceil((t1 + rtt) / t1), clamped to [1, MAX_IN_FLIGHT]."""
   return int(min(max(math.ceil((t1_s + rtt_s) / max(t1_s, 1e-6)), 1), MAX_IN_FLIGHT))
+
+
+def spread_depth(t1_s: float, rtt_s: float) -> int:
+  """Micro-batches for tier2.split "spread", from one micro-batch of the whole batch (t1: tier 1's step
+  and host work, rtt: its round trip). k micro-batches that each span every shard take about rtt / k at
+  tier 2, so a layer takes at least max(k t1 (tier 1 serves each), t1 + rtt / k (one micro-batch's
+  cycle)): the k in [1, MAX_IN_FLIGHT] that minimizes it (the smallest of equals)."""
+  t1_s = max(t1_s, 1e-6)
+  return min(range(1, MAX_IN_FLIGHT + 1), key=lambda k: (max(k * t1_s, t1_s + rtt_s / k), k))
 
 
 def _local_tables(seq_ids: np.ndarray, block_tables: np.ndarray) -> np.ndarray | None:

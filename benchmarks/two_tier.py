@@ -33,6 +33,10 @@ bytes read by the attention kernels / decode time. The delay sweep reruns pipeli
 model, one decode step per call) on servers started with tier2.inject_delay_ms, at the in-flight depth
 auto mode's rule gives for the no-delay run's step time and round trip plus the delay.
 
+Pipelined runs once per --splits value (config.tier2.split): "spread" micro-batches each span every tier-2
+shard (tier 2 works on all shards at once; depth from spread_depth), "shards" ones hold one or two shards
+each (fewer calls per micro-batch). The sweeps use the first value.
+
 --local_fraction F sets config.local_attention_fraction of every two-tier run (the share of sequences
 whose KV and attention stay on tier 1). Floors then split the KV read: tier 1 adds F of it at the
 device's copy bandwidth, tier 2 reads the other 1 - F; `local share` is the measured share of admissions.
@@ -72,7 +76,7 @@ def parse_args(argv=None):
                  help="timed new tokens per request (default 16, long shape half; smoke 8)")
   p.add_argument("--callback_output_len", type=int, default=2, help="timed tokens of callback (one a call)")
   p.add_argument("--in_flight", type=int, default=0, help="config.tier2.in_flight (0 = auto)")
-  p.add_argument("--splits", default="shards,spread",
+  p.add_argument("--splits", default="spread,shards",
                  help="config.tier2.split values pipelined runs at (the sweeps use the first)")
   p.add_argument("--delays", default=None, help="ms for the sweep (default 0,5,20,50,100,200; smoke 0,20)")
   p.add_argument("--sweep_output_len", type=int, default=2, help="timed tokens per request in the delay sweep")

@@ -337,7 +337,7 @@ def roundtrip(args) -> None:
   c.placement, c.model.num_layers = "pipelined", 8
   c.engine.update(dict(max_num_seqs=batch, page_size=16, max_model_len=160, max_prefill_tokens=max(1024, 64 * batch),
                        decode_steps_per_call=4))
-  c.tier2.update(dict(spawn=args.spawn, kv_cache_gb=0.05, in_flight=args.in_flight or 2))
+  c.tier2.update(dict(spawn=args.spawn, kv_cache_gb=0.05, in_flight=args.in_flight or 2, split=args.splits[0]))
   prompts = [np.random.default_rng(0).integers(3, 500, 64).tolist() for _ in range(batch)]
   runs = []
   with Engine(c) as engine:
@@ -353,7 +353,8 @@ def roundtrip(args) -> None:
                    "send_ms": 1e3 * d["send_s"] / d["num_round_trips"],
                    "transports": engine.tier2.client.transports})
   best = min(runs, key=lambda r: r["ms_per_layer_round_trip"])
-  print(json.dumps({"batch": batch, "spawn": args.spawn, "in_flight": c.tier2.in_flight, "roundtrip_best": best,
+  print(json.dumps({"batch": batch, "spawn": args.spawn, "in_flight": c.tier2.in_flight, "split": c.tier2.split,
+                    "roundtrip_best": best,
                     "runs": runs}, indent=1))
 
 

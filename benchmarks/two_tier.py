@@ -484,7 +484,7 @@ def main(argv=None):
     config, timed = _config(args, m, sh, p, d, n, x, models[m], GUESSED_BASE_ROW)
     total += estimate_s(args, models[m], shape(args, sh, models[m]), config, timed, guess, [])
     if args.plan:
-      print(f"  {m}/{sh} {p} ({x}) delay {d:.0f} ms: {timed} timed tokens, {total_tokens(config, timed)} in all, "
+      print(f"  {m}/{sh} {p}{f' ({x})' if p == 'pipelined' else ''} delay {d:.0f} ms: {timed} timed tokens, {total_tokens(config, timed)} in all, "
             f"depth {config.tier2.in_flight or 'auto'}; ends near {total:.0f} s")
   total += FLOORS_S * len({(m, sh) for m, sh, *_ in runs})
   print(f"{len(runs)} runs, about {total:.0f} s with the floors' measurement (rough estimate, floors guessed)"
@@ -502,7 +502,7 @@ def main(argv=None):
       print(f"{key}: device copy {copy_gb_s:.0f} GB/s, host attention "
             f"{results['floors'][key]['host_attention_gb_s']:.1f} GB/s", flush=True)
     config, timed = _config(args, model_name, shape_name, placement, delay, spawn, split, model, base_rows.get(key))
-    label = f"{key} {placement} ({split}) delay {delay:.0f} ms, {config.tier2.spawn} servers, depth {config.tier2.in_flight or 'auto'}"
+    label = f"{key} {placement}{f' ({split})' if placement == 'pipelined' else ''} delay {delay:.0f} ms, {config.tier2.spawn} servers, depth {config.tier2.in_flight or 'auto'}"
     estimate = estimate_s(args, model, s, config, timed, results["floors"][key], results["runs"])
     elapsed = time.perf_counter() - started
     if args.budget_s and elapsed + estimate > args.budget_s:

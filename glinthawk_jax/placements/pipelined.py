@@ -123,7 +123,6 @@ class PipelinedRunner:
     self._pre = jax.jit(lambda layer, x, positions: _fuse(self._layer(layer).pre_attention(x, positions)))
     self._embed = jax.jit(lambda outer, tokens: self._model(self.outer_def, outer).embed(tokens))
     self._bulk = jax.jit(self._bulk_fn)
-    self._gather = jax.jit(lambda k, v, take: jnp.stack([k[take[0], take[1]], v[take[0], take[1]]]))
     # Tier 1's paged cache of local sequences, one backend and pool per layer slice.
     self.local = [] if local is None else [local.for_slice(first, end - first, self.layout.kv_sharding(s))
                                            for s, (first, end) in enumerate(self.layout.bounds)]
@@ -264,7 +263,7 @@ class PipelinedRunner:
         self.local_states[s] = self._local_write(self.local_states[s], np.int32(layer), k, v, page_ids, offsets,
                                                  slice_index=s)
       if n:
-        kv = self._gather(k, v, take)
+        kv = gather_tokens(k, v, take)
         kv.copy_to_host_async()
         if previous is not None:
           sent.append(self._append(layer - 1, ids, pos, previous))
@@ -443,6 +442,12 @@ class PipelinedRunner:
     attn = np.zeros(m.q_shape, out.dtype)
     attn[m.index] = out
     return attn
+
+
+@jax.jit
+def gather_tokens(k, v, take):
+  """k, v [R, T, KV, D] -> [2, N, KV, D]: the tokens at (rows, cols) = take [2, N]."""
+  return jnp.stack([k[take[0], take[1]], v[take[0], take[1]]])
 
 
 def append_layer(client, layer: int, ids: np.ndarray, pos: np.ndarray, kv, timeout_s: float) -> futures.Future:

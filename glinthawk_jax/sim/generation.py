@@ -4,8 +4,8 @@ stage times a measured profile holds (measurements["two_tier"], glinthawk_jax/si
 The run is modelled as PipelinedRunner executes it:
   - prefill: prompts (all but their last token) in chunks that fit engine.max_prefill_tokens; a
     chunk is a flow shop over the layers with three resources working at once: the accelerator
-    (bulk step of layer L + 1, then the device-to-host copy of its K, V), the host thread (gathering
-    layer L's real tokens and sending the append) and the tier-2 shards (storing appends, each its
+    (bulk step of layer L + 1 and the gather of its real tokens, then the device-to-host copy of
+    their K, V), the host thread (sending layer L's append) and the tier-2 shards (storing appends, each its
     share of the chunk's sequences); the chunk ends when the last append is stored;
   - decode: ceil(output / decode_steps) fused calls; in each, the batch is split into micro-batches
     as PipelinedRunner._split does, rows ordered by shard as _by_shard does, and the event model

@@ -495,20 +495,20 @@ def main(argv=None):
   for model_name, shape_name, placement, delay, spawn, split in runs:
     model, key = models[model_name], f"{model_name}/{shape_name}"
     s = shape(args, shape_name, model)
-    if key not in results["floors"]:
-      kv_dtype = make_config(args, model_name, "pipelined", s, s["output"]).tier2.kv_dtype
-      results["floors"][key] = {"device_copy_gb_s": copy_gb_s,
-                                "host_attention_gb_s": host_attention_gb_s(args, model, s, kv_dtype)}
-      print(f"{key}: device copy {copy_gb_s:.0f} GB/s, host attention "
-            f"{results['floors'][key]['host_attention_gb_s']:.1f} GB/s", flush=True)
     config, timed = _config(args, model_name, shape_name, placement, delay, spawn, split, model, base_rows.get(key))
-    label = f"{key} {placement}{f' ({split})' if placement == 'pipelined' else ''} delay {delay:.0f} ms, {config.tier2.spawn} servers, depth {config.tier2.in_flight or 'auto'}"
-    estimate = estimate_s(args, model, s, config, timed, results["floors"][key], results["runs"])
+    label = (f"{key} {placement}{f' ({split})' if placement == 'pipelined' else ''} delay {delay:.0f} ms, "
+             f"{config.tier2.spawn} servers, depth {config.tier2.in_flight or 'auto'}")
+    estimate = estimate_s(args, model, s, config, timed, results["floors"].get(key, guess), results["runs"])
     elapsed = time.perf_counter() - started
-    if args.budget_s and elapsed + estimate > args.budget_s:
+    if args.budget_s and elapsed + estimate + (0 if key in results["floors"] else FLOORS_S) > args.budget_s:
       results["skipped"].append(f"{label}: estimated {estimate:.0f} s, {args.budget_s - elapsed:.0f} s left")
       print(f"  SKIPPED {results['skipped'][-1]}", flush=True)
       continue
+    if key not in results["floors"]:
+      results["floors"][key] = {"device_copy_gb_s": copy_gb_s,
+                                "host_attention_gb_s": host_attention_gb_s(args, model, s, config.tier2.kv_dtype)}
+      print(f"{key}: device copy {copy_gb_s:.0f} GB/s, host attention "
+            f"{results['floors'][key]['host_attention_gb_s']:.1f} GB/s", flush=True)
     try:
       row = {"model": model_name, "shape": shape_name, **run_one(config, s, timed)}
     except Exception as e:  # noqa: BLE001 (one failed run must not lose the others' numbers)

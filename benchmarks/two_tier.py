@@ -1,7 +1,7 @@
 """Two-tier throughput against each tier's floor: placements local, callback and pipelined, and
 pipelined under injected tier-2 delay. One command, a table last, every number in JSON, a PNG plot.
 
-  python benchmarks/two_tier.py --out two_tier.json     # 1-2 GPUs + 16-32 host cores, about 8 minutes
+  python benchmarks/two_tier.py --budget_s 540 --out two_tier.json  # 1-2 GPUs + 16-32 host cores; prints its plan
   python benchmarks/two_tier.py --smoke --out /tmp/t.json  # tiny model on the CPU, about a minute
   python benchmarks/two_tier.py --roundtrip                # CPU: host cost of one layer round trip
   python benchmarks/two_tier.py --local_fraction 0.25 ...  # two-tier runs keep ~1/4 of the KV on tier 1
@@ -22,12 +22,20 @@ Floors, both measured in this run before any server starts:
   tier 2: one decode step reads every sequence's KV: KV bytes / the host's attention bandwidth, measured
           with benchmarks/tier2.py's kernel (KVPool.attend in --spawn pinned processes, the model's
           heads and the run's KV dtype).
-Pipeline efficiency = decode tokens/s / (batch / max(tier-1 floor, tier-2 floor)); decode tokens/s
-counts the decode calls only (prefill excluded). tier-1 busy = time in tier-1 steps / wall;
+Each run is one Engine and one generate: prompts are prefilled once, the first decode calls compile (and,
+with an auto depth, measure it and compile its shapes; `warm_calls`), the last ones are timed. Pipeline
+efficiency = decode tokens/s of the timed calls / (batch / max(tier-1 floor, tier-2 floor)). `pf GB/s`
+is the bulk prefill's K, V appended to tier 2 per second (prefill calls that compiled nothing).
+--budget_s skips a run whose rough estimate (estimate_s) would end past the budget; the JSON is written
+after every run, so a run cut short keeps what finished. tier-1 busy = time in tier-1 steps / timed decode time;
 wire B/tok/layer = q, k, v out plus the attention output back, per token and layer; tier-2 GB/s = KV
 bytes read by the attention kernels / decode time. The delay sweep reruns pipelined (short shape, first
 model, one decode step per call) on servers started with tier2.inject_delay_ms, at the in-flight depth
 auto mode's rule gives for the no-delay run's step time and round trip plus the delay.
+
+Pipelined runs once per --splits value (config.tier2.split): "spread" micro-batches each span every tier-2
+shard (tier 2 works on all shards at once; depth from spread_depth), "shards" ones hold one or two shards
+each (fewer calls per micro-batch). The sweeps use the first value.
 
 --local_fraction F sets config.local_attention_fraction of every two-tier run (the share of sequences
 whose KV and attention stay on tier 1). Floors then split the KV read: tier 1 adds F of it at the
@@ -64,15 +72,23 @@ def parse_args(argv=None):
   p.add_argument("--spawn", type=int, default=None,
                  help="tier-2 servers (default (host cores - 2) // 4; smoke and roundtrip: 2)")
   p.add_argument("--spawn_sweep", default="", help="server counts to rerun pipelined at, e.g. 4,8,16,30")
-  p.add_argument("--output_len", type=int, default=None, help="new tokens per request (default 32; smoke 8)")
-  p.add_argument("--callback_output_len", type=int, default=None, help="callback is slow (default 4)")
+  p.add_argument("--output_len", type=int, default=None,
+                 help="timed new tokens per request (default 16, long shape half; smoke 8)")
+  p.add_argument("--callback_output_len", type=int, default=2, help="timed tokens of callback (one a call)")
   p.add_argument("--in_flight", type=int, default=0, help="config.tier2.in_flight (0 = auto)")
+  p.add_argument("--splits", default="spread,shards",
+                 help="config.tier2.split values pipelined runs at (the sweeps use the first)")
   p.add_argument("--delays", default=None, help="ms for the sweep (default 0,5,20,50,100,200; smoke 0,20)")
-  p.add_argument("--sweep_output_len", type=int, default=2, help="new tokens per request in the delay sweep")
+  p.add_argument("--sweep_output_len", type=int, default=2, help="timed tokens per request in the delay sweep")
   p.add_argument("--decode_steps", type=int, default=4, help="engine.decode_steps_per_call")
+  p.add_argument("--budget_s", type=float, default=0.0,
+                 help="skip a run whose estimate would end it past this many seconds (0 = no limit)")
+  p.add_argument("--plan", action="store_true", help="print the runs and their rough estimates, run nothing")
   p.add_argument("--roundtrip", action="store_true",
                  help="only the per-layer round trip of the pipelined path on a small model (CPU)")
   p.add_argument("--roundtrip_batch", type=int, default=32, help="sequences in the --roundtrip run")
+  p.add_argument("--append", action="store_true",
+                 help="only the bulk prefill's K, V append to tier 2 (CPU): GB/s of the runner's host path")
   p.add_argument("--host_ram_gb", type=float, default=110.0, help="cap on all tier-2 pools together")
   p.add_argument("--local_fraction", type=float, default=0.0,
                  help="config.local_attention_fraction of the two-tier runs (0 = all KV on tier 2)")
@@ -80,29 +96,31 @@ def parse_args(argv=None):
   args.models = (args.models or ("tiny" if args.smoke else "llama2_7b,llama3_8b")).split(",")
   args.shapes = [s for s in args.shapes.split(",") if s]
   args.placements = [x for x in args.placements.split(",") if x]
+  args.splits = [x for x in args.splits.split(",") if x]
   cores = len(os.sched_getaffinity(0))
   args.spawn = args.spawn or (2 if args.smoke or args.roundtrip else max(1, (cores - 2) // 4))
   args.spawn_sweep = [int(n) for n in args.spawn_sweep.split(",") if n]
-  args.output_len = args.output_len or (8 if args.smoke else 32)
-  args.callback_output_len = args.callback_output_len or (4 if not args.smoke else 8)
+  args.output_len = args.output_len or (8 if args.smoke else 16)
   delays = args.delays if args.delays is not None else ("0,20" if args.smoke else "0,5,20,50,100,200")
   args.delays = [float(d) for d in delays.split(",") if d]
   return args
 
 
 def shape(args, name: str, model) -> dict:
-  """batch, prompt and output lengths of a shape for this model."""
+  """batch, prompt and timed output lengths of a shape for this model. Long prompts end 32 tokens
+  before a power-of-two context, so the whole run (warm-up included) stays in one tier-2 block-table
+  bucket: no tier-2 compilation in the timed calls."""
   if args.smoke:
     return {"short": dict(batch=8, prompt=16), "long": dict(batch=32, prompt=48)}[name] | \
         dict(output=args.output_len)
   if name == "short":
     return dict(batch=64, prompt=128, output=args.output_len)
   context = 1024 if model.num_kv_heads < model.num_heads else 512  # MHA KV is 4x GQA's: fit host RAM
-  output = max(8, args.output_len // 2)  # a decode step reads 64 GiB (7B) or 32 GiB (8B) of KV here
-  return dict(batch=256, prompt=context - output, output=output)
+  # a decode step reads 64 GiB (7B) or 32 GiB (8B) of KV here
+  return dict(batch=256, prompt=context - 32, output=max(args.decode_steps, args.output_len // 2))
 
 
-def make_config(args, model_name: str, placement: str, s: dict, delay_ms: float = 0.0,
+def make_config(args, model_name: str, placement: str, s: dict, timed_tokens: int, delay_ms: float = 0.0,
                 in_flight: int | None = None, decode_steps: int | None = None, spawn: int | None = None):
   from glinthawk_jax.config import model_config
 
@@ -110,19 +128,25 @@ def make_config(args, model_name: str, placement: str, s: dict, delay_ms: float 
   c.dtype = "float32" if args.smoke else "bfloat16"
   c.placement = placement
   c.engine.max_num_seqs = s["batch"]
-  c.engine.max_model_len = s["prompt"] + s["output"] + 16
   c.engine.max_prefill_tokens = 4096 if not args.smoke else 256
   c.engine.decode_steps_per_call = decode_steps or args.decode_steps
   c.engine.kv_cache_gb = 0.0 if not args.smoke else 0.05
   c.tier2.spawn = spawn or args.spawn
   c.tier2.kv_dtype = "float32" if args.smoke else "bfloat16"
-  kv = kv_bytes_per_token(model_config(c), c.tier2.kv_dtype)
-  need = s["batch"] * c.engine.max_model_len * kv * 1.15 / GIB  # all slots at full length, + pages
-  c.tier2.kv_cache_gb = min(need, args.host_ram_gb) / c.tier2.spawn + 0.01
   c.tier2.inject_delay_ms = delay_ms
   c.tier2.in_flight = args.in_flight if in_flight is None else in_flight
   c.local_attention_fraction = args.local_fraction if placement != "local" else 0.0
+  c.engine.max_model_len = s["prompt"] + total_tokens(c, timed_tokens) + 16
+  kv = kv_bytes_per_token(model_config(c), c.tier2.kv_dtype)
+  need = s["batch"] * c.engine.max_model_len * kv * 1.15 / GIB  # all slots at full length, + pages
+  c.tier2.kv_cache_gb = min(need, args.host_ram_gb) / c.tier2.spawn + 0.01
   return c
+
+
+def total_tokens(config, timed_tokens: int) -> int:
+  """New tokens per request of a run: its warm-up calls' and its timed calls' (whole calls)."""
+  steps = config.engine.decode_steps_per_call
+  return (warm_calls(config) + -(-timed_tokens // steps)) * steps
 
 
 def sweep_depth(base_row: dict | None, delay_ms: float) -> int:
@@ -159,8 +183,49 @@ def host_attention_gb_s(args, model, s: dict, kv_dtype: str) -> float:
   return kernel_rows(cfg, [procs])[0]["gb_per_s"]
 
 
-def run_one(config, s: dict, output_len: int) -> dict:
-  """Builds the engine, warms it (compiles; measures the auto depth), then one timed run."""
+def warm_calls(config) -> int:
+  """Decode calls before the timed ones: the first compiles; with an auto depth (pipelined, in_flight 0)
+  the second measures it and the third compiles the measured depth's micro-batch shapes."""
+  return 3 if config.placement == "pipelined" and not config.tier2.in_flight else 1
+
+
+class _Calls:
+  """Wraps runner.decode or runner.prefill: seconds, result, whether it compiled or measured the depth (not
+  steady), and the pipeline stats of every call."""
+
+  def __init__(self, runner, name: str):
+    self.runner, self.fn, self.calls = runner, getattr(runner, name), []
+    setattr(runner, name, self)
+
+  def __call__(self, *args, **kwargs):
+    import numpy as np
+
+    r = self.runner
+    before = (r.num_compilations, getattr(r, "depth", None), dict(vars(r.stats)) if hasattr(r, "stats") else None)
+    t = time.perf_counter()
+    out = self.fn(*args, **kwargs)
+    out = None if out is None else np.asarray(out)
+    if self.fn.__name__ == "prefill":
+      r.wait()  # the device's work, not only its dispatch
+    seconds = time.perf_counter() - t
+    stats = None if before[2] is None else {k: v - before[2][k] for k, v in vars(r.stats).items()}
+    steady = r.num_compilations == before[0] and before[1] != 0  # depth 0: this call measured it
+    self.calls.append(dict(seconds=seconds, out=out, steady=steady, stats=stats))
+    if self.fn.__name__ == "prefill":  # tokens, positions, page_ids, offsets, block_tables, context_lens, ...
+      positions, context_lens = np.asarray(args[1]), np.asarray(args[5])
+      self.calls[-1]["tokens"] = int(np.maximum(context_lens - positions[:, 0], 0).sum())
+    return out
+
+
+def prefill_rate(calls: list[dict]) -> float:
+  """Prompt tokens per second of the prefill calls that compiled nothing (all of them if each did)."""
+  steady = [c for c in calls if c["steady"]] or calls
+  return sum(c["tokens"] for c in steady) / max(sum(c["seconds"] for c in steady), 1e-9)
+
+
+def run_one(config, s: dict, timed_tokens: int) -> dict:
+  """One Engine, one generate: warm_calls(config) decode calls (compile; measure the auto depth), then
+  the timed calls (timed_tokens / decode_steps_per_call of them). Prompts are prefilled once."""
   import numpy as np
 
   from glinthawk_jax.engine import Engine
@@ -168,46 +233,52 @@ def run_one(config, s: dict, output_len: int) -> dict:
 
   rng = np.random.default_rng(0)
   prompts = [rng.integers(3, config.model.vocab_size, s["prompt"]).tolist() for _ in range(s["batch"])]
-  warm = SamplingParams(max_tokens=min(config.engine.decode_steps_per_call + 1, output_len), ignore_eos=True)
+  steps = config.engine.decode_steps_per_call
+  warm, timed = warm_calls(config), -(-timed_tokens // steps)
+  start = time.perf_counter()
   with Engine(config) as engine:
+    setup_s = time.perf_counter() - start
+    calls, prefills = _Calls(engine.runner, "decode"), _Calls(engine.runner, "prefill")
+    t = time.perf_counter()
+    outs = engine.generate(prompts, SamplingParams(max_tokens=(warm + timed) * steps, ignore_eos=True))
+    wall = time.perf_counter() - t
     runner = engine.runner
-    engine.generate(prompts, warm)
-    if getattr(runner, "depth", None) is not None and not config.tier2.in_flight:
-      engine.generate(prompts, warm)  # the measured depth's own shapes compile here
-    before = dict(vars(runner.stats)) if hasattr(runner, "stats") else None
-    decode_before = engine.stats.decode_time_s
-    admitted_before = (engine.stats.num_local_admissions, engine.stats.num_tier2_admissions)
-    start = time.perf_counter()
-    outs = engine.generate(prompts, SamplingParams(max_tokens=output_len, ignore_eos=True))
-    wall = time.perf_counter() - start
-    decode_s = engine.stats.decode_time_s - decode_before
-    tokens = sum(len(o.token_ids) for o in outs)
-    decode_tokens = tokens - len(outs)  # each request's first token comes from its first decode call too
-    local = engine.stats.num_local_admissions - admitted_before[0]
-    admitted = local + engine.stats.num_tier2_admissions - admitted_before[1]
+    got = sum(len(o.token_ids) for o in outs)
+    if got != s["batch"] * (warm + timed) * steps:
+      raise RuntimeError(f"{got} tokens generated, expected {s['batch']} x {(warm + timed) * steps}")
+    last = calls.calls[-timed:]
+    decode_s = sum(c["seconds"] for c in last)
+    local, admitted = engine.stats.num_local_admissions, engine.stats.num_local_admissions + \
+        engine.stats.num_tier2_admissions
     two_tier = config.placement != "local"
-    row = {"placement": config.placement, "delay_ms": config.tier2.inject_delay_ms, "spawn": config.tier2.spawn,
-           "batch": s["batch"],
-           "prompt": s["prompt"], "output": output_len, "output_tok_s": tokens / wall, "wall_s": wall,
-           "decode_s": decode_s, "decode_tok_s": max(decode_tokens, 1) / max(decode_s, 1e-9),
+    row = {"placement": config.placement, "split": config.tier2.split if config.placement == "pipelined" else "",
+           "delay_ms": config.tier2.inject_delay_ms, "spawn": config.tier2.spawn,
+           "batch": s["batch"], "prompt": s["prompt"], "output": timed * steps, "decode_steps": steps,
+           "warm_calls": len(calls.calls) - timed, "timed_calls": timed,
+           "warm_tokens": sum(len(c["out"]) for c in calls.calls[:-timed]),
+           "unsteady_timed_calls": sum(not c["steady"] for c in last),  # compiled or measured the depth
+           "setup_s": setup_s, "generate_s": wall, "prefill_s": engine.stats.prefill_time_s,
+           "prefill_tok_s": prefill_rate(prefills.calls),
+           "decode_s": decode_s, "decode_tok_s": s["batch"] * timed * steps / max(decode_s, 1e-9),
            "local_fraction": config.local_attention_fraction if two_tier else 1.0,
            "local_share": local / max(admitted, 1)}
-    if before is not None:
-      d = {k: v - before[k] for k, v in vars(runner.stats).items()}
-      row.update(in_flight=runner.depth, tier1_busy_fraction=d["tier1_s"] / wall,
-                 wire_gb_s=d["tier2_bytes"] / wall / 1e9,
+    if hasattr(runner, "stats"):
+      d = {k: sum(c["stats"][k] for c in last) for k in last[0]["stats"]}
+      row.update(in_flight=runner.depth, tier1_busy_fraction=d["tier1_s"] / max(decode_s, 1e-9),
+                 wire_gb_s=d["tier2_bytes"] / max(decode_s, 1e-9) / 1e9,
                  mean_rtt_ms=1e3 * d["rtt_s"] / max(d["num_round_trips"], 1),
                  tier1_step_ms=1e3 * d["tier1_s"] / max(d["num_steps"], 1),
                  dispatch_ms=1e3 * d["dispatch_s"] / max(d["num_steps"], 1),
                  send_ms=1e3 * d["send_s"] / max(d["num_round_trips"], 1))
-  del engine, runner
+  del engine, runner, calls, prefills
   gc.collect()  # the engine's device buffers go before the next engine allocates its own
+  row["total_s"] = time.perf_counter() - start
   return row
 
 
 def add_floors(row: dict, model, s: dict, floors: dict, dtype: str, kv_dtype: str) -> None:
   """Tier floors (seconds per decode step) and the efficiency against the slower one."""
-  context = s["prompt"] + row["output"] / 2
+  context = s["prompt"] + row.get("warm_tokens", 0) + row["output"] / 2  # mean context of the timed calls
   two_tier = row["placement"] != "local"
   local = row["local_fraction"] if two_tier else 0.0  # share of the KV read on tier 1 beside tier 2
   tier1_kv = s["batch"] * context * model.kv_bytes_per_token
@@ -221,6 +292,8 @@ def add_floors(row: dict, model, s: dict, floors: dict, dtype: str, kv_dtype: st
   if two_tier:
     row["wire_bytes_per_token_layer"] = wire_bytes_per_token_layer(model, dtype)
     row["tier2_kv_gb_s"] = kv_step * row["decode_tok_s"] / s["batch"] / 1e9
+    if "prefill_s" in row:  # the bulk prefill's K, V appended to tier 2
+      row["prefill_kv_gb_s"] = (1 - local) * row["prefill_tok_s"] * kv_bytes_per_token(model, kv_dtype) / 1e9
 
 
 def plot(rows: list[dict], path: str) -> str | None:
@@ -264,7 +337,7 @@ def roundtrip(args) -> None:
   c.placement, c.model.num_layers = "pipelined", 8
   c.engine.update(dict(max_num_seqs=batch, page_size=16, max_model_len=160, max_prefill_tokens=max(1024, 64 * batch),
                        decode_steps_per_call=4))
-  c.tier2.update(dict(spawn=args.spawn, kv_cache_gb=0.05, in_flight=args.in_flight or 2))
+  c.tier2.update(dict(spawn=args.spawn, kv_cache_gb=0.05, in_flight=args.in_flight or 2, split=args.splits[0]))
   prompts = [np.random.default_rng(0).integers(3, 500, 64).tolist() for _ in range(batch)]
   runs = []
   with Engine(c) as engine:
@@ -280,14 +353,115 @@ def roundtrip(args) -> None:
                    "send_ms": 1e3 * d["send_s"] / d["num_round_trips"],
                    "transports": engine.tier2.client.transports})
   best = min(runs, key=lambda r: r["ms_per_layer_round_trip"])
-  print(json.dumps({"batch": batch, "spawn": args.spawn, "in_flight": c.tier2.in_flight, "roundtrip_best": best,
+  print(json.dumps({"batch": batch, "spawn": args.spawn, "in_flight": c.tier2.in_flight, "split": c.tier2.split,
+                    "roundtrip_best": best,
                     "runs": runs}, indent=1))
+
+
+def append(args) -> None:
+  """The bulk prefill's host path to tier 2 at the Llama-2-7B long shape's sizes, no model (CPU): per layer a
+  chunk's K, V (8 prompts of 503 tokens, 32 KV heads x 128, bf16), grouped by shard as the device gather of
+  PipelinedRunner._bulk_prefill leaves them, go to --spawn servers with its append_layer, 4 layers sent
+  back to back, then all waited for. GB/s of K, V per chunk (the first one warms up) and the share of the
+  time the sending thread was busy."""
+  import ml_dtypes
+  import numpy as np
+
+  from configs import tiny
+  from glinthawk_jax.config import model_config
+  from glinthawk_jax.placements.pipelined import append_layer
+  from glinthawk_jax.tier2_launch import Tier2Servers
+
+  rows, width, prompt, layers = 8, 512, 503, 4
+  c = tiny.get_config()
+  c.model.update(dict(num_layers=layers, num_heads=32, num_kv_heads=32, head_dim=128))
+  c.engine.update(dict(max_model_len=width + 16, page_size=16))
+  c.tier2.update(dict(spawn=args.spawn, kv_dtype="bfloat16", kv_cache_gb=0.6))
+  kv = np.random.default_rng(0).standard_normal((2, rows * prompt, 32, 128), np.float32).astype(ml_dtypes.bfloat16)
+  servers = Tier2Servers(c, model_config(c))
+  runs = []
+  try:
+    for chunk in range(5):
+      seqs = np.arange(chunk * rows, (chunk + 1) * rows)
+      servers.client.allocate(seqs, width)
+      seqs = np.array(sorted(seqs, key=servers.client.shard_of))
+      ids, pos = np.repeat(seqs, prompt), np.tile(np.arange(prompt), rows)
+      t, busy, sent = time.perf_counter(), 0.0, []
+      for layer in range(layers):
+        t0 = time.perf_counter()
+        sent.append(append_layer(servers.client, layer, ids, pos, kv, 30.0))
+        busy += time.perf_counter() - t0
+      for future in sent:
+        future.result()
+      seconds = time.perf_counter() - t
+      runs.append({"kv_gb_s": kv.nbytes * layers / seconds / 1e9, "sender_busy": busy / seconds})
+      servers.client.release(seqs)
+  finally:
+    servers.close()
+  print(json.dumps({"spawn": args.spawn, "best_kv_gb_s": max(r["kv_gb_s"] for r in runs[1:]), "chunks": runs},
+                   indent=1))
+
+
+# Rough seconds for the --budget_s guard and the printed plan (GPU machine; smoke: CPU): an Engine with its
+# servers (build, compile), the bulk prefill's K, V append to tier 2, decode at a guessed share of the floor.
+SETUP_S = {"smoke": 8.0, "gpu": 30.0}
+PREFILL_KV_GB_S = 3.0  # measured rows of the same model and shape replace this guess
+DECODE_SHARE = {"local": 0.5, "callback": 0.005, "pipelined": 0.3}
+FLOORS_S = 15.0  # measuring the host's attention bandwidth, per model and shape
+GUESSED_BASE_ROW = {"tier1_step_ms": 3.0, "mean_rtt_ms": 5.0}  # for the delay sweep's depth in the plan
+
+
+def plan(args) -> list[tuple]:
+  """(model, shape, placement, delay ms, spawn, split) of every run, in the order they run: per model its
+  shapes' placements (pipelined at each of --splits), then (first model, first shape, first split) the spawn
+  sweep and the delay sweep, before the next model."""
+  runs, split = [], args.splits[0]
+  for i, model_name in enumerate(args.models):
+    for shape_name in args.shapes:
+      for p in args.placements:
+        if not (p == "callback" and shape_name == "long"):
+          runs += [(model_name, shape_name, p, 0.0, None, x) for x in (args.splits if p == "pipelined" else [split])]
+    if i == 0 and args.shapes and "pipelined" in args.placements:
+      first = args.shapes[0]
+      runs += [(model_name, first, "pipelined", 0.0, n, split) for n in args.spawn_sweep if n != args.spawn]
+      runs += [(model_name, first, "pipelined", d, None, split) for d in args.delays if d > 0]
+  return runs
+
+
+def run_settings(args, s: dict, placement: str, delay: float, base_row: dict | None) -> tuple:
+  """(timed tokens, in-flight depth or None, decode steps per call or None) of a run. Under delay the depth is
+  the one auto mode would choose from the no-delay run's tier-1 step and round trip plus the delay
+  (measuring it at 200 ms would take minutes), one step a call; callback runs one step a call (slow)."""
+  if delay > 0:
+    return args.sweep_output_len, sweep_depth(base_row, delay), 1
+  if placement == "callback":
+    return args.callback_output_len, None, 1
+  return s["output"], None, None
+
+
+def estimate_s(args, model, s: dict, config, timed_tokens: int, floors: dict, measured: list[dict]) -> float:
+  """Rough wall seconds of one run (setup, prefill, warm and timed decode calls)."""
+  setup = SETUP_S["smoke" if args.smoke else "gpu"]
+  placement, delay = config.placement, config.tier2.inject_delay_ms
+  prompt_kv = s["batch"] * s["prompt"] * kv_bytes_per_token(model, config.tier2.kv_dtype)
+  same = [r for r in measured if r["batch"] == s["batch"] and r["prompt"] == s["prompt"]
+          and r["placement"] == placement and r.get("prefill_kv_gb_s")]
+  prefill = 0.0 if placement == "local" else prompt_kv / 1e9 / (same[-1]["prefill_kv_gb_s"] if same else PREFILL_KV_GB_S)
+  floor_row = {"placement": placement, "local_fraction": config.local_attention_fraction, "output": timed_tokens,
+               "decode_tok_s": 1.0}
+  add_floors(floor_row, model, s, floors, config.dtype, config.tier2.kv_dtype)
+  step_s = s["batch"] / floor_row["floor_tok_s"] / DECODE_SHARE[placement]
+  if delay > 0:
+    step_s = max(step_s, (model.num_layers + 1) * (delay / 1e3 + 0.005))  # every layer waits the delay
+  return setup + prefill + total_tokens(config, timed_tokens) * step_s
 
 
 def main(argv=None):
   args = parse_args(argv)
   if args.roundtrip:
     return roundtrip(args)
+  if args.append:
+    return append(args)
   if args.smoke:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
@@ -297,53 +471,76 @@ def main(argv=None):
   started = time.perf_counter()
   results = {"device": f"{jax.devices()[0].device_kind} x{len(jax.devices())}",
              "host_cores": len(os.sched_getaffinity(0)), "date": datetime.datetime.now().isoformat(),
-             "command": " ".join([sys.executable] + sys.argv), "args": vars(args), "floors": {}, "runs": [], "errors": []}
+             "command": " ".join([sys.executable] + sys.argv), "args": vars(args), "floors": {}, "runs": [],
+             "errors": [], "skipped": []}
   from benchmarks.device_ceilings import copy_bandwidth_gbs
 
-  copy_gb_s = copy_bandwidth_gbs(64 << 20 if args.smoke else 4 << 30)
-  for model_name in args.models:
-    for shape_name in args.shapes:
-      model = model_config(importlib.import_module(f"configs.{model_name}").get_config())
-      s = shape(args, shape_name, model)
-      base = make_config(args, model_name, "pipelined", s)
-      key = f"{model_name}/{shape_name}"
+  copy_gb_s = 3000.0 if args.plan else copy_bandwidth_gbs(64 << 20 if args.smoke else 4 << 30)
+  models = {m: model_config(importlib.import_module(f"configs.{m}").get_config()) for m in args.models}
+  runs = plan(args)
+  guess = {"device_copy_gb_s": copy_gb_s, "host_attention_gb_s": 30.0 if args.smoke else 160.0}
+  total = 0.0
+  for m, sh, p, d, n, x in runs:
+    config, timed = _config(args, m, sh, p, d, n, x, models[m], GUESSED_BASE_ROW)
+    total += estimate_s(args, models[m], shape(args, sh, models[m]), config, timed, guess, [])
+    if args.plan:
+      print(f"  {m}/{sh} {p}{f' ({x})' if p == 'pipelined' else ''} delay {d:.0f} ms: {timed} timed tokens, {total_tokens(config, timed)} in all, "
+            f"depth {config.tier2.in_flight or 'auto'}; ends near {total:.0f} s")
+  total += FLOORS_S * len({(m, sh) for m, sh, *_ in runs})
+  print(f"{len(runs)} runs, about {total:.0f} s with the floors' measurement (rough estimate, floors guessed)"
+        + (f"; budget {args.budget_s:.0f} s" if args.budget_s else ""), flush=True)
+  if args.plan:
+    return
+  base_rows: dict[str, dict] = {}
+  for model_name, shape_name, placement, delay, spawn, split in runs:
+    model, key = models[model_name], f"{model_name}/{shape_name}"
+    s = shape(args, shape_name, model)
+    config, timed = _config(args, model_name, shape_name, placement, delay, spawn, split, model, base_rows.get(key))
+    label = (f"{key} {placement}{f' ({split})' if placement == 'pipelined' else ''} delay {delay:.0f} ms, "
+             f"{config.tier2.spawn} servers, depth {config.tier2.in_flight or 'auto'}")
+    estimate = estimate_s(args, model, s, config, timed, results["floors"].get(key, guess), results["runs"])
+    elapsed = time.perf_counter() - started
+    if args.budget_s and elapsed + estimate + (0 if key in results["floors"] else FLOORS_S) > args.budget_s:
+      results["skipped"].append(f"{label}: estimated {estimate:.0f} s, {args.budget_s - elapsed:.0f} s left")
+      print(f"  SKIPPED {results['skipped'][-1]}", flush=True)
+      continue
+    if key not in results["floors"]:
       results["floors"][key] = {"device_copy_gb_s": copy_gb_s,
-                                "host_attention_gb_s": host_attention_gb_s(args, model, s, base.tier2.kv_dtype)}
+                                "host_attention_gb_s": host_attention_gb_s(args, model, s, config.tier2.kv_dtype)}
       print(f"{key}: device copy {copy_gb_s:.0f} GB/s, host attention "
-            f"{results['floors'][key]['host_attention_gb_s']:.1f} GB/s ({args.spawn} processes)", flush=True)
-      runs = [(p, 0.0, None) for p in args.placements if not (p == "callback" and shape_name == "long")]
-      sweep = model_name == args.models[0] and shape_name == args.shapes[0] and "pipelined" in args.placements
-      runs += [("pipelined", 0.0, n) for n in args.spawn_sweep if n != args.spawn] if sweep else []
-      runs += [("pipelined", d, None) for d in args.delays if d > 0] if sweep else []
-      base_row = None
-      for placement, delay, spawn in runs:
-        out_len = (args.sweep_output_len if delay > 0 else
-                   args.callback_output_len if placement == "callback" else s["output"])
-        # Under delay, the depth auto mode would choose from the no-delay run's tier-1 step and round
-        # trip plus the delay (measuring it at 200 ms would take minutes); one step per call.
-        depth = sweep_depth(base_row, delay) if delay > 0 else None
-        config = make_config(args, model_name, placement, s, delay, depth, 1 if delay > 0 else None, spawn)
-        try:
-          row = {"model": model_name, "shape": shape_name, **run_one(config, s, out_len)}
-        except Exception as e:  # noqa: BLE001 (one failed run must not lose the others' numbers)
-          if args.smoke:
-            raise
-          results["errors"].append(f"{key} {placement} delay {delay} spawn {config.tier2.spawn}: "
-                                   f"{type(e).__name__}: {e}")
-          print(f"  {placement} delay {delay:.0f} ms FAILED: {results['errors'][-1]}", flush=True)
-          continue
-        row["sweep"] = sweep and placement == "pipelined" and spawn is None
-        if placement == "pipelined" and delay == 0 and spawn is None:
-          base_row = row
-        add_floors(row, model, s, results["floors"][key], base.dtype, base.tier2.kv_dtype)
-        results["runs"].append(row)
-        save(results, args.out, started)
-        print(f"  {placement} delay {delay:.0f} ms, {config.tier2.spawn} servers: {row['decode_tok_s']:.1f} decode tok/s, "
-              f"efficiency {row['efficiency']:.3f} ({time.perf_counter() - started:.0f} s so far)", flush=True)
+            f"{results['floors'][key]['host_attention_gb_s']:.1f} GB/s", flush=True)
+    try:
+      row = {"model": model_name, "shape": shape_name, **run_one(config, s, timed)}
+    except Exception as e:  # noqa: BLE001 (one failed run must not lose the others' numbers)
+      if args.smoke:
+        raise
+      results["errors"].append(f"{label}: {type(e).__name__}: {e}")
+      print(f"  FAILED {results['errors'][-1]}", flush=True)
+      continue
+    row["estimate_s"] = estimate
+    row["sweep"] = placement == "pipelined" and spawn is None and split == args.splits[0] and \
+        model_name == args.models[0] and shape_name == args.shapes[0]
+    if placement == "pipelined" and delay == 0 and spawn is None and split == args.splits[0]:
+      base_rows[key] = row
+    add_floors(row, model, s, results["floors"][key], config.dtype, config.tier2.kv_dtype)
+    results["runs"].append(row)
+    save(results, args.out, started)
+    print(f"  {label}: {row['decode_tok_s']:.1f} decode tok/s, efficiency {row['efficiency']:.3f}, "
+          f"{row['total_s']:.0f} s (estimated {estimate:.0f}; {time.perf_counter() - started:.0f} s so far)", flush=True)
   results["plot"] = plot(results["runs"], os.path.splitext(args.out)[0] + "_delay.png")
   save(results, args.out, started)
   print_table(results)
   print(f"wrote {args.out}" + (f" and {results['plot']}" if results["plot"] else ""))
+
+
+def _config(args, model_name: str, shape_name: str, placement: str, delay: float, spawn, split: str, model,
+            base_row):
+  """(config, timed tokens) of one planned run."""
+  s = shape(args, shape_name, model)
+  timed, depth, steps = run_settings(args, s, placement, delay, base_row)
+  config = make_config(args, model_name, placement, s, timed, delay, depth, steps, spawn)
+  config.tier2.split = split
+  return config, timed
 
 
 def save(results: dict, path: str, started: float) -> None:
@@ -356,23 +553,25 @@ def save(results: dict, path: str, started: float) -> None:
 def print_table(results: dict) -> None:
   print(f"\nTwo-tier generation on {results['device']}, {results['host_cores']} host cores, "
         f"{results['args']['spawn']} tier-2 processes (srv: this row's), {results['elapsed_s']:.0f} s")
-  head = (f"{'model':>10} {'shape':>5} {'batch':>5} {'ctx':>5} {'placement':>9} {'delay':>5} {'srv':>3} "
-          f"{'tok/s':>8} {'dec tok/s':>9} {'local':>5} {'depth':>5} {'t1 busy':>7} {'step ms':>7} {'disp ms':>7} "
+  head = (f"{'model':>10} {'shape':>5} {'batch':>5} {'ctx':>5} {'placement':>9} {'split':>6} {'delay':>5} {'srv':>3} "
+          f"{'pf s':>6} {'dec tok/s':>9} {'local':>5} {'depth':>5} {'t1 busy':>7} {'step ms':>7} {'disp ms':>7} "
           f"{'send ms':>7} {'rtt ms':>6} {'t2 KV GB/s':>10} {'wire B':>7} {'t1 fl ms':>8} {'t2 fl ms':>8} "
-          f"{'bound':>6} {'eff':>6}")
+          f"{'bound':>6} {'eff':>6} {'pf GB/s':>7} {'run s':>5}")
   print(head)
   for r in results["runs"]:
     f = lambda k, spec: format(r[k], spec) if k in r else ""  # noqa: E731
-    print(f"{r['model']:>10} {r['shape']:>5} {r['batch']:>5} {r['prompt'] + r['output']:>5} {r['placement']:>9} "
-          f"{r['delay_ms']:>5.0f} {r['spawn']:>3} {r['output_tok_s']:>8.1f} {r['decode_tok_s']:>9.1f} "
+    print(f"{r['model']:>10} {r['shape']:>5} {r['batch']:>5} {r['prompt'] + r['output']:>5} {r['placement']:>9} {r.get('split', ''):>6} "
+          f"{r['delay_ms']:>5.0f} {r['spawn']:>3} {r['prefill_s']:>6.1f} {r['decode_tok_s']:>9.1f} "
           f"{r['local_share']:>5.2f} "
           f"{f('in_flight', 'd'):>5} {f('tier1_busy_fraction', '.2f'):>7} {f('tier1_step_ms', '.2f'):>7} "
           f"{f('dispatch_ms', '.2f'):>7} {f('send_ms', '.2f'):>7} {f('mean_rtt_ms', '.2f'):>6} "
           f"{f('tier2_kv_gb_s', '.2f'):>10} "
           f"{f('wire_bytes_per_token_layer', 'd'):>7} {r['tier1_floor_ms']:>8.2f} {r['tier2_floor_ms']:>8.2f} "
-          f"{r['bound']:>6} {r['efficiency']:>6.3f}")
+          f"{r['bound']:>6} {r['efficiency']:>6.3f} {f('prefill_kv_gb_s', '.2f'):>7} {r['total_s']:>5.0f}")
   for error in results["errors"]:
     print(f"FAILED: {error}")
+  for skipped in results["skipped"]:
+    print(f"SKIPPED (budget): {skipped}")
 
 
 if __name__ == "__main__":

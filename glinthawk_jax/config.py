@@ -17,6 +17,7 @@ DECODE_ATTENTION_KERNELS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 TIER2_KV_DTYPES = ("float32", "bfloat16", "int8")
 TIER2_TRANSPORTS = ("auto", "grpc", "shm")
+TIER2_SPLITS = ("shards", "spread")  # how the pipelined runner cuts a decode batch (placements/pipelined.py)
 ROLES = ("colocated", "prefill", "decode")
 TRANSFER_FAILURE_POLICIES = ("recompute", "fail")
 MAX_IN_FLIGHT = 8
@@ -102,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.tier2.timeout_s = 60.0  # deadline of every tier-2 call
   c.tier2.transport = "auto"  # auto (shared memory on loopback), grpc or shm
   c.tier2.in_flight = 0  # pipelined micro-batches in flight; 0 = auto from measured step and round trip
+  c.tier2.split = "shards"  # pipelined micro-batches: "shards" (rows grouped by shard) or "spread" (all shards each)
   c.tier2.inject_delay_ms = 0.0  # delay spawned servers add to each tensor RPC (latency studies)
   c.tier2.auth_token = ""  # token for tier2.addresses' servers (their --auth_token); empty = none
   c.tier2.tls_ca = ""  # PEM CA or self-signed cert of tier2.addresses' servers (--tls_cert); empty = no TLS
@@ -198,6 +200,7 @@ def _validate_tier2(t, slices: int) -> None:
   _one_of("tier2.transport", t.transport, TIER2_TRANSPORTS)
   if not isinstance(t.in_flight, int) or not 0 <= t.in_flight <= MAX_IN_FLIGHT:
     raise ConfigError(f"tier2.in_flight={t.in_flight!r}: expected an integer in [0, {MAX_IN_FLIGHT}]")
+  _one_of("tier2.split", t.split, TIER2_SPLITS)
   if t.inject_delay_ms < 0:
     raise ConfigError(f"tier2.inject_delay_ms={t.inject_delay_ms}: expected >= 0")
   for key in ("auth_token", "tls_ca"):

@@ -25,6 +25,7 @@ AUTH_METADATA_KEY = "glinthawk-token"  # same key as tier2_cpu/server.py
 _UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 TRANSPORTS = ("grpc", "shm", "auto")
 MAX_CALLS_IN_FLIGHT = 16  # tensor calls to one shard at once (threads, each blocked on one call)
+THREAD_WRITE_BYTES = 4 << 20  # shared-memory requests from this size are written on the shard's thread
 
 
 class Tier2Error(RuntimeError):
@@ -94,10 +95,30 @@ class _Shard:
     """One tensor request: a Future of consume(reply bytes), or of its grpc.RpcError. Blocking calls
     on this shard's threads: grpc's `.future()` starts a thread per call (about 1 ms each)."""
     if self.shm:
-      return self.shm.call(shm_wire.ATTEND, parts, reply_bytes, timeout, consume)
+      if sum(p.nbytes for p in parts) < THREAD_WRITE_BYTES:
+        return self.shm.call(shm_wire.ATTEND, parts, reply_bytes, timeout, consume)
+      return self._shm_call_on_thread(parts, reply_bytes, timeout, consume)
     payload = b"".join(p.tobytes() for p in parts)
     return self.executor.submit(
         lambda: consume(self.attend(payload, timeout=timeout, metadata=self.metadata)))
+
+  def _shm_call_on_thread(self, parts, reply_bytes: int, timeout: float, consume) -> futures.Future:
+    """shm.call on this shard's thread: a large request's copy into the slot runs beside the other shards'
+    (numpy copies release the GIL) instead of on the caller's thread, one shard after another."""
+    result: futures.Future = futures.Future()
+    result.set_running_or_notify_cancel()
+
+    def run():
+      try:
+        call = self.shm.call(shm_wire.ATTEND, parts, reply_bytes, timeout, consume)
+      except BaseException as e:  # noqa: BLE001 (handed to the caller's future)
+        result.set_exception(e)
+        return
+      call.add_done_callback(lambda c: result.set_exception(c.exception()) if c.exception() else
+                             result.set_result(c.result()))
+
+    self.executor.submit(run)
+    return result
 
   def call(self, method: str, request):
     try:
@@ -306,7 +327,8 @@ class Tier2Client:
 
     for i, idx in parts:
       shard = self.shards[i]
-      take = slice(None) if len(idx) == n else idx
+      contiguous = idx[-1] - idx[0] + 1 == len(idx)  # rows grouped by shard: views, no copies
+      take = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx
       request = tensor_wire.request_parts(next(self._request_ids), layer, seq_ids[take], positions[take],
                                           None if append_only else q[take], k[take], v[take],
                                           num_heads=self.num_heads)

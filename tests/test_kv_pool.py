@@ -186,3 +186,18 @@ def test_write_attend_is_write_then_attend(storage):
   expected = pools[0].attend(1, q, tables, positions)
   np.testing.assert_array_equal(pools[1].write_attend(1, slots, k, v, q, tables, positions), expected)
   np.testing.assert_array_equal(pools[1].attend(1, q, tables, positions), expected)  # the write stayed
+
+
+def test_bfloat16_keys_are_stored_as_sent_like_float32_rounded():
+  """bf16 k, v into a bf16 pool are stored bit for bit (no float32 round trip): the same attention as the
+  float32 values they round from, through write and write_attend."""
+  rng = np.random.default_rng(9)
+  pools = [KVPool(2, 8, 4, 2, 16, "bfloat16") for _ in range(2)]
+  k, v = (rng.standard_normal((5, 2, 16)).astype(ml_dtypes.bfloat16) for _ in range(2))
+  q = rng.standard_normal((5, 4, 16)).astype(np.float32)
+  slots, tables, positions = np.arange(5), np.array([[0, 1]] * 5, np.int32), np.arange(5, dtype=np.int32)
+  pools[0].write(1, slots, k.astype(np.float32), v.astype(np.float32))
+  pools[1].write(1, slots, k, v)
+  expected = pools[0].attend(1, q, tables, positions)
+  np.testing.assert_array_equal(pools[1].attend(1, q, tables, positions), expected)
+  np.testing.assert_array_equal(pools[1].write_attend(1, slots, k, v, q, tables, positions), expected)

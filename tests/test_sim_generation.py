@@ -129,3 +129,13 @@ def test_prefill_copy_overlaps_compute_and_delay_is_paid_once_a_chunk():
   assert delayed - t == pytest.approx(5e-3, rel=1e-9)
   old = dict(meas, bulk_step=[dict(rows=8, tokens=16, step_s=3e-3)])  # a profile without the split
   assert generation.prefill_chunk_time(old, 4, 8, 16, 120, 0.0) == pytest.approx(4 * 3e-3 + 1e-3, rel=1e-12)
+
+
+def test_spread_micro_batches_reach_every_shard_in_proportion():
+  """tier2.split "spread": each micro-batch holds its share of every shard's rows (the runner's interleaved
+  order), where grouped ones hold one or two shards each."""
+  parts = generation.micro_batch_shards(256, 7, 2, spread=True)
+  assert [sorted(p) for p in parts] == [list(range(7))] * 2
+  assert sum(sum(p.values()) for p in parts) == 256
+  assert max(max(p.values()) - min(p.values()) for p in parts) <= 1
+  assert all(len(p) <= 2 for p in generation.micro_batch_shards(256, 7, 8))

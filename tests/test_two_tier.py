@@ -2,6 +2,7 @@
 the callback and pipelined placements give the local engine's greedy tokens; append-only requests."""
 
 import re
+import types
 
 import grpc
 import numpy as np
@@ -10,8 +11,9 @@ import pytest
 from configs import tiny
 from glinthawk_jax.config import ConfigError, model_config, validate
 from glinthawk_jax.engine import Engine
-from glinthawk_jax.placements.pipelined import auto_depth
+from glinthawk_jax.placements.pipelined import PipelinedRunner, auto_depth, spread_depth
 from glinthawk_jax.requests import SamplingParams
+from glinthawk_jax import tier2_client
 from glinthawk_jax.tier2_client import Tier2Client, Tier2Error
 from glinthawk_jax.tier2_launch import server_args
 from tests.tier2_reference import ReferenceKV
@@ -52,10 +54,11 @@ def _pages_in_use(addresses):
     return [row["pages_in_use"] for row in client.stats()]
 
 
-@pytest.mark.parametrize("placement,in_flight", [("callback", 0), ("pipelined", 2)])
-def test_two_tier_greedy_tokens_match_local(servers, local_tokens, placement, in_flight):
+@pytest.mark.parametrize("placement,in_flight,split", [("callback", 0, "shards"), ("pipelined", 2, "shards"),
+                                                      ("pipelined", 3, "spread")])
+def test_two_tier_greedy_tokens_match_local(servers, local_tokens, placement, in_flight, split):
   prompts, want = local_tokens
-  with Engine(_config(placement, servers, in_flight=in_flight)) as engine:
+  with Engine(_config(placement, servers, in_flight=in_flight, split=split)) as engine:
     got = [o.token_ids for o in engine.generate(prompts, GREEDY)]
     assert got == want
     if placement == "pipelined":
@@ -71,6 +74,30 @@ def test_pipelined_auto_in_flight_measures_a_depth(servers, local_tokens):
   with Engine(c) as engine:
     assert [o.token_ids for o in engine.generate(prompts[:3], GREEDY)] == want[:3]
     assert 1 <= engine.runner.depth <= 8
+
+
+def test_spread_split_measures_its_depth_and_interleaves_the_shards(servers, local_tokens):
+  prompts, want = local_tokens
+  c = _config("pipelined", servers, in_flight=0, split="spread")
+  c.engine.decode_steps_per_call = 1
+  with Engine(c) as engine:
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == want
+    assert 1 <= engine.runner.depth <= 8
+  with Tier2Client.for_model(servers.split(","), model_config(c)) as client:
+    seqs = np.arange(700, 709)
+    client.allocate(seqs)
+    ids = np.concatenate([seqs, [-2, -1]])  # a local row and a padding row go last
+    order = PipelinedRunner._by_shard(types.SimpleNamespace(client=client), ids, interleave=True)
+    shards = [client.shard_of(s) for s in ids[order][:9]]
+    assert [sorted(shards[i:i + 3]) for i in (0, 3, 6)] == [[0, 1, 2]] * 3  # each round visits every shard
+    assert ids[order][9:].tolist() == [-2, -1]
+    client.release(seqs)
+
+
+def test_spread_depth_formula():
+  assert spread_depth(0.010, 0.0) == 1
+  assert spread_depth(0.0025, 0.020) == 3  # max(k t1, t1 + rtt / k): 22.5, 12.5, 9.2, 10 ms for k = 1..4
+  assert spread_depth(0.001, 1.0) == 8  # clamped
 
 
 def test_auto_depth_formula():
@@ -97,6 +124,30 @@ def test_append_only_then_attend_matches_float64_reference(servers):
       client.append_async(1, [502], [9], k[:1], v[:1]).result()
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     client.release([501, 502])
+
+
+def test_shm_requests_written_on_shard_threads_match_reference(servers, monkeypatch):
+  """Large shared-memory requests are written on the shards' threads (here every one): appends whose tokens
+  are grouped by shard (sent as views) or interleaved (gathered), then attention, match float64."""
+  monkeypatch.setattr(tier2_client, "THREAD_WRITE_BYTES", 0)
+  cfg = model_config(_config())
+  rng = np.random.default_rng(2)
+  h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  with Tier2Client.for_model(servers.split(","), cfg, transport="shm") as client:
+    seqs = [601, 602, 603, 604, 605, 606]
+    client.allocate(seqs)
+    assert len({client.shard_of(s) for s in seqs}) == 3
+    grouped = sorted(seqs, key=client.shard_of)
+    ref = ReferenceKV()
+    for layer, order in ((0, grouped), (1, seqs)):  # layer 1: shards interleaved
+      ids, pos = [s for s in order for _ in range(5)], [p for _ in order for p in range(5)]
+      k, v = (rng.standard_normal((len(ids), kv, d)).astype(np.float32) for _ in range(2))
+      assert client.append_async(layer, ids, pos, k, v).result() is None
+      ref.attend(layer, ids, pos, np.zeros((len(ids), h, d)), k, v)
+      q, k2, v2 = (rng.standard_normal((len(seqs), n, d)).astype(np.float32) for n in (h, kv, kv))
+      out = client.attend(layer, seqs, [5] * len(seqs), q, k2, v2)
+      np.testing.assert_allclose(out, ref.attend(layer, seqs, [5] * len(seqs), q, k2, v2), rtol=1e-5, atol=1e-6)
+    client.release(seqs)
 
 
 def kill_at_first_output(procs, finished: list):
@@ -144,7 +195,8 @@ def test_no_shard_left_is_a_clear_error_and_keeps_finished_outputs(own_servers, 
     ("spawn", -1, "tier2.spawn=-1"), ("addresses", "nohost", "tier2.addresses: 'nohost'"),
     ("kv_dtype", "int4", "tier2.kv_dtype='int4'"), ("cpus", "0-3", "tier2.cpus='0-3': 1 core lists"),
     ("transport", "udp", "tier2.transport='udp'"), ("in_flight", 9, "tier2.in_flight=9"),
-    ("timeout_s", 0.0, "tier2.timeout_s=0.0"), ("inject_delay_ms", -1.0, "tier2.inject_delay_ms=-1.0")])
+    ("timeout_s", 0.0, "tier2.timeout_s=0.0"), ("inject_delay_ms", -1.0, "tier2.inject_delay_ms=-1.0"),
+    ("split", "rows", "tier2.split='rows'")])
 def test_tier2_config_errors_name_the_key(key, value, message):
   c = _config("pipelined")
   c.tier2[key] = value

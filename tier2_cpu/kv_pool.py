@@ -61,7 +61,7 @@ def _write(arrays, page, offset, k, v, *, storage):
       out.append((at.set(qx, mode="drop"), scales.at[page, :, offset].set(scale, mode="drop")))
     (k_pool, k_scale), (v_pool, v_scale) = out
     return k_pool, v_pool, k_scale, v_scale
-  if storage == "bfloat16":
+  if storage == "bfloat16" and k.dtype != jnp.uint16:  # uint16: bf16 bits already (_write_args)
     k, v = (jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16) for x in (k, v))
   k_pool, v_pool = arrays
   return (k_pool.at[page, :, :, offset].set(k, mode="drop"),  # K pages transposed
@@ -157,7 +157,10 @@ class KVPool:
     """(page, offset, k, v) for _write, padded to a bucketed row count (padding pages are dropped)."""
     self._check_layer(layer)
     slots = np.asarray(slots, dtype=np.int64).reshape(-1)
-    k, v = _as_f32("k", k, 3), _as_f32("v", v, 3)
+    if self.storage == "bfloat16" and _is_bf16(k) and _is_bf16(v):
+      k, v = (np.ascontiguousarray(x).view(np.uint16) for x in (k, v))  # stored as is: no widening, half the bytes
+    else:
+      k, v = _as_f32("k", k, 3), _as_f32("v", v, 3)
     expected = (slots.shape[0], self.num_kv_heads, self.head_dim)
     for name, x in (("k", k), ("v", v)):
       if x.shape != expected:
@@ -195,6 +198,10 @@ class KVPool:
     pos = np.full(size, -1, np.int32)  # padding rows: no keys, output zeros
     pos[:n] = positions
     return _pad_rows(q, size), tables, pos
+
+
+def _is_bf16(x) -> bool:
+  return getattr(x, "dtype", None) is not None and x.dtype.name == "bfloat16"
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:

@@ -43,6 +43,7 @@ from flax import nnx
 from glinthawk_jax.config import MAX_IN_FLIGHT
 from glinthawk_jax.model_runner import LocalPagedAttention
 from glinthawk_jax.paged_cache import SCRATCH_PAGE
+from glinthawk_jax.placements.shard_order import interleaved
 from glinthawk_jax.placements.tokens import LOCAL_ROW, PADDING_ROW, valid_tokens
 from glinthawk_jax.sampling import sample
 from glinthawk_jax.scheduler import pow2_at_least
@@ -93,8 +94,9 @@ class PipelinedRunner:
   in `local`, tier 1's paged cache, when given)."""
 
   def __init__(self, model, client: Tier2Client, decode_steps: int, in_flight: int, timeout_s: float,
-               layout: Layout | None = None, local: LocalPagedAttention | None = None):
+               layout: Layout | None = None, local: LocalPagedAttention | None = None, spread: bool = False):
     self.client = client
+    self.spread = spread  # decode micro-batches span every shard (tier2.split "spread") instead of few
     self.decode_steps = decode_steps
     self.timeout_s = timeout_s
     self.depth = in_flight  # 0 until measured
@@ -107,15 +109,19 @@ class PipelinedRunner:
     # Layer L's weights on slice(L)'s devices (tensor-parallel within it); embed on the first slice,
     # logits on the last.
     self.layout = layout or Layout(self.num_layers)
-    self.layers, outers = self.layout.per_layer_params(params)
-    self.outer, self.outer_last = outers[0], outers[-1]
+    layers, outers = self.layout.per_layer_params(params)
+    # Weights as flat tuples of arrays: jit flattens a tuple in C++, an nnx.State in Python (27 against 12 us
+    # a layer's weights on the CPU); the steps rebuild the states from these tree structures.
+    self.layer_def, self.outer_def, self.outer_last_def = (jax.tree_util.tree_structure(t) for t in
+                                                           (layers[0], outers[0], outers[-1]))
+    self.layers = [tuple(jax.tree_util.tree_leaves(layer)) for layer in layers]
+    self.outer, self.outer_last = (tuple(jax.tree_util.tree_leaves(t)) for t in (outers[0], outers[-1]))
     self._first = jax.jit(self._first_fn)
     self._middle = jax.jit(self._middle_fn)
     self._last = jax.jit(self._last_fn, static_argnames=("greedy_only",))
-    self._post = jax.jit(lambda layer, x, attn: nnx.merge(self.layer_graphdef, layer).post_attention(x, attn))
-    self._pre = jax.jit(lambda layer, x, positions: _fuse(nnx.merge(self.layer_graphdef, layer).pre_attention(
-        x, positions)))
-    self._embed = jax.jit(lambda outer, tokens: nnx.merge(self.graphdef, outer).embed(tokens))
+    self._post = jax.jit(lambda layer, x, attn: self._layer(layer).post_attention(x, attn))
+    self._pre = jax.jit(lambda layer, x, positions: _fuse(self._layer(layer).pre_attention(x, positions)))
+    self._embed = jax.jit(lambda outer, tokens: self._model(self.outer_def, outer).embed(tokens))
     self._bulk = jax.jit(self._bulk_fn)
     # Tier 1's paged cache of local sequences, one backend and pool per layer slice.
     self.local = [] if local is None else [local.for_slice(first, end - first, self.layout.kv_sharding(s))
@@ -134,17 +140,25 @@ class PipelinedRunner:
 
   # Jitted steps.
 
+  def _layer(self, leaves):
+    """A layer module from its flat weights (inside a jitted step)."""
+    return nnx.merge(self.layer_graphdef, jax.tree_util.tree_unflatten(self.layer_def, leaves))
+
+  def _model(self, treedef, leaves):
+    """The model module (embedding, final norm, logits) from a slice's flat outer weights."""
+    return nnx.merge(self.graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+
   def _first_fn(self, outer, layer, tokens, positions):
-    x = nnx.merge(self.graphdef, outer).embed(tokens)
-    return x, _fuse(nnx.merge(self.layer_graphdef, layer).pre_attention(x, positions))
+    x = self._model(self.outer_def, outer).embed(tokens)
+    return x, _fuse(self._layer(layer).pre_attention(x, positions))
 
   def _middle_fn(self, layer, next_layer, x, attn, positions):
-    x = nnx.merge(self.layer_graphdef, layer).post_attention(x, attn)
-    return x, _fuse(nnx.merge(self.layer_graphdef, next_layer).pre_attention(x, positions))
+    x = self._layer(layer).post_attention(x, attn)
+    return x, _fuse(self._layer(next_layer).pre_attention(x, positions))
 
   def _last_fn(self, outer, layer, x, attn, temperature, top_k, top_p, seeds, token_index, *, greedy_only):
-    x = nnx.merge(self.layer_graphdef, layer).post_attention(x, attn)
-    logits = nnx.merge(self.graphdef, outer).logits(x[:, -1])
+    x = self._layer(layer).post_attention(x, attn)
+    logits = self._model(self.outer_last_def, outer).logits(x[:, -1])
     return sample(logits, temperature, top_k, top_p, seeds, token_index, greedy_only)
 
   def _cross(self, next_slice, layer, next_layer, x, attn, positions):
@@ -153,7 +167,7 @@ class PipelinedRunner:
     return x, self._pre(next_layer, x, positions)
 
   def _bulk_fn(self, layer, x, positions, counts):
-    layer = nnx.merge(self.layer_graphdef, layer)
+    layer = self._layer(layer)
     q, k, v = layer.pre_attention(x, positions)
     real_keys = jnp.arange(x.shape[1])[None, None, :] < counts[:, None, None]  # padding is no key
     mask = causal_mask(positions, positions, self.sliding_window) & real_keys
@@ -222,13 +236,23 @@ class PipelinedRunner:
 
   def _bulk_prefill(self, tokens, positions, context_lens, seq_ids, page_ids, offsets) -> None:
     """Layer by layer on tier 1; layer L's K, V are appended while layer L + 1 computes (LOCAL_ROW rows'
-    written to the local cache at page_ids, offsets: [B, T])."""
+    written to the local cache at page_ids, offsets: [B, T]). The device gathers each layer's real tier-2
+    tokens, grouped by shard, into one array [2, N', KV, D] (N' = N padded to a power of two): one copy
+    to the host, and each shard's request is a contiguous slice of it."""
     local = bool(np.any(seq_ids == LOCAL_ROW))
     tokens, positions, page_ids, offsets = _pad(tokens), _pad(positions), _pad(page_ids), _pad(offsets)
     counts = _pad(context_lens - positions[:len(context_lens), 0], 0)
-    rows, cols = valid_tokens(_pad(seq_ids, -1), positions, _pad(context_lens, 1))
-    ids, pos = seq_ids[rows], positions[rows, cols]
+    padded_ids = _pad(seq_ids, PADDING_ROW)
+    rows, cols = valid_tokens(padded_ids, positions, _pad(context_lens, 1))
+    rank = np.empty(len(padded_ids), np.int64)
+    rank[self._by_shard(padded_ids)] = np.arange(len(padded_ids))
+    by_shard = np.argsort(rank[rows], kind="stable")
+    rows, cols = rows[by_shard], cols[by_shard]
+    ids, pos, n = padded_ids[rows], positions[rows, cols], len(rows)
+    take = np.zeros((2, pow2_at_least(max(n, 1))), np.int32)
+    take[:, :n] = rows, cols
     self.compiled_shapes.add(("bulk", tokens.shape))
+    self.compiled_shapes.add(("gather", tokens.shape, take.shape))
     t = time.perf_counter()
     x = self._embed(self.outer, tokens)
     sent, previous = [], None
@@ -238,27 +262,28 @@ class PipelinedRunner:
       if local:
         self.local_states[s] = self._local_write(self.local_states[s], np.int32(layer), k, v, page_ids, offsets,
                                                  slice_index=s)
-      k.copy_to_host_async()
-      v.copy_to_host_async()
-      if previous is not None:
-        sent.append(self._append(layer - 1, ids, pos, *previous, rows, cols))
-      previous = (k, v)
-    sent.append(self._append(self.num_layers - 1, ids, pos, *previous, rows, cols))
+      if n:
+        kv = gather_tokens(k, v, take)
+        kv.copy_to_host_async()
+        if previous is not None:
+          sent.append(self._append(layer - 1, ids, pos, previous))
+        previous = kv
+    if n:
+      sent.append(self._append(self.num_layers - 1, ids, pos, previous))
     self.stats.tier1_s += time.perf_counter() - t
     t = time.perf_counter()
     for future in sent:
       future.result()
     self.stats.wait_s += time.perf_counter() - t
 
-  def _append(self, layer, ids, pos, k, v, rows, cols) -> futures.Future:
-    k, v = np.asarray(k)[rows, cols], np.asarray(v)[rows, cols]
-    self.stats.tier2_bytes += k.nbytes + v.nbytes
-    return self.client.append_async(layer, ids, pos, k, v, timeout_s=self.timeout_s)
+  def _append(self, layer, ids, pos, kv) -> futures.Future:
+    self.stats.tier2_bytes += 2 * len(ids) * math.prod(kv.shape[2:]) * kv.dtype.itemsize
+    return append_layer(self.client, layer, ids, pos, kv, self.timeout_s)
 
   def decode(self, tokens, positions, block_tables, token_index, temperature, top_k, top_p, seeds,
              greedy_only, seq_ids) -> np.ndarray:
     """`decode_steps` steps from tokens: [B] at positions: [B]; returns sampled tokens [steps, B]."""
-    order = self._by_shard(seq_ids)
+    order = self._by_shard(seq_ids, interleave=self.spread)
     tokens, positions, seq_ids, temperature, top_k, top_p, seeds, token_index, block_tables = (
         np.asarray(a)[order] for a in (tokens, positions, seq_ids, temperature, top_k, top_p, seeds, token_index,
                                        block_tables))
@@ -273,16 +298,19 @@ class PipelinedRunner:
       out[:, order[m.rows]] = np.stack(m.results)
     return out
 
-  def _by_shard(self, seq_ids: np.ndarray) -> np.ndarray:
+  def _by_shard(self, seq_ids: np.ndarray, interleave: bool = False) -> np.ndarray:
     """Row order with the tier-2 rows grouped by shard and the other rows (local, padding) after them in
     their order (unchanged order for a client without `shard_of`), so a micro-batch talks to few shards:
-    each shard in a request costs tier 1 a call's host work (fan-out)."""
+    each shard in a request costs tier 1 a call's host work (fan-out). With `interleave` the shards take
+    turns instead (one row of each, then the next of each), so every micro-batch cut from the order
+    spreads over all shards in proportion: each keeps every shard busy, not the few it holds rows of."""
     real = np.flatnonzero(seq_ids >= 0)
     shard_of = getattr(self.client, "shard_of", None)  # a client of layer slices has a fleet per slice
     if shard_of is None:
       return np.arange(len(seq_ids))
     shards = np.fromiter((shard_of(s) for s in seq_ids[real].tolist()), np.int64, len(real))
-    return np.concatenate([real[np.argsort(shards, kind="stable")], np.flatnonzero(seq_ids < 0)])
+    order = interleaved(shards) if interleave else np.argsort(shards, kind="stable")
+    return np.concatenate([real[order], np.flatnonzero(seq_ids < 0)])
 
   # The pipeline.
 
@@ -325,8 +353,9 @@ class PipelinedRunner:
         self.stats.wait_s += time.perf_counter() - t
     if measure and len(self.compiled_shapes) == before[1]:
       s, b = self.stats, before[0]
-      self.depth = auto_depth((s.tier1_s - b.tier1_s) / max(s.num_steps - b.num_steps, 1),
-                              (s.rtt_s - b.rtt_s) / max(s.num_round_trips - b.num_round_trips, 1))
+      depth = spread_depth if self.spread else auto_depth
+      self.depth = depth((s.tier1_s - b.tier1_s) / max(s.num_steps - b.num_steps, 1),
+                         (s.rtt_s - b.rtt_s) / max(s.num_round_trips - b.num_round_trips, 1))
 
   def _dispatch_first(self, m: _Micro):
     return self._attend_locally(m, 0, self._launch("first", self._first, self.outer, self.layers[0], m.tokens,
@@ -415,9 +444,31 @@ class PipelinedRunner:
     return attn
 
 
+@jax.jit
+def gather_tokens(k, v, take):
+  """k, v [R, T, KV, D] -> [2, N, KV, D]: the tokens at (rows, cols) = take [2, N]."""
+  return jnp.stack([k[take[0], take[1]], v[take[0], take[1]]])
+
+
+def append_layer(client, layer: int, ids: np.ndarray, pos: np.ndarray, kv, timeout_s: float) -> futures.Future:
+  """Appends a layer's K, V to tier 2: kv [2, N', KV, D] (device or host) whose first len(ids) tokens are
+  real, grouped by shard (each shard's request is then a view of the host copy, not a gather)."""
+  kv = np.asarray(kv)[:, :len(ids)]
+  return client.append_async(layer, ids, pos, kv[0], kv[1], timeout_s=timeout_s)
+
+
 def auto_depth(t1_s: float, rtt_s: float) -> int:
   """Micro-batches that keep tier 1 busy: ceil((t1 + rtt) / t1), clamped to [1, MAX_IN_FLIGHT]."""
   return int(min(max(math.ceil((t1_s + rtt_s) / max(t1_s, 1e-6)), 1), MAX_IN_FLIGHT))
+
+
+def spread_depth(t1_s: float, rtt_s: float) -> int:
+  """Micro-batches for tier2.split "spread", from one micro-batch of the whole batch (t1: tier 1's step
+  and host work, rtt: its round trip). k micro-batches that each span every shard take about rtt / k at
+  tier 2, so a layer takes at least max(k t1 (tier 1 serves each), t1 + rtt / k (one micro-batch's
+  cycle)): the k in [1, MAX_IN_FLIGHT] that minimizes it (the smallest of equals)."""
+  t1_s = max(t1_s, 1e-6)
+  return min(range(1, MAX_IN_FLIGHT + 1), key=lambda k: (max(k * t1_s, t1_s + rtt_s / k), k))
 
 
 def _local_tables(seq_ids: np.ndarray, block_tables: np.ndarray) -> np.ndarray | None:

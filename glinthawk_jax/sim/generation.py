@@ -4,8 +4,8 @@ stage times a measured profile holds (measurements["two_tier"], glinthawk_jax/si
 The run is modelled as PipelinedRunner executes it:
   - prefill: prompts (all but their last token) in chunks that fit engine.max_prefill_tokens; a
     chunk is a flow shop over the layers with three resources working at once: the accelerator
-    (bulk step of layer L + 1, then the device-to-host copy of its K, V), the host thread (gathering
-    layer L's real tokens and sending the append) and the tier-2 shards (storing appends, each its
+    (bulk step of layer L + 1 and the gather of its real tokens, then the device-to-host copy of
+    their K, V), the host thread (sending layer L's append) and the tier-2 shards (storing appends, each its
     share of the chunk's sequences); the chunk ends when the last append is stored;
   - decode: ceil(output / decode_steps) fused calls; in each, the batch is split into micro-batches
     as PipelinedRunner._split does, rows ordered by shard as _by_shard does, and the event model
@@ -27,6 +27,7 @@ import math
 
 import numpy as np
 
+from glinthawk_jax.placements.shard_order import interleaved
 from glinthawk_jax.sim.two_tier import PipelineTimes, ShardPart, makespan
 
 MIN_PREFILL_TOKENS = 16  # glinthawk_jax/scheduler.py
@@ -49,6 +50,7 @@ class RunShape:
   max_prefill_tokens: int = 256  # engine.max_prefill_tokens
   max_num_seqs: int = 0  # engine.max_num_seqs (0 = batch)
   shards: int = 1  # tier-2 servers (tier2.spawn)
+  split: str = "shards"  # tier2.split: micro-batches grouped by shard, or "spread" over all of them
 
 
 def _interp(table: list[dict], key: str, x: float, by: str) -> float:
@@ -93,11 +95,14 @@ def shard_rows(batch: int, shards: int) -> list[int]:
   return [batch // shards + (s < batch % shards) for s in range(shards)]
 
 
-def micro_batch_shards(batch: int, shards: int, in_flight: int) -> list[dict[int, int]]:
+def micro_batch_shards(batch: int, shards: int, in_flight: int, spread: bool = False) -> list[dict[int, int]]:
   """{shard: rows} of each micro-batch: the runner orders rows by shard (_by_shard), then cuts
-  contiguous micro-batches (_split), so a micro-batch talks to as few shards as it can."""
+  contiguous micro-batches (_split), so a micro-batch talks to as few shards as it can; with `spread`
+  (tier2.split "spread") the shards take turns in the order, so each micro-batch reaches all of them."""
   k, size = micro_batches(batch, in_flight)
   owner = np.repeat(np.arange(shards), shard_rows(batch, shards))
+  if spread:
+    owner = owner[interleaved(owner)]
   return [dict(zip(*(a.tolist() for a in np.unique(owner[j * size:(j + 1) * size], return_counts=True))))
           for j in range(k)]
 
@@ -159,7 +164,7 @@ def decode_times(meas: dict, num_layers: int, rows: int, context: float) -> Pipe
 
 def decode_call_time(meas: dict, num_layers: int, run: RunShape, context: float) -> float:
   """One fused decode call of `run.decode_steps` tokens at mean tier-2 `context`."""
-  parts = micro_batch_shards(run.batch, run.shards, run.in_flight)
+  parts = micro_batch_shards(run.batch, run.shards, run.in_flight, run.split == "spread")
   times = decode_times(meas, num_layers, micro_batches(run.batch, run.in_flight)[1], context)
   tier2 = Tier2Shard(meas, run.shards)
   shards = [[tier2.part(s, n, context, run.delay_ms / 1e3) for s, n in mb.items()] for mb in parts]

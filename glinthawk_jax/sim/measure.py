@@ -4,8 +4,8 @@ Tier 1 (default JAX device), per layer step of a micro-batch of `rows` sequences
 sees it: dispatch (the jitted call returning), compute (until the outputs are ready) and the
 device-to-host copy of q, k, v. Also the step after the last layer (post-attention, LM head,
 greedy pick), the first step (embedding, pre-attention) and a prompt's bulk prefill step per layer
-(attention over the chunk itself), split the same way plus the host's gather of the real tokens'
-K, V: the runner overlaps the device's part with the host's.
+(attention over the chunk itself, then the device's gather of the real tokens' K, V), split the
+same way: the runner overlaps the device's part with the host's.
 
 Tier 2 (real servers through a Tier2Client), per layer round trip at the payload size of a
 micro-batch at a context: `send_s` (the client call returning: serialization, on tier 1's host
@@ -134,27 +134,29 @@ class Tier1Steps:
 
   def bulk_step(self, rows: int, tokens: int, reps: int) -> dict:
     """One layer over a prompt chunk of rows x tokens, split as PipelinedRunner._bulk_prefill overlaps
-    it: dispatch (host), compute (device), the copy of k and v to the host (the device's copy
-    stream), the gather of the real tokens' k, v (host; a prompt fills all but its last token);
-    step_s is the whole, serially."""
+    it: dispatch (host), compute (device: the layer, then the gather of the real tokens' k, v into one
+    array), the copy of it to the host (the device's copy stream); gather_s is the host's part, now
+    none (each shard's append is a view of the copy). A prompt fills all but its last token; step_s
+    is the whole, serially."""
     import jax
+
+    from glinthawk_jax.placements.pipelined import gather_tokens
+
     x, _, positions = self._inputs(rows, tokens)
-    real_rows, real_cols = np.repeat(np.arange(rows), tokens - 1), np.tile(np.arange(tokens - 1), rows)
+    take = _take(rows, tokens)
 
     def run(parts=None):
       t0 = time.perf_counter()
       _, k, v = self.bulk(self.layer_a, x, positions)
+      kv = gather_tokens(k, v, take)
       t1 = time.perf_counter()
-      jax.block_until_ready((k, v))
+      jax.block_until_ready(kv)
       t2 = time.perf_counter()
-      k.copy_to_host_async()
-      v.copy_to_host_async()
-      k, v = np.asarray(k), np.asarray(v)
+      kv.copy_to_host_async()
+      np.asarray(kv)
       t3 = time.perf_counter()
-      k, v = k[real_rows, real_cols], v[real_rows, real_cols]
-      t4 = time.perf_counter()
       if parts is not None:
-        for key, dt in zip(("dispatch_s", "compute_s", "copy_s", "gather_s"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+        for key, dt in zip(("dispatch_s", "compute_s", "copy_s", "gather_s"), (t1 - t0, t2 - t1, t3 - t2, 0.0)):
           parts.setdefault(key, []).append(dt)
 
     parts = {}
@@ -165,12 +167,22 @@ class Tier1Steps:
             **row}
 
 
+def _take(rows: int, tokens: int) -> np.ndarray:
+  """(rows, cols) [2, N'] of a chunk's real tokens (all but each prompt's last), padded to a power of two."""
+  n = rows * (tokens - 1)
+  take = np.zeros((2, 1 << max(n - 1, 0).bit_length()), np.int32)
+  take[:, :n] = np.repeat(np.arange(rows), tokens - 1), np.tile(np.arange(tokens - 1), rows)
+  return take
+
+
 def _bulk_serial(steps: Tier1Steps, x, positions):
-  """The bulk step with k, v copied to the host, nothing overlapped."""
+  """The bulk step with its real tokens' k, v gathered and copied to the host, nothing overlapped."""
+  from glinthawk_jax.placements.pipelined import gather_tokens
+
   _, k, v = steps.bulk(steps.layer_a, x, positions)
-  k.copy_to_host_async()
-  v.copy_to_host_async()
-  return np.asarray(k), np.asarray(v)
+  kv = gather_tokens(k, v, _take(*x.shape[:2]))
+  kv.copy_to_host_async()
+  return np.asarray(kv)
 
 
 def _to_host(out):

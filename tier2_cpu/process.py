@@ -6,6 +6,7 @@ Used by the tier-1 launcher (tier2.spawn), tests and benchmarks. Each child is t
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import subprocess
@@ -27,7 +28,10 @@ class ServerProcess:
 
   def __init__(self, args: list[str], env: dict[str, str] | None = None):
     self.args = args
+    # The child writes through a copy of this file's descriptor, which shares its offset: without O_APPEND
+    # its writes would land wherever output()'s seek(0) last left it, over its earlier lines.
     self.log = tempfile.TemporaryFile(mode="w+")
+    fcntl.fcntl(self.log.fileno(), fcntl.F_SETFL, fcntl.fcntl(self.log.fileno(), fcntl.F_GETFL) | os.O_APPEND)
     self.process = subprocess.Popen(
         [sys.executable, self.launcher, *args, f"--exit_with_parent_pid={os.getpid()}"], cwd=REPO_ROOT,
         env={**os.environ, **env} if env else None, stdout=self.log, stderr=subprocess.STDOUT, text=True)

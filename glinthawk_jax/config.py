@@ -103,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.tier2.timeout_s = 60.0  # deadline of every tier-2 call
   c.tier2.transport = "auto"  # auto (shared memory on loopback), grpc or shm
   c.tier2.in_flight = 0  # pipelined micro-batches in flight; 0 = auto from measured step and round trip
-  c.tier2.split = "shards"  # pipelined micro-batches: "shards" (rows grouped by shard) or "spread" (all shards each)
+  c.tier2.split = "spread"  # pipelined micro-batches: "spread" (each spans every shard) or "shards" (rows grouped by shard)
   c.tier2.inject_delay_ms = 0.0  # delay spawned servers add to each tensor RPC (latency studies)
   c.tier2.auth_token = ""  # token for tier2.addresses' servers (their --auth_token); empty = none
   c.tier2.tls_ca = ""  # PEM CA or self-signed cert of tier2.addresses' servers (--tls_cert); empty = no TLS

@@ -114,8 +114,15 @@ class _Shard:
       except BaseException as e:  # noqa: BLE001 (handed to the caller's future)
         result.set_exception(e)
         return
-      call.add_done_callback(lambda c: result.set_exception(c.exception()) if c.exception() else
-                             result.set_result(c.result()))
+      def relay(c: futures.Future):
+        if c.cancelled():
+          result.set_exception(futures.CancelledError())
+        elif c.exception() is not None:
+          result.set_exception(c.exception())
+        else:
+          result.set_result(c.result())
+
+      call.add_done_callback(relay)
 
     self.executor.submit(run)
     return result
@@ -314,6 +321,9 @@ class Tier2Client:
         return
       except (tensor_wire.WireError, futures.CancelledError) as e:
         _fail(Tier2Error(shard.address, None, str(e)))
+        return
+      except Exception as e:  # noqa: BLE001 (e.g. OSError attaching a shared-memory slot on a shard's thread)
+        _fail(Tier2Error(shard.address, None, f"{type(e).__name__}: {e}"))
         return
       with lock:
         pending[0] -= 1

@@ -273,3 +273,20 @@ def test_rpc_rows_measure_both_transports(servers):
   assert [(r["transport"], r["payload_bytes"]) for r in rows] == \
       [("grpc", 16), ("shm", 16), ("grpc", 1 << 20), ("shm", 1 << 20)]
   assert all(0 < r["round_trip_ms_p50"] <= r["round_trip_ms_p90"] for r in rows)
+
+
+def test_a_large_request_that_cannot_get_a_slot_fails_its_future(servers, monkeypatch):
+  """A 4 MiB+ request is written on the shard's thread; an OSError there (say /dev/shm is full) must
+  fail the caller's future with a Tier2Error, not leave it pending forever."""
+  with Tier2Client([servers[0]], **DIMS, transport="shm", shm_slot_bytes=4096) as client:
+    client.allocate([7])
+    n = 16384  # K and V of 16,384 tokens: 2 x 16384 x 2 x 16 x 4 B = 4 MiB
+    k = np.random.default_rng(0).standard_normal((n, 2, 16), np.float32)
+
+    def no_space(*args, **kwargs):
+      raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm_wire, "Region", no_space)
+    future = client.append_async(0, np.full(n, 7), np.arange(n), k, k)
+    with pytest.raises(Tier2Error, match="No space left"):
+      future.result(timeout=30)

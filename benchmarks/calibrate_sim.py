@@ -44,6 +44,8 @@ def parse_args(argv=None):
   p.add_argument("--spawn", type=int, default=None, help="tier-2 servers (default 2 tiny, 4 otherwise)")
   p.add_argument("--kv_cache_gb", type=float, default=None, help="KV pool per server (0.05 tiny, 4 otherwise)")
   p.add_argument("--decode_steps", type=int, default=4, help="engine.decode_steps_per_call")
+  p.add_argument("--split", default="spread", choices=("spread", "shards"),
+                 help="config.tier2.split of the measured runs, and of their predictions")
   p.add_argument("--reps", type=int, default=9, help="repetitions of each profiled timing (median, after "
                  "untimed warm-up calls)")
   p.add_argument("--repeats", type=int, default=None, help="timed runs of each shape and of each profile "
@@ -87,8 +89,9 @@ def base_config(args):
   ns = argparse.Namespace(smoke=args.small, decode_steps=args.decode_steps, spawn=args.spawn, in_flight=1,
                           host_ram_gb=args.kv_cache_gb * args.spawn, local_fraction=0.0)
   largest = dict(batch=max(s[0] for s in shapes), prompt=max(s[1] for s in shapes), output=max(s[2] for s in shapes))
-  c = make_config(ns, args.model, "pipelined", largest)
+  c = make_config(ns, args.model, "pipelined", largest, timed_tokens=largest["output"])
   c.tier2.kv_cache_gb = args.kv_cache_gb
+  c.tier2.split = args.split
   if args.num_layers:
     c.model.num_layers = args.num_layers
   return c
@@ -111,11 +114,11 @@ def _prefill_budget(shape) -> int:
 
 
 def _run_shape(args, shape):
-  """The shape as generation.RunShape, with the run's decode steps and prefill budget."""
+  """The shape as generation.RunShape, with the run's decode steps, prefill budget and micro-batch split."""
   from glinthawk_jax.sim import generation
 
   return generation.RunShape(*shape, decode_steps=args.decode_steps, max_prefill_tokens=_prefill_budget(shape),
-                             shards=args.spawn)
+                             shards=args.spawn, split=args.split)
 
 
 def measure_run(config, model, shape, repeats: int) -> dict:
@@ -260,6 +263,7 @@ def replay(args) -> None:
     saved = json.load(f)
   for key in ("decode_steps", "spawn", "tolerance", "model"):
     setattr(args, key, saved["args"][key])
+  args.split = saved["args"].get("split", "shards")  # runs saved before --split were grouped by shard
   args.profile = args.profile or saved["profile"]
   args.shapes = [tuple(s["shape"][k] for k in ("batch", "prompt_len", "output_len", "in_flight", "delay_ms"))
                  for s in saved["runs"]]

@@ -46,3 +46,10 @@ def test_profile_flag_needs_replay(capsys):
   with pytest.raises(SystemExit):
     calibrate_sim.main(["--profile=p.json"])
   assert "--profile: only with --replay" in capsys.readouterr().err
+
+
+def test_base_config_builds_the_measured_runs_config():
+  args = calibrate_sim.parse_args(["--split=shards"])
+  c = calibrate_sim.base_config(args)
+  assert c.placement == "pipelined" and c.tier2.split == "shards"
+  assert c.engine.max_model_len >= max(s[1] + s[2] for s in args.shapes)

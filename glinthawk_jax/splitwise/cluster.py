@@ -239,8 +239,8 @@ class _Run:
     kind = event["event"]
     if kind == "prefilled":
       a.transfer["prefill_end_s"] = event["prefill_end_s"]
-    elif kind in ("begun", "dispatched"):
-      a.transfer[f"{kind}_s"] = event["t"]
+    elif kind in ("begun", "dispatched"):  # the first: a preempted sequence is dispatched again later
+      a.transfer.setdefault(f"{kind}_s", event["t"])
     elif kind == "transferred":
       a.transfer["layer_computed_s"] = event["layer_computed_s"]
       a.transfer["commit_sent_s"] = event.get("commit_sent_s")

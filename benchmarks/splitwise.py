@@ -152,7 +152,7 @@ def main(argv=None):
           results.append({"mode": mode, "trace": trace, "goodput_rps": None,
                           "rates": [{"rate": r, "error": f"warm-up: {e}"} for r in rates]})
           break  # the workers are still busy: on to the next mode's fresh cluster
-        warm_s, compiled = time.time() - t, cluster.compiles()  # none at all: jax stopped reporting them
+        warm_s, compiled = time.time() - t, cluster.compiles()  # all 0: jax reported no compile events
         so_far = ", ".join(f"{name} {c['count']} ({c['seconds']:.1f} s)" for name, c in compiled.items())
         print(f"== {mode} {trace}: warm-up {warm_s:.1f} s; compiles so far: {so_far}", file=sys.stderr, flush=True)
         res = replay(cluster, spec, rates, slo_ttft, slo_tbt, deadline=deadline)

@@ -1,6 +1,7 @@
 """ServerProcess: the child's log survives the parent polling it (shared file offset)."""
 
 import textwrap
+import time
 
 from tier2_cpu.process import ServerProcess
 
@@ -22,8 +23,9 @@ def test_polling_the_log_does_not_overwrite_the_childs_lines(tmp_path):
 
   server = Chatty([])
   try:
-    polls = 0
-    while "ready on" not in server.output():  # the parent seeks and reads while the child writes
+    polls, deadline = 0, time.monotonic() + 20
+    while "ready on" not in server.output() and time.monotonic() < deadline:  # polls while the child writes
+      assert server.process.poll() is None, server.output()[-2000:]
       polls += 1
     assert server.wait_ready(10) == "127.0.0.1:1"
     lines = server.output().splitlines()

@@ -2,7 +2,7 @@
 ships each layer's K,V to a decode worker with placement pipelined, which appends it to its two tier-2
 server processes and decodes there; greedy tokens equal the colocated local engine's, and the tier-2
 servers hold no KV afterwards and stop with the worker. Without a prefill worker the decode worker also
-prefills (colocated, with the pipelined placement)."""
+prefills (colocated, with the pipelined placement), and a transfer aborted halfway frees its tier-2 KV."""
 
 import socket
 import time
@@ -14,6 +14,7 @@ from glinthawk_jax.config import model_config
 from glinthawk_jax.engine import Engine
 from glinthawk_jax.requests import SamplingParams
 from glinthawk_jax.splitwise.cluster import Cluster, ClusterRequest
+from glinthawk_jax.splitwise.wire import encode_kv, params_to_json
 from glinthawk_jax.tier2_client import Tier2Client
 
 # Tiny GQA model in float32 (4 heads, 2 KV heads), 3 layers; 4 decode slots for 7 prompts, prompts over
@@ -71,6 +72,19 @@ def test_combined_decode_worker_gives_colocated_greedy_tokens_with_kv_on_tier2()
     outs = cluster.run([ClusterRequest(str(i), p, GREEDY) for i, p in enumerate(prompts[:3])], timeout_s=240)
     assert [o.token_ids for o in outs] == want[:3]
     assert all(o.route == ("decode1", "decode1") for o in outs)
+    assert [s["pages_in_use"] for s in _shards(addresses)] == [0, 0]
+    # A transfer aborted halfway (Begin, one K,V message, Abort) leaves no KV on tier 2.
+    stub, uid, prompt = cluster.stubs["decode1"], 10**6, prompts[1]
+    stub.call("Begin", {"uid": uid, "request_id": "aborted", "prompt_ids": prompt,
+                        "params": params_to_json(GREEDY), "num_kv_tokens": len(prompt) - 1}, 10)
+    m = model_config(_config())
+    k = np.ones((16, m.num_kv_heads, m.head_dim), np.float32)
+    stub.send_kv(encode_kv(uid, 0, np.arange(16), k, k, m.num_heads), 10)
+    assert sum(s["pages_in_use"] for s in _shards(addresses)) > 0
+    stub.call("Abort", {"uid": uid}, 10)
+    deadline = time.monotonic() + 10
+    while sum(s["pages_in_use"] for s in _shards(addresses)) and time.monotonic() < deadline:
+      time.sleep(0.1)
     assert [s["pages_in_use"] for s in _shards(addresses)] == [0, 0]
   deadline = time.monotonic() + 30
   while not all(_refused(a) for a in addresses) and time.monotonic() < deadline:

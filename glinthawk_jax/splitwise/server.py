@@ -68,5 +68,8 @@ def serve(worker: Worker, host: str, port: int) -> None:
   while loop.is_alive() and not stop.wait(0.5):
     pass
   server.stop(grace=1.0).wait()
-  if not stop.is_set():
+  died = not stop.is_set()
+  stop.set()
+  loop.join(timeout=30)  # so the worker's close() frees what the loop held, not what it still changes
+  if died:
     raise SystemExit("worker: engine loop died")

@@ -6,7 +6,9 @@ pipelined placement's bulk prefill uses, and once committed the request decodes 
 Tier 2 refuses a position past a layer's keys written so far, while one layer's messages may arrive out
 of order (the prefill worker sends on several connections): a message starting past the layer's written
 prefix is parked here and appended, right after the message before it, by that message's handler. Appends
-of one request and layer are serialized; each K,V RPC returns once its K,V (and any it unparked) is stored.
+of one request and layer are serialized. A parked message's RPC returns at once; the handler that appends
+the message before it appends the parked ones before it returns, so once every send of a layer has
+returned, all of that layer's K,V is stored.
 """
 
 from __future__ import annotations

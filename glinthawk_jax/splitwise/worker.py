@@ -36,7 +36,7 @@ from glinthawk_jax.scheduler import MIN_PREFILL_TOKENS, Scheduler, Sequence, pow
 from glinthawk_jax.splitwise.kv_sender import KVSender, ShippedRow
 from glinthawk_jax.splitwise.tier2_receiver import Tier2Receiver, Tier2Transfer
 from glinthawk_jax.splitwise.wire import params_from_json
-from glinthawk_jax.tier2_client import Tier2Error
+from glinthawk_jax.tier2_client import KVCacheFullError, ShardUnavailableError, Tier2Error
 
 BEGIN_RETRY_S = 0.02  # a decode worker that was full is asked again after this
 
@@ -260,7 +260,15 @@ class Worker:
       return {"outputs": outputs, "events": events, "stats": self._stats()}
 
   def close(self) -> None:
-    """Stops the tier-2 servers the engine spawned (two-tier placement)."""
+    """Two-tier placement: frees what this worker holds on tier 2 (best effort: servers given by address
+    outlive it), then stops the tier-2 servers the engine spawned. Call after the loop has stopped."""
+    if self.engine.tier2 is not None:
+      with self.lock:
+        transfers = [inc.tier2 for inc in self.incoming.values() if inc.tier2 is not None]
+        self.incoming.clear()
+      for transfer in transfers:
+        self._release_transfer(transfer)
+      self.engine._release_tier2(list(self.engine._tier2_ids), best_effort=True)  # noqa: SLF001
     self.engine.close()
 
   # ---- the loop thread ----
@@ -402,7 +410,11 @@ class Worker:
                                     self.layers_per_call)
     else:
       seqs = [seq for seq, _ in batch.rows]
-      runner.prefill(*args, self._tier2_rows(seqs, len(batch.tokens), [q for q in seqs if q.num_computed == 0]))
+      try:
+        runner.prefill(*args, self._tier2_rows(seqs, len(batch.tokens), [q for q in seqs if q.num_computed == 0]))
+      except (KVCacheFullError, ShardUnavailableError) as e:  # the batch is not committed: it runs again
+        self._tier2_trouble(e)
+        return True
     dispatched = time.time()
     finished = []
     with self.lock:
@@ -430,9 +442,13 @@ class Worker:
     if batch is None:
       return False
     start = time.time()
-    tokens = self.engine.runner.decode(batch.tokens, batch.positions, batch.block_tables, batch.token_index,
-                                       batch.temperature, batch.top_k, batch.top_p, batch.seeds,
-                                       batch.greedy_only, self._tier2_rows(batch.seqs, len(batch.tokens)))
+    try:
+      tokens = self.engine.runner.decode(batch.tokens, batch.positions, batch.block_tables, batch.token_index,
+                                         batch.temperature, batch.top_k, batch.top_p, batch.seeds,
+                                         batch.greedy_only, self._tier2_rows(batch.seqs, len(batch.tokens)))
+    except (KVCacheFullError, ShardUnavailableError) as e:
+      self._tier2_trouble(e)
+      return True
     now = time.time()
     with self.lock:
       self.engine.append_decoded(batch.seqs, tokens, start, now, self._finish)
@@ -446,13 +462,22 @@ class Worker:
     self._free_tier2(list(fresh))
     return self.engine._tier2_rows(seqs, rows)  # noqa: SLF001
 
+  def _tier2_trouble(self, error: KVCacheFullError | ShardUnavailableError) -> None:
+    """Two-tier placement, as the Engine's loop does: a full shard preempts its newest sequence; a lost
+    shard's sequences are prefilled again on the others (none left: the error stops this worker)."""
+    with self.lock:
+      if isinstance(error, KVCacheFullError):
+        self.engine._make_room(self.scheduler, error)  # noqa: SLF001
+      else:
+        self.engine._fail_over(self.scheduler, error)  # noqa: SLF001
+
   def _free_tier2(self, more: list[Sequence] = ()) -> None:
     """Loop thread (the only one that touches the engine's tier-2 ids): frees sequences' tier-2 KV."""
     if self.engine.tier2 is None:
       return
     with self.lock:
       done, self.tier2_done = self.tier2_done + self.scheduler.take_preempted(), []
-    self.engine._release_tier2(done + list(more))  # noqa: SLF001
+    self.engine._release_tier2(done + list(more), best_effort=True)  # noqa: SLF001
 
   def _release_transfer(self, transfer: Tier2Transfer) -> None:
     """Frees a transfer's tier-2 KV that never joined the decode batch (an unreachable shard lost it anyway)."""

@@ -31,6 +31,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from glinthawk_jax.json_file import write_json  # noqa: E402
+
 TINY_SHAPES = "8:16:32:1:0,8:16:32:2:0,16:16:32:4:0,16:32:32:2:0,8:16:16:2:5"
 LARGE_SHAPES = "64:128:16:2:0,64:128:16:4:0,32:128:16:2:0,64:128:8:4:20"
 
@@ -200,7 +202,6 @@ def main(argv=None):
         real[shape] = measure_run(run_config(base, shape, servers[shape[4]].addresses), model, shape, args.repeats)
         print(f"run {shape}: measured {real[shape]['output_tok_s']:.1f} tok/s", flush=True)
     profile.measurements["two_tier"]["runner"] = runner
-    os.makedirs(os.path.dirname(os.path.abspath(args.profile_out)), exist_ok=True)
     profiles.save(profile, args.profile_out)
     measure.print_tables(profile.measurements)
     print(f"wrote {args.profile_out}", flush=True)
@@ -248,9 +249,7 @@ def report(rows_out: list[dict], args, device: str, num_layers: int, seconds: fl
   print(f"max |error| {100 * results['max_abs_error']:.1f}%, mean {100 * results['mean_abs_error']:.1f}% "
         f"(tolerance {100 * args.tolerance:.0f}%: {'met' if results['within_tolerance'] else 'NOT met'}); "
         f"{results['seconds']:.0f} s")
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=2)
+  write_json(args.out, results)
   print(f"wrote {args.out}")
 
 

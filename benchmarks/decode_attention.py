@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 
@@ -26,6 +25,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.device_ceilings import copy_bandwidth_gbs, seconds_per_call  # noqa: E402
 from glinthawk_jax import paged_attention, pallas_paged_attention  # noqa: E402
+from glinthawk_jax.json_file import write_json  # noqa: E402
 from glinthawk_jax.scheduler import width_bucket  # noqa: E402
 
 
@@ -86,8 +86,7 @@ def main(argv=None):
   report = dict(device=device, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command=" ".join([os.path.basename(sys.executable)] + sys.argv),
                 shape={k: str(v) for k, v in shape.items()}, copy_gbs=copy_gbs, rows=rows)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=2)
+  write_json(args.out, report)
   print(f"{device}: copy {copy_gbs:,.0f} GB/s (read + write); GB/s below = live K, V bytes / time")
   print(f"{'batch':>6} {'context':>8} {'width':>6} {'KV MB':>8} {'xla us':>8} {'xla GB/s':>9} "
         f"{'pallas us':>10} {'pallas GB/s':>12} {'rel err':>8}")

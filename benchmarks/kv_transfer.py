@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import threading
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 
+from glinthawk_jax.json_file import write_json  # noqa: E402
 from glinthawk_jax.requests import SamplingParams  # noqa: E402
 from glinthawk_jax.splitwise.cluster import WorkerProcess  # noqa: E402
 from glinthawk_jax.splitwise.kv_sender import KVSender, ShippedRow  # noqa: E402
@@ -137,8 +137,7 @@ def main(argv=None) -> None:
   out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
          "device": runs[-1]["device"], "args": vars(a), "bytes_per_request": nbytes,
          "gbps": stages, "runs": runs, "wall_s": time.perf_counter() - started}
-  with open(a.out, "w") as f:
-    json.dump(out, f, indent=1)
+  write_json(a.out, out, indent=1)
   print(f"K,V per request: {nbytes / 1e6:.0f} MB ({a.layers} layers x {a.tokens} tokens x {a.kv_heads} x "
         f"{a.head_dim} {a.dtype} K and V), {a.send_threads} send threads, {a.layers_per_call} layers per call, messages <= {a.kv_message_mb} MB")
   print(f"{'stage':<10} {'GB/s':>7}")

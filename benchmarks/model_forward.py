@@ -14,7 +14,6 @@ head_dim (attention as computed: the dense masked score matrix).
 
 import dataclasses
 import datetime
-import json
 import os
 import shutil
 import statistics
@@ -34,6 +33,7 @@ from ml_collections import config_flags  # noqa: E402
 from configs import tiny  # noqa: E402
 from glinthawk_jax.checkpoint import load_hf_checkpoint, write_random_hf_checkpoint  # noqa: E402
 from glinthawk_jax.config import model_config  # noqa: E402
+from glinthawk_jax.json_file import write_json  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/llama2_7b.py", "Config file for the shape.")
 _SMALL = flags.DEFINE_bool("small", False, "Tiny shape, batch 2 x 64: runs in seconds on CPU.")
@@ -125,9 +125,7 @@ def main(argv):
         f"on {result['device']}")
   for name, value in rows:
     print(f"  {name:<30} {value}")
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(result, f, indent=2)
+  write_json(_OUT.value, result)
   print(f"wrote {_OUT.value}")
 
 

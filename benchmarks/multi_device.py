@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from glinthawk_jax.json_file import write_json  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -124,8 +125,7 @@ def main(argv=None):
                 command=" ".join([os.path.basename(sys.executable)] + sys.argv), model="tiny" if args.smoke
                 else "llama2_13b", prompt_len=args.prompt_len, output_len=args.output_len,
                 decode_steps_per_call=args.decode_steps, layer_loop=args.layer_loop, skipped=skipped, rows=rows)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=2)
+  write_json(args.out, report)
   print(f"{report['model']} on {len(devices)} x {report['device']}, prompt {args.prompt_len} / output "
         f"{args.output_len}, layer_loop={args.layer_loop}" + (f"; skipped (too few devices): {skipped}"
                                                              if skipped else ""))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import math
 import os
 import shutil
@@ -38,6 +37,7 @@ from benchmarks import kernel_trace  # noqa: E402
 from benchmarks.device_ceilings import copy_bandwidth_gbs  # noqa: E402
 from benchmarks.throughput import model_shape, streaming_floor  # noqa: E402
 from glinthawk_jax import config as config_lib  # noqa: E402
+from glinthawk_jax.json_file import write_json  # noqa: E402
 from glinthawk_jax.model_runner import LocalPagedAttention, ModelRunner  # noqa: E402
 from glinthawk_jax.paged_cache import SCRATCH_PAGE, pages_per_sequence  # noqa: E402
 from glinthawk_jax.scheduler import width_bucket  # noqa: E402
@@ -205,8 +205,7 @@ def main(argv=None):
       decode_steps_per_call=args.decode_steps, page_size=args.page_size, hbm_tbps=hbm_tbps,
       floor_step_ms=floor["floor_step_ms"], weight_gb=floor["weight_gb"], avg_kv_read_gb=floor["avg_kv_read_gb"],
       variants=rows)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=2)
+  write_json(args.out, report)
   print(f"{device}: copy {hbm_tbps:.2f} TB/s; batch {args.batch}, context {report['context']}, "
         f"block-table widths {widths} pages ({live} live, then the scratch page), "
         f"{args.decode_steps} steps a call; "

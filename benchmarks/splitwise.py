@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from glinthawk_jax.json_file import write_json  # noqa: E402
 from glinthawk_jax.splitwise.cluster import Cluster  # noqa: E402 (no jax in this process: GPUs stay free)
 from glinthawk_jax.splitwise.replay import ReplaySpec, measured, replay, stage_table, table, warm_up  # noqa: E402
 
@@ -111,9 +111,7 @@ def save(path: str, results: list[dict], devices: set, gpus: int, config: str, o
   out = {"benchmark": "splitwise", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
          "command": " ".join([sys.executable, *sys.argv]), "devices": sorted(devices), "gpus": gpus,
          "config": config, "overrides": overrides, "wall_s": time.time() - started, "results": results}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(out, f, indent=2)
+  write_json(path, out)
 
 
 def main(argv=None):

@@ -32,6 +32,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from glinthawk_jax.json_file import write_json  # noqa: E402
+
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -238,8 +240,7 @@ def main(argv=None):
       layer_loop=args.layer_loop, decode_attention=args.decode_attention,
       max_prefill_tokens=args.max_prefill_tokens, hbm_tbps=args.hbm_tbps, peak_tflops=args.peak_tflops,
       engine=engine_rows, hf=hf_rows)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=2)
+  write_json(args.out, report)
   print(f"{device}: copy {args.hbm_tbps:.2f} TB/s, bf16 matmul {args.peak_tflops:.0f} TFLOP/s; "
         f"prompt {args.prompt_len} / output {args.output_len}, "
         f"decode_steps_per_call={args.decode_steps}, layer_loop={args.layer_loop}, "

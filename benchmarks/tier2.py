@@ -22,7 +22,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import json  # noqa: E402
 import multiprocessing as mp  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
@@ -31,6 +30,8 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from glinthawk_jax.json_file import write_json  # noqa: E402
 
 KINDS = ("copy", "float32", "float32_xla", "float32_xla_dense", "bfloat16", "int8")
 
@@ -209,7 +210,7 @@ def main() -> None:
   record = {"device": _device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "command": " ".join([sys.executable, *sys.argv]), "config": cfg, "kernel_rows": rows,
             "rpc_rows": extra}
-  pathlib.Path(args.out).write_text(json.dumps(record, indent=1))
+  write_json(args.out, record, indent=1)
   print(f"wrote {args.out}")
 
 

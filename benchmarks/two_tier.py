@@ -55,6 +55,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from glinthawk_jax.json_file import write_json  # noqa: E402
 from glinthawk_jax.sim import cost_model  # noqa: E402
 from glinthawk_jax.sim.measure import wire_dtype  # noqa: E402
 
@@ -546,8 +547,7 @@ def _config(args, model_name: str, shape_name: str, placement: str, delay: float
 def save(results: dict, path: str, started: float) -> None:
   """Writes the JSON (after every run, so a later failure keeps what ran)."""
   results["elapsed_s"] = time.perf_counter() - started
-  with open(path, "w") as f:
-    json.dump(results, f, indent=2)
+  write_json(path, results)
 
 
 def print_table(results: dict) -> None:

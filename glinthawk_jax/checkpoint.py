@@ -24,6 +24,7 @@ from flax import nnx
 
 from glinthawk_jax import safetensors_io
 from glinthawk_jax.config import model_config as config_model_config
+from glinthawk_jax.json_file import write_json
 from glinthawk_jax.sharding import Layout
 from models.llama import Llama, abstract_model, init_model
 from models.model_config import ModelConfig, UnsupportedModelError
@@ -93,9 +94,7 @@ def load_hf_checkpoint(path: str, dtype="bfloat16", layout: Layout | None = None
 def save_params(model: Llama, directory: str) -> None:
   """Saves converted params (orbax) and the ModelConfig, so `restore_params` skips the conversion."""
   directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "model_config.json"), "w") as f:
-    json.dump(dataclasses.asdict(model.config), f, indent=1)
+  write_json(os.path.join(directory, "model_config.json"), dataclasses.asdict(model.config), indent=1)
   _, state = nnx.split(model)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(directory, "params"), nnx.to_pure_dict(state), force=True)
@@ -177,9 +176,7 @@ def write_random_hf_checkpoint(cfg: ModelConfig, path: str, num_shards: int = 1,
   writing runs at disk speed. With num_shards > 1 the tensors are split over `model-0000i-of-0000n`
   files, layer by layer, with an index.
   """
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(hf_config(cfg), f, indent=1)
+  write_json(os.path.join(path, "config.json"), hf_config(cfg), indent=1)
   dtype = np.dtype(jnp.dtype(cfg.dtype))
   rng = np.random.default_rng(seed)
   pool = (0.02 * rng.standard_normal(1 << 22, np.float32)).astype(dtype)
@@ -204,8 +201,7 @@ def write_random_hf_checkpoint(cfg: ModelConfig, path: str, num_shards: int = 1,
     for name, shape, _, _ in shard:
       weight_map[name] = filename
       total += dtype.itemsize * int(np.prod(shape))
-  with open(os.path.join(path, INDEX_FILE), "w") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+  write_json(os.path.join(path, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
 
 
 def _hf_names(param_path: tuple, num_layers: int) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -13,6 +12,7 @@ from glinthawk_jax import config as config_lib
 from glinthawk_jax.builtin_prompts import builtin_requests
 from glinthawk_jax.job_input import InputError, parse_requests, read_jsonl
 from glinthawk_jax.job_output import OutputWriter, finished_ids
+from glinthawk_jax.json_file import write_json
 from glinthawk_jax.metrics import summarize
 
 ON_BAD_INPUT = ("fail", "skip")
@@ -72,7 +72,6 @@ def run_offline_job(config: ml_collections.ConfigDict, input_path: str | None, o
       "engine_stats": engine.stats_dict(),
   })
   summary_path = summary_path or os.path.splitext(output_path)[0] + ".summary.json"
-  with open(summary_path, "w") as f:
-    json.dump(summary, f, indent=2)
+  write_json(summary_path, summary)
   logging.info("wrote %d outputs to %s and the summary to %s", len(outputs), output_path, summary_path)
   return summary

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -226,11 +227,12 @@ class Scheduler:
     seq.pages += pool.allocate(need)
     return True
 
-  def schedule_prefill(self) -> PrefillBatch | None:
-    """Chunks of running-but-unfilled sequences, then newly admitted ones, within the token budget."""
+  def schedule_prefill(self, eligible: Callable[[Sequence], bool] = lambda seq: True) -> PrefillBatch | None:
+    """Chunks of running-but-unfilled sequences, then newly admitted ones, within the token budget.
+    Sequences `eligible` rejects are passed over (they keep their place for a later call)."""
     rows: list[tuple[Sequence, int]] = []
     longest = 0
-    for seq in [s for s in self.running if not s.decode_ready]:
+    for seq in [s for s in self.running if not s.decode_ready and eligible(s)]:
       if self._rows_full(rows):
         break
       chunk = min(seq.num_tokens - 1 - seq.num_computed, self.chunk_cap)
@@ -240,8 +242,12 @@ class Scheduler:
         continue
       rows.append((seq, chunk))
       longest = max(longest, chunk)
-    while self.waiting and len(self.running) < self.max_num_seqs and not self._rows_full(rows):
-      seq = self.waiting[0]
+    i = 0
+    while i < len(self.waiting) and len(self.running) < self.max_num_seqs and not self._rows_full(rows):
+      seq = self.waiting[i]
+      if not eligible(seq):
+        i += 1
+        continue
       chunk = min(seq.num_tokens - 1 - seq.num_computed, self.chunk_cap)
       if chunk and rows and not self._fits(len(rows) + 1, max(longest, chunk)):
         break
@@ -251,7 +257,7 @@ class Scheduler:
       whole = self._pages_for(seq, min(seq.num_tokens - 1 + self.decode_steps, self.max_model_len))
       if not self._place(seq, max(need, whole)):
         break
-      self.waiting.pop(0)
+      self.waiting.pop(i)
       self.running.append(seq)
       self.num_admissions += 1
       self.num_local_admissions += seq.local

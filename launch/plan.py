@@ -22,6 +22,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from glinthawk_jax.config import ConfigError, model_config  # noqa: E402
+from glinthawk_jax.json_file import write_json  # noqa: E402
 from glinthawk_jax.sim import planner, profiles, splitwise, traces  # noqa: E402
 from glinthawk_jax.sim.profiles import Network, ProfileError  # noqa: E402
 
@@ -63,8 +64,7 @@ def main(argv):
   report.update(model=_CONFIG.value.name, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 command=" ".join(sys.argv))
   path = os.path.join(_OUT.value, "plan.json")
-  with open(path, "w") as f:
-    json.dump(report, f, indent=2)
+  write_json(path, report)
   print(f"wrote {path}")
 
 

@@ -80,7 +80,6 @@ def main(argv):
         servers.close()
     measure.print_tables(profile.measurements)
     print(f"fit: {profile.mem_bandwidth_gbs:.1f} GB/s, {profile.peak_tflops:.2f} TFLOP/s ({_KIND.value})")
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   profiles.save(profile, _OUT.value)
   print(f"wrote {_OUT.value}")
 

@@ -9,7 +9,6 @@ gives each its CUDA_VISIBLE_DEVICES ("0;1"); --mem_fraction sets XLA_PYTHON_CLIE
 workers sharing a GPU. Any --config.X=Y flag is also passed to every worker. Prints a table and writes JSON.
 """
 
-import json
 import os
 import sys
 
@@ -17,6 +16,8 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # rep
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from glinthawk_jax.json_file import write_json  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file (get_config()).")
 _WORKERS = flags.DEFINE_string("workers", "prefill,decode",
@@ -71,9 +72,7 @@ def main(argv):
   result["command"] = " ".join(sys.argv)
   print(stage_table([result]))
   print(table([result]))
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(result, f, indent=2)
+  write_json(_OUT.value, result)
   print(f"wrote {_OUT.value}")
 
 

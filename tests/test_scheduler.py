@@ -40,6 +40,22 @@ def test_max_prefill_rows_prefills_each_prompt_alone_in_order():
   assert all(seq.decode_ready for seq in s.running)
 
 
+def test_sequences_not_eligible_keep_their_place_while_later_ones_prefill():
+  """A Splitwise prefill worker at its shipped-batch limit still prefills its own requests."""
+  s = _scheduler(max_prefill_tokens=16)
+  s.add(_seq(0, 40))  # chunked: its first chunk runs now, its later ones wait with it
+  s.schedule_prefill().commit()
+  for i, n in ((1, 9), (2, 5), (3, 7)):
+    s.add(_seq(i, n))
+  shipped = {0, 2}
+  batches = []
+  while (b := s.schedule_prefill(lambda seq: seq.index not in shipped)) is not None:
+    b.commit()
+    batches.append(b)
+  assert [[(seq.index, chunk) for seq, chunk in b.rows] for b in batches] == [[(1, 8)], [(3, 6)]]
+  assert [q.index for q in s.waiting] == [2] and s.running[0].num_computed == 16
+  assert [(seq.index, chunk) for seq, chunk in s.schedule_prefill().rows] == [(0, 16)]
+
 def test_buckets():
   assert [pow2_at_least(n) for n in (1, 2, 3, 5, 64, 65)] == [1, 2, 4, 8, 64, 128]
   assert [width_bucket(n, 100) for n in (1, 2, 3, 4, 5, 6, 7, 9, 13, 17)] == [1, 2, 3, 4, 6, 6, 8, 12, 16, 24]

@@ -177,6 +177,43 @@ def test_transfers_are_begun_just_before_their_prefill_not_while_queued():
     prefill_worker.sender.close()
 
 
+def test_prefill_worker_at_its_shipped_batch_limit_still_runs_its_own_requests(decode, prefill):
+  """Shipped batches whose sends cannot land (the decode worker's lock is held) fill the throttle
+  (splitwise.prefills_in_flight); a request the prefill worker runs end to end (mixed pool) is still
+  prefilled and decoded meanwhile, and the shipped batches still count until their sends return."""
+  server, port = build_server(decode, "127.0.0.1", 0)
+  uid, n, m = 50, len(PROMPT) - 1, decode.model
+  sender, timeout_s = prefill.sender, prefill.sender.timeout_s
+  sender.timeout_s = 60.0  # the held sends must not time out during the test
+  done = []
+  try:
+    sender.begin(uid, f"127.0.0.1:{port}", _msg(uid, num_kv_tokens=n))
+    kv = np.zeros((m.num_layers, 2, n, m.num_kv_heads, m.head_dim), np.float32)
+    with decode.lock:  # receive_kv waits for it: the batches' sends stay in flight
+      for _ in range(prefill.prefills_in_flight):
+        sender.ship([kv], [ShippedRow(uid, 0, np.arange(n, dtype=np.int32))], [], lambda *_: None, lambda *_: None)
+      prefill.submit(_msg(51))  # no decode address: prefilled and decoded here
+      deadline = time.monotonic() + 30
+      outputs = []
+      while not outputs and time.monotonic() < deadline:
+        prefill.step()
+        outputs += prefill.poll()["outputs"]
+      assert [(o["uid"], len(o["token_ids"])) for o in outputs] == [(51, 4)]
+      assert sender.batches_in_flight == prefill.prefills_in_flight == 2
+    deadline = time.monotonic() + 30
+    while sender.batches_in_flight and time.monotonic() < deadline:
+      time.sleep(0.01)
+    assert sender.batches_in_flight == 0
+    sender.abort(uid, lambda *a: done.append(a))
+    while not done and time.monotonic() < deadline:
+      time.sleep(0.01)
+    assert done and "cancelled" in str(done[0][1])
+  finally:
+    sender.timeout_s = timeout_s
+    server.stop(0)
+  assert _used(decode) == 0 and prefill.poll()["stats"]["kv_used_pages"] == 0
+
+
 @pytest.mark.parametrize("split", [16, 10])  # at a page boundary (whole-page writes), inside a page (per token)
 def test_kv_split_over_messages_lands_at_its_positions(decode, split):
   uid, n, m = 20 + split, len(PROMPT) - 1, decode.model

@@ -12,6 +12,8 @@ import dataclasses
 import json
 from typing import Any
 
+from glinthawk_jax.json_file import write_json
+
 SOURCES = ("datasheet", "measured")
 KINDS = ("accelerator", "cpu")
 
@@ -99,9 +101,7 @@ def load(path: str) -> HardwareProfile:
 
 
 def save(profile: HardwareProfile, path: str) -> None:
-  with open(path, "w") as f:
-    json.dump(profile.to_dict(), f, indent=2)
-    f.write("\n")
+  write_json(path, profile.to_dict(), end="\n")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,7 +68,8 @@ class KVSender:
 
   @property
   def batches_in_flight(self) -> int:
-    """Shipped batches not yet fetched and sent: the worker dispatches a new one only below a limit."""
+    """Shipped batches not yet fetched and sent: the worker dispatches another only below a limit (batches
+    with no shipped rows never count)."""
     with self._lock:
       return self._batches_in_flight
 

@@ -389,11 +389,11 @@ class Worker:
 
   def _prefill(self) -> bool:
     """Dispatches one prefill batch; the rows shipped elsewhere run layer by layer, their K,V fetched and
-    sent by the sender while this loop goes on (at most splitwise.prefills_in_flight such batches)."""
-    if self.sender is not None and self.sender.batches_in_flight >= self.prefills_in_flight:
-      return False
+    sent by the sender while this loop goes on (at most splitwise.prefills_in_flight such batches: at the
+    limit, only requests prefilled for this worker's own decode go)."""
+    throttled = self.sender is not None and self.sender.batches_in_flight >= self.prefills_in_flight
     with self.lock:
-      batch = self.scheduler.schedule_prefill()
+      batch = self.scheduler.schedule_prefill(lambda seq: not throttled or seq.index not in self.ship)
     if batch is None:
       return False
     runner = self.engine.runner

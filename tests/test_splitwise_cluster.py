@@ -88,7 +88,6 @@ def test_warm_up_leaves_the_prefill_worker_nothing_to_compile(cluster):
   assert compiles_between(before, cluster.compiles())["prefill0"]["count"] == 0
 
 
-@pytest.mark.slow
 def test_burst_is_never_dropped(cluster):
   prompts = _prompts([int(n) for n in np.random.default_rng(1).integers(1, 127, 40)], seed=2)
   outs = cluster.run(_requests(prompts, max_tokens=4), timeout_s=240)
@@ -126,7 +125,6 @@ def test_failed_transfers_are_recomputed_up_to_max_attempts_then_reported():
       assert stats["kv_used_pages"] == 0 and stats["num_incoming"] == 0 and stats["num_shipping"] == 0
 
 
-@pytest.mark.slow
 def test_killed_decode_worker_requests_are_recomputed():
   with _cluster(["prefill", "decode", "decode"]) as cluster:
     _kill_and_check(cluster)

@@ -12,6 +12,7 @@ from configs import tiny
 from glinthawk_jax.config import ConfigError, model_config, validate
 from glinthawk_jax.engine import Engine
 from glinthawk_jax.placements.pipelined import PipelinedRunner, auto_depth, spread_depth
+from glinthawk_jax.placements.shard_order import grouped_within
 from glinthawk_jax.requests import SamplingParams
 from glinthawk_jax import tier2_client
 from glinthawk_jax.tier2_client import Tier2Client, Tier2Error
@@ -87,10 +88,16 @@ def test_spread_split_measures_its_depth_and_interleaves_the_shards(servers, loc
     seqs = np.arange(700, 709)
     client.allocate(seqs)
     ids = np.concatenate([seqs, [-2, -1]])  # a local row and a padding row go last
-    order = PipelinedRunner._by_shard(types.SimpleNamespace(client=client), ids, interleave=True)
+    order, keys = PipelinedRunner._by_shard(types.SimpleNamespace(client=client), ids, interleave=True)
     shards = [client.shard_of(s) for s in ids[order][:9]]
     assert [sorted(shards[i:i + 3]) for i in (0, 3, 6)] == [[0, 1, 2]] * 3  # each round visits every shard
     assert ids[order][9:].tolist() == [-2, -1]
+    assert keys.tolist() == shards + [3, 3]
+    # Micro-batches cut from it keep every shard, each shard's rows made contiguous; the rest stay last.
+    cuts = [slice(0, 6), slice(6, 11)]
+    grouped = ids[order][grouped_within(keys, cuts)]
+    assert [client.shard_of(s) for s in grouped[:9]] == [0, 0, 1, 1, 2, 2, 0, 1, 2]
+    assert grouped[9:].tolist() == [-2, -1]
     client.release(seqs)
 
 

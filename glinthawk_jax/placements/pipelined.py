@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 import time
 from concurrent import futures
 
@@ -43,7 +44,7 @@ from flax import nnx
 from glinthawk_jax.config import MAX_IN_FLIGHT
 from glinthawk_jax.model_runner import LocalPagedAttention
 from glinthawk_jax.paged_cache import SCRATCH_PAGE
-from glinthawk_jax.placements.shard_order import interleaved
+from glinthawk_jax.placements.shard_order import grouped_within, interleaved
 from glinthawk_jax.placements.tokens import LOCAL_ROW, PADDING_ROW, valid_tokens
 from glinthawk_jax.sampling import sample
 from glinthawk_jax.scheduler import pow2_at_least
@@ -70,6 +71,7 @@ class _Micro:
   index: tuple = ()  # (rows, cols) of the real tokens in it, () until the step's first send
   real_ids: np.ndarray | None = None  # their sequence ids and positions
   real_positions: np.ndarray | None = None
+  plan: object = None  # the client's split of them by shard, made once for the step's layers
   results: list = dataclasses.field(default_factory=list)  # sampled tokens [R] of each decode step
   block_tables: np.ndarray | None = None  # [R, W] pages of tier 1's cache; None without LOCAL_ROW rows
   local_out: jax.Array | None = None  # local attention [R', T, H, D] of m.layer (LOCAL_ROW rows valid)
@@ -132,6 +134,8 @@ class PipelinedRunner:
     self._merge = jax.jit(lambda local_rows, local_out, remote: jnp.where(
         local_rows[:, None, None, None], local_out, remote.astype(local_out.dtype)))
     self.stats = PipelineStats()
+    self._stats_lock = threading.Lock()  # the sender thread adds to stats too
+    self._sender = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier1-send")  # one: sends in order
     self.compiled_shapes: set[tuple] = set()
 
   @property
@@ -245,7 +249,7 @@ class PipelinedRunner:
     padded_ids = _pad(seq_ids, PADDING_ROW)
     rows, cols = valid_tokens(padded_ids, positions, _pad(context_lens, 1))
     rank = np.empty(len(padded_ids), np.int64)
-    rank[self._by_shard(padded_ids)] = np.arange(len(padded_ids))
+    rank[self._by_shard(padded_ids)[0]] = np.arange(len(padded_ids))
     by_shard = np.argsort(rank[rows], kind="stable")
     rows, cols = rows[by_shard], cols[by_shard]
     ids, pos, n = padded_ids[rows], positions[rows, cols], len(rows)
@@ -283,7 +287,11 @@ class PipelinedRunner:
   def decode(self, tokens, positions, block_tables, token_index, temperature, top_k, top_p, seeds,
              greedy_only, seq_ids) -> np.ndarray:
     """`decode_steps` steps from tokens: [B] at positions: [B]; returns sampled tokens [steps, B]."""
-    order = self._by_shard(seq_ids, interleave=self.spread)
+    order, shards = self._by_shard(seq_ids, interleave=self.spread)
+    cuts = self._split(len(order), seq_ids)
+    if self.spread:  # each micro-batch's rows grouped by shard: its shards' rows are contiguous views
+      within = grouped_within(shards, cuts)
+      order = order[within]
     tokens, positions, seq_ids, temperature, top_k, top_p, seeds, token_index, block_tables = (
         np.asarray(a)[order] for a in (tokens, positions, seq_ids, temperature, top_k, top_p, seeds, token_index,
                                        block_tables))
@@ -291,26 +299,29 @@ class PipelinedRunner:
     micros = [_Micro(rows, tokens[rows, None], positions[rows, None], positions[rows] + 1, seq_ids[rows],
                      (temperature[rows], top_k[rows], top_p[rows], seeds[rows], token_index[rows]),
                      block_tables=_local_tables(seq_ids[rows], block_tables[rows]))
-              for rows in self._split(len(tokens), seq_ids)]
+              for rows in cuts]
     self._run(micros, greedy_only, measure=self.depth == 0)
     out = np.zeros((self.decode_steps, len(tokens)), np.int32)
     for m in micros:
       out[:, order[m.rows]] = np.stack(m.results)
     return out
 
-  def _by_shard(self, seq_ids: np.ndarray, interleave: bool = False) -> np.ndarray:
+  def _by_shard(self, seq_ids: np.ndarray, interleave: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Row order with the tier-2 rows grouped by shard and the other rows (local, padding) after them in
     their order (unchanged order for a client without `shard_of`), so a micro-batch talks to few shards:
     each shard in a request costs tier 1 a call's host work (fan-out). With `interleave` the shards take
     turns instead (one row of each, then the next of each), so every micro-batch cut from the order
-    spreads over all shards in proportion: each keeps every shard busy, not the few it holds rows of."""
+    spreads over all shards in proportion: each keeps every shard busy, not the few it holds rows of.
+    Also returns the shard of each ordered row (the other rows: one past the last shard)."""
     real = np.flatnonzero(seq_ids >= 0)
     shard_of = getattr(self.client, "shard_of", None)  # a client of layer slices has a fleet per slice
     if shard_of is None:
-      return np.arange(len(seq_ids))
+      return np.arange(len(seq_ids)), np.zeros(len(seq_ids), np.int64)
     shards = np.fromiter((shard_of(s) for s in seq_ids[real].tolist()), np.int64, len(real))
     order = interleaved(shards) if interleave else np.argsort(shards, kind="stable")
-    return np.concatenate([real[order], np.flatnonzero(seq_ids < 0)])
+    rest = np.flatnonzero(seq_ids < 0)
+    last = shards.max(initial=-1) + 1
+    return np.concatenate([real[order], rest]), np.concatenate([shards[order], np.full(len(rest), last)])
 
   # The pipeline.
 
@@ -380,9 +391,10 @@ class PipelinedRunner:
     t = time.perf_counter()
     out = fn(*args)
     (out if kind == "last" else out[1]).copy_to_host_async()
-    self.stats.dispatch_s += time.perf_counter() - t
-    self.stats.tier1_s += time.perf_counter() - t
-    self.stats.num_steps += 1
+    with self._stats_lock:
+      self.stats.dispatch_s += time.perf_counter() - t
+      self.stats.tier1_s += time.perf_counter() - t
+      self.stats.num_steps += 1
     return kind, out
 
   def _complete(self, m: _Micro, step) -> bool:
@@ -393,7 +405,8 @@ class PipelinedRunner:
     t = time.perf_counter()
     if kind == "last":
       tokens = np.asarray(out)
-      self.stats.tier1_s += time.perf_counter() - t
+      with self._stats_lock:
+        self.stats.tier1_s += time.perf_counter() - t
       m.results.append(tokens[:len(m.seq_ids)])
       if len(m.results) == self.decode_steps:
         return False
@@ -403,25 +416,50 @@ class PipelinedRunner:
       m.sampling = m.sampling[:4] + (m.sampling[4] + 1,)
       return self._complete(m, self._dispatch_first(m))
     x, qkv = out
-    qkv = np.asarray(qkv)  # one device-to-host copy for q, k and v
-    self.stats.tier1_s += time.perf_counter() - t
-    self._send(m, x, qkv, 0 if kind == "first" else m.layer + 1)
-    return True
-
-  def _send(self, m: _Micro, x, qkv: np.ndarray, layer: int) -> None:
-    """qkv: [R, T, H + 2 KV, D], heads of q then k then v."""
-    m.x, m.layer = x, layer
+    m.x, m.layer = x, 0 if kind == "first" else m.layer + 1
     if not m.index:
       m.index = self._real_tokens(m)
-    real = qkv[:, 0] if m.index is _EVERY_ROW else qkv[m.index]
-    h, kv = self.num_heads, self.num_kv_heads
-    q, k, v = real[:, :h], real[:, h:h + kv], real[:, h + kv:]
-    m.q_shape = qkv.shape[:2] + (h, qkv.shape[3])
-    t = time.perf_counter()
-    m.pending = self.client.attend_async(layer, m.real_ids, m.real_positions, q, k, v, timeout_s=self.timeout_s)
-    m.sent_at = time.perf_counter()
-    self.stats.send_s += m.sent_at - t
-    self.stats.tier2_bytes += 2 * q.nbytes + 2 * k.nbytes
+    m.q_shape = qkv.shape[:2] + (self.num_heads, qkv.shape[3])
+    # The sender thread waits for q, k, v on the host and sends them while this thread dispatches the next
+    # micro-batch's step (the copies and the wait release the GIL).
+    m.pending = futures.Future()
+    m.pending.set_running_or_notify_cancel()
+    self._sender.submit(self._send, m, qkv, m.layer, m.pending)
+    return True
+
+  def _send(self, m: _Micro, qkv: jax.Array, layer: int, reply: futures.Future) -> None:
+    """On the sender thread: q, k, v of m's step (qkv [R, T, H + 2 KV, D], heads of q then k then v) to tier
+    2; `reply` gets the attention output (or the error)."""
+    try:
+      t = time.perf_counter()
+      qkv = np.asarray(qkv)  # one device-to-host copy for q, k and v
+      sent = time.perf_counter()
+      real = qkv[:, 0] if m.index is _EVERY_ROW else qkv[m.index]
+      h, kv = self.num_heads, self.num_kv_heads
+      q, k, v = real[:, :h], real[:, h:h + kv], real[:, h + kv:]
+      call = self.client.attend_async(layer, m.real_ids, m.real_positions, q, k, v, timeout_s=self.timeout_s,
+                                      plan=m.plan)
+      m.sent_at = time.perf_counter()
+      with self._stats_lock:
+        self.stats.tier1_s += sent - t
+        self.stats.send_s += m.sent_at - sent
+        self.stats.tier2_bytes += 2 * q.nbytes + 2 * k.nbytes
+    except BaseException as e:  # noqa: BLE001 (raised on the main thread by m.pending.result())
+      reply.set_exception(e)
+      return
+    call.add_done_callback(functools.partial(self._arrived, m, layer, reply))
+
+  def _arrived(self, m: _Micro, layer: int, reply: futures.Future, call: futures.Future) -> None:
+    """On the thread that completed tier 2's call: its attention output to `reply`, already on its way to
+    the device when it fills every row (the next step's dispatch then copies nothing)."""
+    try:
+      out = call.result()
+      if m.index is _EVERY_ROW:
+        out = jax.device_put(out[:, None], self.layout.replicated(self.layout.slice_of(layer)))
+    except BaseException as e:  # noqa: BLE001 (raised on the main thread by m.pending.result())
+      reply.set_exception(e)
+      return
+    reply.set_result(out)
 
   def _real_tokens(self, m: _Micro):
     """(rows, cols) of m's real tokens (_EVERY_ROW: one token in every row, no padding), and their
@@ -429,16 +467,17 @@ class PipelinedRunner:
     seq_ids = _pad(m.seq_ids, -1)
     rows, cols = valid_tokens(seq_ids, m.positions, _pad(m.context_lens, 1))
     m.real_ids, m.real_positions = seq_ids[rows], m.positions[rows, cols]
+    m.plan = self.client.plan(m.real_ids, m.real_positions)
     if m.positions.shape[1] == 1 and len(rows) == len(seq_ids):
       return _EVERY_ROW
     return rows, cols
 
-  def _reply(self, m: _Micro) -> np.ndarray:
+  def _reply(self, m: _Micro):
     out = m.pending.result()
     self.stats.rtt_s += time.perf_counter() - m.sent_at
     self.stats.num_round_trips += 1
     if m.index is _EVERY_ROW:
-      return out[:, None]
+      return out  # [R, 1, H, D] on the device
     attn = np.zeros(m.q_shape, out.dtype)
     attn[m.index] = out
     return attn

@@ -101,6 +101,16 @@ def test_spread_split_measures_its_depth_and_interleaves_the_shards(servers, loc
     client.release(seqs)
 
 
+def test_split_makes_depth_micro_batches():
+  def split(depth, real, rows):
+    seq_ids = np.concatenate([np.arange(real), np.full(rows - real, -1)])
+    return PipelinedRunner._split(types.SimpleNamespace(depth=depth), rows, seq_ids)
+
+  assert [s.stop - s.start for s in split(3, 256, 256)] == [86, 86, 84]  # not 2 of 128
+  assert split(2, 3, 4) == [slice(0, 2), slice(2, 4)]  # padding rows go with the last
+  assert split(4, 2, 2) == [slice(0, 1), slice(1, 2)]
+
+
 def test_spread_depth_formula():
   assert spread_depth(0.010, 0.0) == 1
   assert spread_depth(0.0025, 0.020) == 3  # max(k t1, t1 + rtt / k): 22.5, 12.5, 9.2, 10 ms for k = 1..4

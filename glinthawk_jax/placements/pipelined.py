@@ -68,7 +68,7 @@ class _Micro:
   pending: futures.Future | None = None
   sent_at: float = 0.0
   q_shape: tuple = ()  # the padded q [R', T, H, D] of the last step
-  index: tuple = ()  # (rows, cols) of the real tokens in it, () until the step's first send
+  index: tuple | slice = ()  # (rows, cols) of the real tokens in it (or their rows), () until the step's first send
   real_ids: np.ndarray | None = None  # their sequence ids and positions
   real_positions: np.ndarray | None = None
   plan: object = None  # the client's split of them by shard, made once for the step's layers
@@ -326,10 +326,11 @@ class PipelinedRunner:
   # The pipeline.
 
   def _split(self, num_rows: int, seq_ids: np.ndarray) -> list[slice]:
-    """Up to `depth` micro-batches of the real rows, each a power of two rows (padding rows at the end)."""
+    """`depth` micro-batches of the real rows (fewer only with fewer rows), of equal size within one row
+    (padding rows at the end); tier 1 pads each to a power of two, tier 2 gets only the real rows."""
     real = int(np.count_nonzero(seq_ids != PADDING_ROW)) or 1
     parts = min(max(self.depth, 1), real)
-    size = pow2_at_least(math.ceil(real / parts))
+    size = math.ceil(real / parts)
     return [slice(s, min(s + size, num_rows)) for s in range(0, real, size)]
 
   def _run(self, micros: list[_Micro], greedy_only: bool, measure: bool) -> None:
@@ -434,7 +435,7 @@ class PipelinedRunner:
       t = time.perf_counter()
       qkv = np.asarray(qkv)  # one device-to-host copy for q, k and v
       sent = time.perf_counter()
-      real = qkv[:, 0] if m.index is _EVERY_ROW else qkv[m.index]
+      real = qkv[m.index, 0] if isinstance(m.index, slice) else qkv[m.index]
       h, kv = self.num_heads, self.num_kv_heads
       q, k, v = real[:, :h], real[:, h:h + kv], real[:, h + kv:]
       call = self.client.attend_async(layer, m.real_ids, m.real_positions, q, k, v, timeout_s=self.timeout_s,
@@ -450,11 +451,13 @@ class PipelinedRunner:
     call.add_done_callback(functools.partial(self._arrived, m, layer, reply))
 
   def _arrived(self, m: _Micro, layer: int, reply: futures.Future, call: futures.Future) -> None:
-    """On the thread that completed tier 2's call: its attention output to `reply`, already on its way to
-    the device when it fills every row (the next step's dispatch then copies nothing)."""
+    """On the thread that completed tier 2's call: its attention output to `reply`, for a decode step
+    already padded to m's rows and on its way to the device (the next step's dispatch then copies nothing)."""
     try:
       out = call.result()
-      if m.index is _EVERY_ROW:
+      if isinstance(m.index, slice):
+        if len(out) < m.q_shape[0]:
+          out = np.concatenate([out, np.zeros((m.q_shape[0] - len(out),) + out.shape[1:], out.dtype)])
         out = jax.device_put(out[:, None], self.layout.replicated(self.layout.slice_of(layer)))
     except BaseException as e:  # noqa: BLE001 (raised on the main thread by m.pending.result())
       reply.set_exception(e)
@@ -462,21 +465,22 @@ class PipelinedRunner:
     reply.set_result(out)
 
   def _real_tokens(self, m: _Micro):
-    """(rows, cols) of m's real tokens (_EVERY_ROW: one token in every row, no padding), and their
-    sequence ids and positions, fixed for m's whole step."""
+    """(rows, cols) of m's real tokens, or the slice of rows holding them when they are one token (column
+    0) in each of the first rows (a decode step: padding and local rows come last); also sets their
+    sequence ids, positions and the client's plan, fixed for m's whole step."""
     seq_ids = _pad(m.seq_ids, -1)
     rows, cols = valid_tokens(seq_ids, m.positions, _pad(m.context_lens, 1))
     m.real_ids, m.real_positions = seq_ids[rows], m.positions[rows, cols]
     m.plan = self.client.plan(m.real_ids, m.real_positions)
-    if m.positions.shape[1] == 1 and len(rows) == len(seq_ids):
-      return _EVERY_ROW
+    if m.positions.shape[1] == 1 and (not len(rows) or rows[-1] == len(rows) - 1):
+      return slice(0, len(rows))
     return rows, cols
 
   def _reply(self, m: _Micro):
     out = m.pending.result()
     self.stats.rtt_s += time.perf_counter() - m.sent_at
     self.stats.num_round_trips += 1
-    if m.index is _EVERY_ROW:
+    if isinstance(m.index, slice):
       return out  # [R, 1, H, D] on the device
     attn = np.zeros(m.q_shape, out.dtype)
     attn[m.index] = out
@@ -513,9 +517,6 @@ def spread_depth(t1_s: float, rtt_s: float) -> int:
 def _local_tables(seq_ids: np.ndarray, block_tables: np.ndarray) -> np.ndarray | None:
   """A micro-batch's block tables when it has LOCAL_ROW rows, else None (no local step)."""
   return block_tables if np.any(seq_ids == LOCAL_ROW) else None
-
-
-_EVERY_ROW = ("every row",)  # _Micro.index of a decode step without padding rows
 
 
 def _fuse(qkv) -> jax.Array:

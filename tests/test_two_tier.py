@@ -68,6 +68,13 @@ def test_two_tier_greedy_tokens_match_local(servers, local_tokens, placement, in
   assert _pages_in_use(servers) == [0, 0, 0]  # finished sequences released their tier-2 KV
 
 
+def test_pipelined_sending_on_the_main_thread_matches_local(servers, local_tokens):
+  prompts, want = local_tokens
+  with Engine(_config("pipelined", servers, in_flight=3, send_thread=False)) as engine:
+    assert engine.runner._sender is None
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == want
+
+
 def test_pipelined_auto_in_flight_measures_a_depth(servers, local_tokens):
   prompts, want = local_tokens
   c = _config("pipelined", servers, in_flight=0)

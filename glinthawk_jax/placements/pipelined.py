@@ -7,7 +7,11 @@ Steps (each compiled once per shape and reused for every layer; layer weights ar
   last:   post-attention of the last layer + logits + sampling -> tokens
   bulk:   a whole layer over a prompt's first chunk, attention local (causal) -> x, k, v
 After a step, q, k, v go to the host (`copy_to_host_async`) and to tier 2 (`attend_async`, which
-appends K, V and returns the attention output). A batch is split into up to `in_flight` micro-batches;
+appends K, V and returns the attention output) from a sender thread (tier2.send_thread), so the main
+thread only dispatches; the thread that completes a decode step's tier-2 call puts its output on the
+device for the next step. Within a decode step the rows' split by shard is made once (the client's plan)
+and, with tier2.split "spread", each micro-batch's rows are grouped by shard, so each shard's q, k, v
+are views of the batch. A batch is split into `in_flight` micro-batches (fewer only with fewer rows);
 whenever tier 1 is free it advances the ready micro-batch that is furthest along (step, then layer),
 else starts a new one, else waits for the first tier-2 reply. With engine.decode_steps_per_call > 1 a
 micro-batch that sampled its tokens starts its next step at once, so micro-batches drift apart instead
@@ -96,7 +100,8 @@ class PipelinedRunner:
   in `local`, tier 1's paged cache, when given)."""
 
   def __init__(self, model, client: Tier2Client, decode_steps: int, in_flight: int, timeout_s: float,
-               layout: Layout | None = None, local: LocalPagedAttention | None = None, spread: bool = False):
+               layout: Layout | None = None, local: LocalPagedAttention | None = None, spread: bool = False,
+               send_thread: bool = True):
     self.client = client
     self.spread = spread  # decode micro-batches span every shard (tier2.split "spread") instead of few
     self.decode_steps = decode_steps
@@ -135,7 +140,8 @@ class PipelinedRunner:
         local_rows[:, None, None, None], local_out, remote.astype(local_out.dtype)))
     self.stats = PipelineStats()
     self._stats_lock = threading.Lock()  # the sender thread adds to stats too
-    self._sender = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier1-send")  # one: sends in order
+    # One thread: sends in order. Without it the main thread sends, after each dispatch.
+    self._sender = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier1-send") if send_thread else None
     self.compiled_shapes: set[tuple] = set()
 
   @property
@@ -425,11 +431,14 @@ class PipelinedRunner:
     # micro-batch's step (the copies and the wait release the GIL).
     m.pending = futures.Future()
     m.pending.set_running_or_notify_cancel()
-    self._sender.submit(self._send, m, qkv, m.layer, m.pending)
+    if self._sender:
+      self._sender.submit(self._send, m, qkv, m.layer, m.pending)
+    else:
+      self._send(m, qkv, m.layer, m.pending)
     return True
 
   def _send(self, m: _Micro, qkv: jax.Array, layer: int, reply: futures.Future) -> None:
-    """On the sender thread: q, k, v of m's step (qkv [R, T, H + 2 KV, D], heads of q then k then v) to tier
+    """On the sender thread (or the main one): q, k, v of m's step (qkv [R, T, H + 2 KV, D], heads of q then k then v) to tier
     2; `reply` gets the attention output (or the error)."""
     try:
       t = time.perf_counter()

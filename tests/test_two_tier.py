@@ -75,6 +75,13 @@ def test_pipelined_sending_on_the_main_thread_matches_local(servers, local_token
     assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == want
 
 
+def test_pipelined_replies_placed_on_the_device_as_they_arrive_match_local(servers, local_tokens):
+  prompts, want = local_tokens  # what the runner does on an accelerator, here on the CPU
+  with Engine(_config("pipelined", servers, in_flight=3)) as engine:
+    engine.runner._place_replies = True
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == want
+
+
 def test_pipelined_auto_in_flight_measures_a_depth(servers, local_tokens):
   prompts, want = local_tokens
   c = _config("pipelined", servers, in_flight=0)

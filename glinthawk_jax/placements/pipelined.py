@@ -442,8 +442,8 @@ class PipelinedRunner:
     return True
 
   def _send(self, m: _Micro, qkv: jax.Array, layer: int, reply: futures.Future) -> None:
-    """On the sender thread (or the main one): q, k, v of m's step (qkv [R, T, H + 2 KV, D], heads of q then k then v) to tier
-    2; `reply` gets the attention output (or the error)."""
+    """On the sender thread (or the main one): q, k, v of m's step (qkv [R, T, H + 2 KV, D], heads of q then
+    k then v) to tier 2; `reply` gets the attention output (or the error)."""
     try:
       t = time.perf_counter()
       qkv = np.asarray(qkv)  # one device-to-host copy for q, k and v

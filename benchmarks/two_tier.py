@@ -79,6 +79,8 @@ def parse_args(argv=None):
   p.add_argument("--in_flight", type=int, default=0, help="config.tier2.in_flight (0 = auto)")
   p.add_argument("--splits", default="spread,shards",
                  help="config.tier2.split values pipelined runs at (the sweeps use the first)")
+  p.add_argument("--no_send_thread", action="store_true",
+                 help="config.tier2.send_thread=False: pipelined sends from the dispatching thread")
   p.add_argument("--delays", default=None, help="ms for the sweep (default 0,5,20,50,100,200; smoke 0,20)")
   p.add_argument("--sweep_output_len", type=int, default=2, help="timed tokens per request in the delay sweep")
   p.add_argument("--decode_steps", type=int, default=4, help="engine.decode_steps_per_call")
@@ -136,6 +138,7 @@ def make_config(args, model_name: str, placement: str, s: dict, timed_tokens: in
   c.tier2.kv_dtype = "float32" if args.smoke else "bfloat16"
   c.tier2.inject_delay_ms = delay_ms
   c.tier2.in_flight = args.in_flight if in_flight is None else in_flight
+  c.tier2.send_thread = not args.no_send_thread
   c.local_attention_fraction = args.local_fraction if placement != "local" else 0.0
   c.engine.max_model_len = s["prompt"] + total_tokens(c, timed_tokens) + 16
   kv = kv_bytes_per_token(model_config(c), c.tier2.kv_dtype)
@@ -253,6 +256,7 @@ def run_one(config, s: dict, timed_tokens: int) -> dict:
         engine.stats.num_tier2_admissions
     two_tier = config.placement != "local"
     row = {"placement": config.placement, "split": config.tier2.split if config.placement == "pipelined" else "",
+           "send_thread": config.tier2.send_thread,
            "delay_ms": config.tier2.inject_delay_ms, "spawn": config.tier2.spawn,
            "batch": s["batch"], "prompt": s["prompt"], "output": timed * steps, "decode_steps": steps,
            "warm_calls": len(calls.calls) - timed, "timed_calls": timed,
@@ -338,7 +342,8 @@ def roundtrip(args) -> None:
   c.placement, c.model.num_layers = "pipelined", 8
   c.engine.update(dict(max_num_seqs=batch, page_size=16, max_model_len=160, max_prefill_tokens=max(1024, 64 * batch),
                        decode_steps_per_call=4))
-  c.tier2.update(dict(spawn=args.spawn, kv_cache_gb=0.05, in_flight=args.in_flight or 2, split=args.splits[0]))
+  c.tier2.update(dict(spawn=args.spawn, kv_cache_gb=0.05, in_flight=args.in_flight or 2, split=args.splits[0],
+                      send_thread=not args.no_send_thread))
   prompts = [np.random.default_rng(0).integers(3, 500, 64).tolist() for _ in range(batch)]
   runs = []
   with Engine(c) as engine:
@@ -355,6 +360,7 @@ def roundtrip(args) -> None:
                    "transports": engine.tier2.client.transports})
   best = min(runs, key=lambda r: r["ms_per_layer_round_trip"])
   print(json.dumps({"batch": batch, "spawn": args.spawn, "in_flight": c.tier2.in_flight, "split": c.tier2.split,
+                    "send_thread": c.tier2.send_thread,
                     "roundtrip_best": best,
                     "runs": runs}, indent=1))
 

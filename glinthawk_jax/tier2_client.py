@@ -8,6 +8,7 @@ travel as raw gRPC bytes, or through shared memory to servers on this host (prot
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import itertools
@@ -132,6 +133,15 @@ class _Shard:
       return getattr(self.control, method)(request, timeout=self.timeout_s, metadata=self.metadata)
     except grpc.RpcError as e:
       raise _error(self.address, e) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A token batch split by shard (Tier2Client.plan): per shard (shard index, its tokens' rows: a slice
+  when contiguous, else indices, their count, seq_ids [n] and positions [n])."""
+
+  num_tokens: int
+  parts: list[tuple]
 
 
 class Tier2Client:
@@ -263,14 +273,36 @@ class Tier2Client:
   def shard_of(self, seq_id: int) -> int:
     return self._placement[int(seq_id)]
 
+  def plan(self, seq_ids, positions) -> Plan:
+    """How a batch of tokens splits by shard; pass it to attend_async for every layer of the same tokens
+    (a decode step's layers) instead of splitting again each call."""
+    seq_ids = np.asarray(seq_ids, np.int64)
+    positions = np.asarray(positions, np.int32)
+    n = len(seq_ids)
+    if positions.shape != (n,):
+      raise ValueError(f"positions: shape {positions.shape}, expected {(n,)}")
+    with self._lock:
+      try:
+        shard_of_token = np.fromiter((self._placement[s] for s in seq_ids.tolist()), np.int64, n)
+      except KeyError as e:
+        raise ValueError(f"sequence {e.args[0]} was not allocated") from None
+    parts = []
+    for i in np.unique(shard_of_token).tolist():
+      idx = np.flatnonzero(shard_of_token == i)
+      contiguous = idx[-1] - idx[0] + 1 == len(idx)  # rows grouped by shard: views, no copies
+      take = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx
+      parts.append((i, take, len(idx), np.ascontiguousarray(seq_ids[take]), np.ascontiguousarray(positions[take])))
+    return Plan(n, parts)
+
   def attend_async(self, layer: int, seq_ids, positions, q: np.ndarray, k: np.ndarray,
-                   v: np.ndarray, timeout_s: float | None = None) -> futures.Future:
+                   v: np.ndarray, timeout_s: float | None = None, plan: Plan | None = None) -> futures.Future:
     """Appends k, v at the positions and returns a Future of the attention output [N, H, D].
 
     q: [N, H, D], k and v: [N, KV, D], all of one dtype (float32, bfloat16 or float16); token i
-    belongs to seq_ids[i] at positions[i] and attends that sequence's keys 0..positions[i].
+    belongs to seq_ids[i] at positions[i] and attends that sequence's keys 0..positions[i]. `plan`:
+    self.plan(seq_ids, positions), made once for several calls with the same tokens (optional).
     """
-    return self._tensor_call(layer, seq_ids, positions, q, k, v, timeout_s)
+    return self._tensor_call(layer, seq_ids, positions, q, k, v, timeout_s, plan)
 
   def append_async(self, layer: int, seq_ids, positions, k: np.ndarray, v: np.ndarray,
                    timeout_s: float | None = None) -> futures.Future:
@@ -280,26 +312,23 @@ class Tier2Client:
     """
     return self._tensor_call(layer, seq_ids, positions, None, k, v, timeout_s)
 
-  def _tensor_call(self, layer, seq_ids, positions, q, k, v, timeout_s) -> futures.Future:
-    seq_ids = np.asarray(seq_ids, np.int64)
-    positions = np.asarray(positions, np.int32)
-    n = len(seq_ids)
+  def _tensor_call(self, layer, seq_ids, positions, q, k, v, timeout_s, plan=None) -> futures.Future:
+    if plan is None:
+      if np.shape(positions) != (len(seq_ids),):
+        raise ValueError(f"positions: shape {np.shape(positions)}, expected {(len(seq_ids),)}")
+      plan = self.plan(seq_ids, positions)
+    n = plan.num_tokens
     append_only = q is None
     want = {"q": (n, self.num_heads, self.head_dim), "k": (n, self.num_kv_heads, self.head_dim),
-            "v": (n, self.num_kv_heads, self.head_dim), "positions": (n,)}
-    named = (("k", k), ("v", v), ("positions", positions)) + (() if append_only else (("q", q),))
+            "v": (n, self.num_kv_heads, self.head_dim)}
+    named = (("k", k), ("v", v)) + (() if append_only else (("q", q),))
     for name, x in named:
       if x.shape != want[name]:
         raise ValueError(f"{name}: shape {x.shape}, expected {want[name]}")
-    with self._lock:
-      try:
-        shard_of_token = np.fromiter((self._placement[s] for s in seq_ids.tolist()), np.int64, n)
-      except KeyError as e:
-        raise ValueError(f"sequence {e.args[0]} was not allocated") from None
     result: futures.Future = futures.Future()
     result.set_running_or_notify_cancel()
     out = np.empty((n, self.num_heads, self.head_dim), k.dtype)
-    parts = [(i, np.flatnonzero(shard_of_token == i)) for i in np.unique(shard_of_token).tolist()]
+    parts = plan.parts
     if not parts:
       result.set_result(None if append_only else out)
       return result
@@ -307,13 +336,13 @@ class Tier2Client:
     lock = threading.Lock()
     timeout = self.timeout_s if timeout_s is None else timeout_s
 
-    def place(idx, reply):  # reply: bytes, or a view of a shared-memory slot
+    def place(take, count, reply):  # reply: bytes, or a view of a shared-memory slot
       if append_only:
         tensor_wire.decode_reply(reply, (0,), out.dtype)
       else:
-        out[idx] = tensor_wire.decode_reply(reply, (len(idx),) + out.shape[1:], out.dtype)
+        out[take] = tensor_wire.decode_reply(reply, (count,) + out.shape[1:], out.dtype)
 
-    def on_done(call, shard, idx):
+    def on_done(call, shard):
       try:
         call.result()
       except grpc.RpcError as e:
@@ -335,19 +364,17 @@ class Tier2Client:
         if not result.done():
           result.set_exception(error)
 
-    for i, idx in parts:
+    for i, take, count, ids, pos in parts:
       shard = self.shards[i]
-      contiguous = idx[-1] - idx[0] + 1 == len(idx)  # rows grouped by shard: views, no copies
-      take = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx
-      request = tensor_wire.request_parts(next(self._request_ids), layer, seq_ids[take], positions[take],
+      request = tensor_wire.request_parts(next(self._request_ids), layer, ids, pos,
                                           None if append_only else q[take], k[take], v[take],
-                                          num_heads=self.num_heads)
-      reply_bytes = 0 if append_only else len(idx) * out[0].nbytes
+                                          num_heads=self.num_heads, contiguous=False)
+      reply_bytes = 0 if append_only else count * out[0].nbytes
       try:
-        call = shard.send(request, reply_bytes, timeout, functools.partial(place, idx))
+        call = shard.send(request, reply_bytes, timeout, functools.partial(place, take, count))
       except grpc.RpcError as e:
         raise _error(shard.address, e) from None
-      call.add_done_callback(lambda c, shard=shard, idx=idx: on_done(c, shard, idx))
+      call.add_done_callback(lambda c, shard=shard: on_done(c, shard))
     return result
 
   def attend(self, layer: int, seq_ids, positions, q, k, v, timeout_s: float | None = None):

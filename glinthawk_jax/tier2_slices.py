@@ -57,8 +57,14 @@ class SlicedTier2Client:
           logging.warning("releasing %d lost sequences on slice fleet %s failed: %s", len(lost), c.addresses, e)
     return lost
 
-  def attend_async(self, layer: int, seq_ids, positions, q, k, v, timeout_s: float | None = None) -> futures.Future:
-    return self._client(layer).attend_async(layer, seq_ids, positions, q, k, v, timeout_s)
+  def plan(self, seq_ids, positions) -> list:
+    """Each slice fleet's Tier2Client.plan of the tokens (attend_async picks the layer's)."""
+    return [c.plan(seq_ids, positions) for c in self.clients]
+
+  def attend_async(self, layer: int, seq_ids, positions, q, k, v, timeout_s: float | None = None,
+                   plan: list | None = None) -> futures.Future:
+    return self._client(layer).attend_async(layer, seq_ids, positions, q, k, v, timeout_s,
+                                            None if plan is None else plan[layer // self.layers_per_slice])
 
   def append_async(self, layer: int, seq_ids, positions, k, v, timeout_s: float | None = None) -> futures.Future:
     return self._client(layer).append_async(layer, seq_ids, positions, k, v, timeout_s)

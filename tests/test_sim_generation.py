@@ -47,7 +47,7 @@ def test_depth_hides_latency_when_host_work_scales_with_rows():
   assert decode[1] > decode[2] > decode[4] > 4 * 8 * L * 8e-3  # never faster than the busy host
 
 
-@pytest.mark.parametrize("real,depth,parts", [(8, 1, (1, 8)), (8, 2, (2, 4)), (8, 3, (2, 4)), (6, 4, (3, 2))])
+@pytest.mark.parametrize("real,depth,parts", [(8, 1, (1, 8)), (8, 2, (2, 4)), (8, 3, (3, 3)), (6, 4, (3, 2)), (256, 3, (3, 86))])
 def test_micro_batches_follow_the_runners_split(real, depth, parts):
   assert generation.micro_batches(real, depth) == parts
 
@@ -62,7 +62,7 @@ def test_prefill_chunks_fit_the_token_budget():
 @pytest.mark.parametrize("batch,shards,depth,expected", [
     (64, 4, 4, [{0: 16}, {1: 16}, {2: 16}, {3: 16}]),  # one shard each: the runner groups rows by shard
     (64, 4, 2, [{0: 16, 1: 16}, {2: 16, 3: 16}]),
-    (6, 4, 2, [{0: 2, 1: 2}, {2: 1, 3: 1}]),  # 2, 2, 1, 1 sequences a shard; micro-batches of 4 rows
+    (6, 4, 2, [{0: 2, 1: 1}, {1: 1, 2: 1, 3: 1}]),  # 2, 2, 1, 1 sequences a shard; micro-batches of 3 rows
     (8, 1, 2, [{0: 4}, {0: 4}])])
 def test_micro_batch_shards_follow_placement_and_the_runners_order(batch, shards, depth, expected):
   assert generation.micro_batch_shards(batch, shards, depth) == expected

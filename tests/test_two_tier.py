@@ -12,6 +12,7 @@ from configs import tiny
 from glinthawk_jax.config import ConfigError, model_config, validate
 from glinthawk_jax.engine import Engine
 from glinthawk_jax.placements.pipelined import PipelinedRunner, auto_depth, spread_depth
+from glinthawk_jax.placements.shard_order import grouped_within
 from glinthawk_jax.requests import SamplingParams
 from glinthawk_jax import tier2_client
 from glinthawk_jax.tier2_client import Tier2Client, Tier2Error
@@ -67,6 +68,20 @@ def test_two_tier_greedy_tokens_match_local(servers, local_tokens, placement, in
   assert _pages_in_use(servers) == [0, 0, 0]  # finished sequences released their tier-2 KV
 
 
+def test_pipelined_sending_on_the_main_thread_matches_local(servers, local_tokens):
+  prompts, want = local_tokens
+  with Engine(_config("pipelined", servers, in_flight=3, send_thread=False)) as engine:
+    assert engine.runner._sender is None
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == want
+
+
+def test_pipelined_replies_placed_on_the_device_as_they_arrive_match_local(servers, local_tokens):
+  prompts, want = local_tokens  # what the runner does on an accelerator, here on the CPU
+  with Engine(_config("pipelined", servers, in_flight=3)) as engine:
+    engine.runner._place_replies = True
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == want
+
+
 def test_pipelined_auto_in_flight_measures_a_depth(servers, local_tokens):
   prompts, want = local_tokens
   c = _config("pipelined", servers, in_flight=0)
@@ -87,11 +102,27 @@ def test_spread_split_measures_its_depth_and_interleaves_the_shards(servers, loc
     seqs = np.arange(700, 709)
     client.allocate(seqs)
     ids = np.concatenate([seqs, [-2, -1]])  # a local row and a padding row go last
-    order = PipelinedRunner._by_shard(types.SimpleNamespace(client=client), ids, interleave=True)
+    order, keys = PipelinedRunner._by_shard(types.SimpleNamespace(client=client), ids, interleave=True)
     shards = [client.shard_of(s) for s in ids[order][:9]]
     assert [sorted(shards[i:i + 3]) for i in (0, 3, 6)] == [[0, 1, 2]] * 3  # each round visits every shard
     assert ids[order][9:].tolist() == [-2, -1]
+    assert keys.tolist() == shards + [3, 3]
+    # Micro-batches cut from it keep every shard, each shard's rows made contiguous; the rest stay last.
+    cuts = [slice(0, 6), slice(6, 11)]
+    grouped = ids[order][grouped_within(keys, cuts)]
+    assert [client.shard_of(s) for s in grouped[:9]] == [0, 0, 1, 1, 2, 2, 0, 1, 2]
+    assert grouped[9:].tolist() == [-2, -1]
     client.release(seqs)
+
+
+def test_split_makes_depth_micro_batches():
+  def split(depth, real, rows):
+    seq_ids = np.concatenate([np.arange(real), np.full(rows - real, -1)])
+    return PipelinedRunner._split(types.SimpleNamespace(depth=depth), rows, seq_ids)
+
+  assert [s.stop - s.start for s in split(3, 256, 256)] == [86, 86, 84]  # not 2 of 128
+  assert split(2, 3, 4) == [slice(0, 2), slice(2, 4)]  # padding rows go with the last
+  assert split(4, 2, 2) == [slice(0, 1), slice(1, 2)]
 
 
 def test_spread_depth_formula():

@@ -7,7 +7,11 @@ Steps (each compiled once per shape and reused for every layer; layer weights ar
   last:   post-attention of the last layer + logits + sampling -> tokens
   bulk:   a whole layer over a prompt's first chunk, attention local (causal) -> x, k, v
 After a step, q, k, v go to the host (`copy_to_host_async`) and to tier 2 (`attend_async`, which
-appends K, V and returns the attention output). A batch is split into up to `in_flight` micro-batches;
+appends K, V and returns the attention output) from a sender thread (tier2.send_thread), so the main
+thread only dispatches; the thread that completes a decode step's tier-2 call puts its output on the
+device for the next step. Within a decode step the rows' split by shard is made once (the client's plan)
+and, with tier2.split "spread", each micro-batch's rows are grouped by shard, so each shard's q, k, v
+are views of the batch. A batch is split into `in_flight` micro-batches (fewer only with fewer rows);
 whenever tier 1 is free it advances the ready micro-batch that is furthest along (step, then layer),
 else starts a new one, else waits for the first tier-2 reply. With engine.decode_steps_per_call > 1 a
 micro-batch that sampled its tokens starts its next step at once, so micro-batches drift apart instead
@@ -32,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 import time
 from concurrent import futures
 
@@ -43,7 +48,7 @@ from flax import nnx
 from glinthawk_jax.config import MAX_IN_FLIGHT
 from glinthawk_jax.model_runner import LocalPagedAttention
 from glinthawk_jax.paged_cache import SCRATCH_PAGE
-from glinthawk_jax.placements.shard_order import interleaved
+from glinthawk_jax.placements.shard_order import grouped_within, interleaved
 from glinthawk_jax.placements.tokens import LOCAL_ROW, PADDING_ROW, valid_tokens
 from glinthawk_jax.sampling import sample
 from glinthawk_jax.scheduler import pow2_at_least
@@ -67,9 +72,10 @@ class _Micro:
   pending: futures.Future | None = None
   sent_at: float = 0.0
   q_shape: tuple = ()  # the padded q [R', T, H, D] of the last step
-  index: tuple = ()  # (rows, cols) of the real tokens in it, () until the step's first send
+  index: tuple | slice = ()  # (rows, cols) of the real tokens in it (or their rows), () until the step's first send
   real_ids: np.ndarray | None = None  # their sequence ids and positions
   real_positions: np.ndarray | None = None
+  plan: object = None  # the client's split of them by shard, made once for the step's layers
   results: list = dataclasses.field(default_factory=list)  # sampled tokens [R] of each decode step
   block_tables: np.ndarray | None = None  # [R, W] pages of tier 1's cache; None without LOCAL_ROW rows
   local_out: jax.Array | None = None  # local attention [R', T, H, D] of m.layer (LOCAL_ROW rows valid)
@@ -94,7 +100,8 @@ class PipelinedRunner:
   in `local`, tier 1's paged cache, when given)."""
 
   def __init__(self, model, client: Tier2Client, decode_steps: int, in_flight: int, timeout_s: float,
-               layout: Layout | None = None, local: LocalPagedAttention | None = None, spread: bool = False):
+               layout: Layout | None = None, local: LocalPagedAttention | None = None, spread: bool = False,
+               send_thread: bool = True):
     self.client = client
     self.spread = spread  # decode micro-batches span every shard (tier2.split "spread") instead of few
     self.decode_steps = decode_steps
@@ -132,6 +139,13 @@ class PipelinedRunner:
     self._merge = jax.jit(lambda local_rows, local_out, remote: jnp.where(
         local_rows[:, None, None, None], local_out, remote.astype(local_out.dtype)))
     self.stats = PipelineStats()
+    self._stats_lock = threading.Lock()  # the sender thread adds to stats too
+    # Replies go to the device as they arrive, not in the next step's dispatch (on an H200 host a
+    # micro-batch's dispatch took about 2 ms per MiB of attention output); on the CPU backend jit takes a
+    # NumPy argument as it is, so placing it early only adds a copy (measured slower on the CPU).
+    self._place_replies = jax.default_backend() != "cpu"
+    # One thread: sends in order. Without it the main thread sends, after each dispatch.
+    self._sender = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier1-send") if send_thread else None
     self.compiled_shapes: set[tuple] = set()
 
   @property
@@ -245,7 +259,7 @@ class PipelinedRunner:
     padded_ids = _pad(seq_ids, PADDING_ROW)
     rows, cols = valid_tokens(padded_ids, positions, _pad(context_lens, 1))
     rank = np.empty(len(padded_ids), np.int64)
-    rank[self._by_shard(padded_ids)] = np.arange(len(padded_ids))
+    rank[self._by_shard(padded_ids)[0]] = np.arange(len(padded_ids))
     by_shard = np.argsort(rank[rows], kind="stable")
     rows, cols = rows[by_shard], cols[by_shard]
     ids, pos, n = padded_ids[rows], positions[rows, cols], len(rows)
@@ -283,7 +297,11 @@ class PipelinedRunner:
   def decode(self, tokens, positions, block_tables, token_index, temperature, top_k, top_p, seeds,
              greedy_only, seq_ids) -> np.ndarray:
     """`decode_steps` steps from tokens: [B] at positions: [B]; returns sampled tokens [steps, B]."""
-    order = self._by_shard(seq_ids, interleave=self.spread)
+    order, shards = self._by_shard(seq_ids, interleave=self.spread)
+    cuts = self._split(len(order), seq_ids)
+    if self.spread:  # each micro-batch's rows grouped by shard: its shards' rows are contiguous views
+      within = grouped_within(shards, cuts)
+      order = order[within]
     tokens, positions, seq_ids, temperature, top_k, top_p, seeds, token_index, block_tables = (
         np.asarray(a)[order] for a in (tokens, positions, seq_ids, temperature, top_k, top_p, seeds, token_index,
                                        block_tables))
@@ -291,34 +309,38 @@ class PipelinedRunner:
     micros = [_Micro(rows, tokens[rows, None], positions[rows, None], positions[rows] + 1, seq_ids[rows],
                      (temperature[rows], top_k[rows], top_p[rows], seeds[rows], token_index[rows]),
                      block_tables=_local_tables(seq_ids[rows], block_tables[rows]))
-              for rows in self._split(len(tokens), seq_ids)]
+              for rows in cuts]
     self._run(micros, greedy_only, measure=self.depth == 0)
     out = np.zeros((self.decode_steps, len(tokens)), np.int32)
     for m in micros:
       out[:, order[m.rows]] = np.stack(m.results)
     return out
 
-  def _by_shard(self, seq_ids: np.ndarray, interleave: bool = False) -> np.ndarray:
+  def _by_shard(self, seq_ids: np.ndarray, interleave: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Row order with the tier-2 rows grouped by shard and the other rows (local, padding) after them in
     their order (unchanged order for a client without `shard_of`), so a micro-batch talks to few shards:
     each shard in a request costs tier 1 a call's host work (fan-out). With `interleave` the shards take
     turns instead (one row of each, then the next of each), so every micro-batch cut from the order
-    spreads over all shards in proportion: each keeps every shard busy, not the few it holds rows of."""
+    spreads over all shards in proportion: each keeps every shard busy, not the few it holds rows of.
+    Also returns the shard of each ordered row (the other rows: one past the last shard)."""
     real = np.flatnonzero(seq_ids >= 0)
     shard_of = getattr(self.client, "shard_of", None)  # a client of layer slices has a fleet per slice
     if shard_of is None:
-      return np.arange(len(seq_ids))
+      return np.arange(len(seq_ids)), np.zeros(len(seq_ids), np.int64)
     shards = np.fromiter((shard_of(s) for s in seq_ids[real].tolist()), np.int64, len(real))
     order = interleaved(shards) if interleave else np.argsort(shards, kind="stable")
-    return np.concatenate([real[order], np.flatnonzero(seq_ids < 0)])
+    rest = np.flatnonzero(seq_ids < 0)
+    last = shards.max(initial=-1) + 1
+    return np.concatenate([real[order], rest]), np.concatenate([shards[order], np.full(len(rest), last)])
 
   # The pipeline.
 
   def _split(self, num_rows: int, seq_ids: np.ndarray) -> list[slice]:
-    """Up to `depth` micro-batches of the real rows, each a power of two rows (padding rows at the end)."""
+    """`depth` micro-batches of the real rows (fewer only with fewer rows), of equal size within one row
+    (padding rows at the end); tier 1 pads each to a power of two, tier 2 gets only the real rows."""
     real = int(np.count_nonzero(seq_ids != PADDING_ROW)) or 1
     parts = min(max(self.depth, 1), real)
-    size = pow2_at_least(math.ceil(real / parts))
+    size = math.ceil(real / parts)
     return [slice(s, min(s + size, num_rows)) for s in range(0, real, size)]
 
   def _run(self, micros: list[_Micro], greedy_only: bool, measure: bool) -> None:
@@ -380,9 +402,10 @@ class PipelinedRunner:
     t = time.perf_counter()
     out = fn(*args)
     (out if kind == "last" else out[1]).copy_to_host_async()
-    self.stats.dispatch_s += time.perf_counter() - t
-    self.stats.tier1_s += time.perf_counter() - t
-    self.stats.num_steps += 1
+    with self._stats_lock:
+      self.stats.dispatch_s += time.perf_counter() - t
+      self.stats.tier1_s += time.perf_counter() - t
+      self.stats.num_steps += 1
     return kind, out
 
   def _complete(self, m: _Micro, step) -> bool:
@@ -393,7 +416,8 @@ class PipelinedRunner:
     t = time.perf_counter()
     if kind == "last":
       tokens = np.asarray(out)
-      self.stats.tier1_s += time.perf_counter() - t
+      with self._stats_lock:
+        self.stats.tier1_s += time.perf_counter() - t
       m.results.append(tokens[:len(m.seq_ids)])
       if len(m.results) == self.decode_steps:
         return False
@@ -403,42 +427,76 @@ class PipelinedRunner:
       m.sampling = m.sampling[:4] + (m.sampling[4] + 1,)
       return self._complete(m, self._dispatch_first(m))
     x, qkv = out
-    qkv = np.asarray(qkv)  # one device-to-host copy for q, k and v
-    self.stats.tier1_s += time.perf_counter() - t
-    self._send(m, x, qkv, 0 if kind == "first" else m.layer + 1)
-    return True
-
-  def _send(self, m: _Micro, x, qkv: np.ndarray, layer: int) -> None:
-    """qkv: [R, T, H + 2 KV, D], heads of q then k then v."""
-    m.x, m.layer = x, layer
+    m.x, m.layer = x, 0 if kind == "first" else m.layer + 1
     if not m.index:
       m.index = self._real_tokens(m)
-    real = qkv[:, 0] if m.index is _EVERY_ROW else qkv[m.index]
-    h, kv = self.num_heads, self.num_kv_heads
-    q, k, v = real[:, :h], real[:, h:h + kv], real[:, h + kv:]
-    m.q_shape = qkv.shape[:2] + (h, qkv.shape[3])
-    t = time.perf_counter()
-    m.pending = self.client.attend_async(layer, m.real_ids, m.real_positions, q, k, v, timeout_s=self.timeout_s)
-    m.sent_at = time.perf_counter()
-    self.stats.send_s += m.sent_at - t
-    self.stats.tier2_bytes += 2 * q.nbytes + 2 * k.nbytes
+    m.q_shape = qkv.shape[:2] + (self.num_heads, qkv.shape[3])
+    # The sender thread waits for q, k, v on the host and sends them while this thread dispatches the next
+    # micro-batch's step (the copies and the wait release the GIL).
+    m.pending = futures.Future()
+    m.pending.set_running_or_notify_cancel()
+    if self._sender:
+      self._sender.submit(self._send, m, qkv, m.layer, m.pending)
+    else:
+      self._send(m, qkv, m.layer, m.pending)
+    return True
+
+  def _send(self, m: _Micro, qkv: jax.Array, layer: int, reply: futures.Future) -> None:
+    """On the sender thread (or the main one): q, k, v of m's step (qkv [R, T, H + 2 KV, D], heads of q then
+    k then v) to tier 2; `reply` gets the attention output (or the error)."""
+    try:
+      t = time.perf_counter()
+      qkv = np.asarray(qkv)  # one device-to-host copy for q, k and v
+      sent = time.perf_counter()
+      real = qkv[m.index, 0] if isinstance(m.index, slice) else qkv[m.index]
+      h, kv = self.num_heads, self.num_kv_heads
+      q, k, v = real[:, :h], real[:, h:h + kv], real[:, h + kv:]
+      call = self.client.attend_async(layer, m.real_ids, m.real_positions, q, k, v, timeout_s=self.timeout_s,
+                                      plan=m.plan)
+      m.sent_at = time.perf_counter()
+      with self._stats_lock:
+        self.stats.tier1_s += sent - t
+        self.stats.send_s += m.sent_at - sent
+        self.stats.tier2_bytes += 2 * q.nbytes + 2 * k.nbytes
+    except BaseException as e:  # noqa: BLE001 (raised on the main thread by m.pending.result())
+      reply.set_exception(e)
+      return
+    call.add_done_callback(functools.partial(self._arrived, m, layer, reply))
+
+  def _arrived(self, m: _Micro, layer: int, reply: futures.Future, call: futures.Future) -> None:
+    """On the thread that completed tier 2's call: its attention output to `reply`, for a decode step
+    already padded to m's rows [R, 1, H, D] and (not on the CPU) on its way to the device."""
+    try:
+      out = call.result()
+      if isinstance(m.index, slice):
+        if len(out) < m.q_shape[0]:
+          out = np.concatenate([out, np.zeros((m.q_shape[0] - len(out),) + out.shape[1:], out.dtype)])
+        out = out[:, None]
+        if self._place_replies:
+          out = jax.device_put(out, self.layout.replicated(self.layout.slice_of(layer)))
+    except BaseException as e:  # noqa: BLE001 (raised on the main thread by m.pending.result())
+      reply.set_exception(e)
+      return
+    reply.set_result(out)
 
   def _real_tokens(self, m: _Micro):
-    """(rows, cols) of m's real tokens (_EVERY_ROW: one token in every row, no padding), and their
-    sequence ids and positions, fixed for m's whole step."""
+    """(rows, cols) of m's real tokens, or the slice of rows holding them when they are one token (column
+    0) in each of the first rows (a decode step: padding and local rows come last); also sets their
+    sequence ids, positions and the client's plan, fixed for m's whole step."""
     seq_ids = _pad(m.seq_ids, -1)
     rows, cols = valid_tokens(seq_ids, m.positions, _pad(m.context_lens, 1))
     m.real_ids, m.real_positions = seq_ids[rows], m.positions[rows, cols]
-    if m.positions.shape[1] == 1 and len(rows) == len(seq_ids):
-      return _EVERY_ROW
+    m.plan = self.client.plan(m.real_ids, m.real_positions)
+    if m.positions.shape[1] == 1 and (not len(rows) or rows[-1] == len(rows) - 1):
+      return slice(0, len(rows))
     return rows, cols
 
-  def _reply(self, m: _Micro) -> np.ndarray:
+  def _reply(self, m: _Micro):
     out = m.pending.result()
     self.stats.rtt_s += time.perf_counter() - m.sent_at
     self.stats.num_round_trips += 1
-    if m.index is _EVERY_ROW:
-      return out[:, None]
+    if isinstance(m.index, slice):
+      return out  # [R, 1, H, D], padded in _arrived
     attn = np.zeros(m.q_shape, out.dtype)
     attn[m.index] = out
     return attn
@@ -474,9 +532,6 @@ def spread_depth(t1_s: float, rtt_s: float) -> int:
 def _local_tables(seq_ids: np.ndarray, block_tables: np.ndarray) -> np.ndarray | None:
   """A micro-batch's block tables when it has LOCAL_ROW rows, else None (no local step)."""
   return block_tables if np.any(seq_ids == LOCAL_ROW) else None
-
-
-_EVERY_ROW = ("every row",)  # _Micro.index of a decode step without padding rows
 
 
 def _fuse(qkv) -> jax.Array:

@@ -17,3 +17,13 @@ def interleaved(shards: np.ndarray) -> np.ndarray:
   rank = np.empty(len(shards), np.float64)
   rank[grouped] = np.arange(len(shards)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
   return np.lexsort((shards, rank / sizes[shards]))
+
+
+def grouped_within(shards: np.ndarray, cuts: list[slice]) -> np.ndarray:
+  """A permutation of rows on `shards` that sorts each cut (a slice of rows) by shard, stably, and leaves
+  rows outside the cuts in place: a micro-batch cut from an interleaved order keeps its share of every
+  shard, and each shard's rows in it become one contiguous run (sent as views of the batch, not gathers)."""
+  perm = np.arange(len(shards))
+  for cut in cuts:
+    perm[cut] = perm[cut][np.argsort(shards[cut], kind="stable")]
+  return perm

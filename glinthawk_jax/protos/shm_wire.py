@@ -116,12 +116,16 @@ class Region:
       pass
 
   def write_parts(self, parts) -> int:
-    """Copies arrays back to back from offset 0; returns the bytes written."""
+    """Copies arrays (C order; strided views in one copy) back to back from offset 0; returns the bytes
+    written."""
     offset = 0
     for part in parts:
-      flat = part.reshape(-1).view(np.uint8)
-      self.array[offset:offset + flat.size] = flat
-      offset += flat.size
+      dst = self.array[offset:offset + part.nbytes]
+      if part.flags.c_contiguous:
+        dst[:] = part.reshape(-1).view(np.uint8)
+      else:
+        dst.view(part.dtype).reshape(part.shape)[...] = part
+      offset += part.nbytes
     return offset
 
   def view(self, offset: int, size: int) -> memoryview:

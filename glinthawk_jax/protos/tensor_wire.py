@@ -57,11 +57,12 @@ def encode_request(request_id: int, layer: int, seq_ids, positions, q: np.ndarra
 
 
 def request_parts(request_id: int, layer: int, seq_ids, positions, q: np.ndarray | None, k: np.ndarray,
-                  v: np.ndarray, num_heads: int = 0) -> list[np.ndarray]:
+                  v: np.ndarray, num_heads: int = 0, contiguous: bool = True) -> list[np.ndarray]:
   """The pieces of encode_request's bytes, in order, as C-contiguous arrays (the header as uint8),
   for writers that place them straight into a buffer (shared memory) instead of joining them.
 
-  q=None makes an append-only request; `num_heads` then fills the header's H.
+  q=None makes an append-only request; `num_heads` then fills the header's H. contiguous=False leaves
+  q, k, v as given (strided views, for a writer that copies them into place itself: one copy, not two).
   """
   seq_ids = np.ascontiguousarray(seq_ids, np.int64)
   positions = np.ascontiguousarray(positions, np.int32)
@@ -81,8 +82,9 @@ def request_parts(request_id: int, layer: int, seq_ids, positions, q: np.ndarray
                     f"{[str(d) for d in CODE_OF_DTYPE]} shared by all three")
   header = HEADER.pack(APPEND_MAGIC if append_only else MAGIC, PROTOCOL_VERSION, CODE_OF_DTYPE[q.dtype],
                        request_id, layer, n, q.shape[1], k.shape[1], q.shape[2])
-  return [np.frombuffer(header, np.uint8), seq_ids, positions, np.ascontiguousarray(q[:0] if append_only else q),
-          np.ascontiguousarray(k), np.ascontiguousarray(v)]
+  tensors = (q[:0] if append_only else q, k, v)
+  return [np.frombuffer(header, np.uint8), seq_ids, positions,
+          *((np.ascontiguousarray if contiguous else np.asarray)(t) for t in tensors)]
 
 
 def decode_request(payload) -> AttendRequest:

@@ -83,9 +83,10 @@ def tier2_lookup(table: list[dict], key: str, rows: float, context: float) -> fl
 
 
 def micro_batches(real: int, in_flight: int) -> tuple[int, int]:
-  """(micro-batches, rows of each) for `real` sequences at depth `in_flight`, as PipelinedRunner."""
+  """(micro-batches, real rows of each, the last may have fewer) for `real` sequences at depth
+  `in_flight`, as PipelinedRunner._split; tier 1 runs each padded to pow2_at_least(rows)."""
   parts = min(max(in_flight, 1), max(real, 1))
-  size = pow2_at_least(math.ceil(real / parts))
+  size = math.ceil(real / parts)
   return math.ceil(real / size), size
 
 
@@ -233,7 +234,7 @@ def predict(meas: dict, num_layers: int, run: RunShape) -> dict:
   for c in range(chunks):
     n = min(per_chunk, run.batch - c * per_chunk)
     prefill += prefill_chunk_time(meas, num_layers, pow2_at_least(n), bucket, n * (run.prompt_len - 1), delay_s)
-  k, size = micro_batches(run.batch, run.in_flight)  # tier 1 runs `size` rows; padding is not sent
+  k, size = micro_batches(run.batch, run.in_flight)  # tier 1 pads `size` rows to a power of two; padding is not sent
   decode, calls = 0.0, math.ceil(run.output_len / run.decode_steps)
   for j in range(calls):
     context = run.prompt_len + j * run.decode_steps + (run.decode_steps + 1) / 2

@@ -75,7 +75,7 @@ def test_sigint_stops_the_tier2_children(tmp_path):
   proc.send_signal(signal.SIGINT)
   out, _ = proc.communicate(timeout=60)
   assert proc.returncode != 0
-  deadline = time.monotonic() + 10
+  deadline = time.monotonic() + 30  # a server stopping gracefully on a loaded 2-core machine takes a while
   while any(_alive(p) for p in pids) and time.monotonic() < deadline:
     time.sleep(0.1)
   assert not any(_alive(p) for p in pids), out[-2000:]
@@ -86,7 +86,7 @@ def test_a_killed_launcher_leaves_no_tier2_server(tmp_path):
   pids = _wait_for_children(proc)
   proc.send_signal(signal.SIGKILL)  # no atexit, no handler: the kernel's parent-death signal must do it
   proc.wait()
-  deadline = time.monotonic() + 15
+  deadline = time.monotonic() + 30
   while any(_alive(p) for p in pids) and time.monotonic() < deadline:
     time.sleep(0.1)
   assert not any(_alive(p) for p in pids)

@@ -89,7 +89,7 @@ def base_config(args):
 
   shapes = args.shapes
   ns = argparse.Namespace(smoke=args.small, decode_steps=args.decode_steps, spawn=args.spawn, in_flight=1,
-                          host_ram_gb=args.kv_cache_gb * args.spawn, local_fraction=0.0, no_send_thread=False)
+                          host_ram_gb=args.kv_cache_gb * args.spawn, local_fraction=0.0)
   largest = dict(batch=max(s[0] for s in shapes), prompt=max(s[1] for s in shapes), output=max(s[2] for s in shapes))
   c = make_config(ns, args.model, "pipelined", largest, timed_tokens=largest["output"])
   c.tier2.kv_cache_gb = args.kv_cache_gb

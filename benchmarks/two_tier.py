@@ -79,8 +79,9 @@ def parse_args(argv=None):
   p.add_argument("--in_flight", type=int, default=0, help="config.tier2.in_flight (0 = auto)")
   p.add_argument("--splits", default="spread,shards",
                  help="config.tier2.split values pipelined runs at (the sweeps use the first)")
-  p.add_argument("--no_send_thread", action="store_true",
-                 help="config.tier2.send_thread=False: pipelined sends from the dispatching thread")
+  p.add_argument("--send_threads", default="on",
+                 help="config.tier2.send_thread values pipelined runs at: on, off or on,off (an A/B in one call; "
+                 "off sends from the dispatching thread; the sweeps use the first)")
   p.add_argument("--delays", default=None, help="ms for the sweep (default 0,5,20,50,100,200; smoke 0,20)")
   p.add_argument("--sweep_output_len", type=int, default=2, help="timed tokens per request in the delay sweep")
   p.add_argument("--decode_steps", type=int, default=4, help="engine.decode_steps_per_call")
@@ -100,6 +101,9 @@ def parse_args(argv=None):
   args.shapes = [s for s in args.shapes.split(",") if s]
   args.placements = [x for x in args.placements.split(",") if x]
   args.splits = [x for x in args.splits.split(",") if x]
+  if not set(args.send_threads.split(",")) <= {"on", "off"}:
+    p.error(f"--send_threads={args.send_threads}: comma-separated on / off")
+  args.send_threads = [x == "on" for x in args.send_threads.split(",")]
   cores = len(os.sched_getaffinity(0))
   args.spawn = args.spawn or (2 if args.smoke or args.roundtrip else max(1, (cores - 2) // 4))
   args.spawn_sweep = [int(n) for n in args.spawn_sweep.split(",") if n]
@@ -138,7 +142,6 @@ def make_config(args, model_name: str, placement: str, s: dict, timed_tokens: in
   c.tier2.kv_dtype = "float32" if args.smoke else "bfloat16"
   c.tier2.inject_delay_ms = delay_ms
   c.tier2.in_flight = args.in_flight if in_flight is None else in_flight
-  c.tier2.send_thread = not args.no_send_thread
   c.local_attention_fraction = args.local_fraction if placement != "local" else 0.0
   c.engine.max_model_len = s["prompt"] + total_tokens(c, timed_tokens) + 16
   kv = kv_bytes_per_token(model_config(c), c.tier2.kv_dtype)
@@ -343,7 +346,7 @@ def roundtrip(args) -> None:
   c.engine.update(dict(max_num_seqs=batch, page_size=16, max_model_len=160, max_prefill_tokens=max(1024, 64 * batch),
                        decode_steps_per_call=4))
   c.tier2.update(dict(spawn=args.spawn, kv_cache_gb=0.05, in_flight=args.in_flight or 2, split=args.splits[0],
-                      send_thread=not args.no_send_thread))
+                      send_thread=args.send_threads[0]))
   prompts = [np.random.default_rng(0).integers(3, 500, 64).tolist() for _ in range(batch)]
   runs = []
   with Engine(c) as engine:
@@ -419,19 +422,20 @@ GUESSED_BASE_ROW = {"tier1_step_ms": 3.0, "mean_rtt_ms": 5.0}  # for the delay s
 
 
 def plan(args) -> list[tuple]:
-  """(model, shape, placement, delay ms, spawn, split) of every run, in the order they run: per model its
-  shapes' placements (pipelined at each of --splits), then (first model, first shape, first split) the spawn
-  sweep and the delay sweep, before the next model."""
-  runs, split = [], args.splits[0]
+  """(model, shape, placement, delay ms, spawn, split, send thread) of every run, in the order they run: per
+  model its shapes' placements (pipelined at each of --splits x --send_threads), then (first model, first
+  shape, first split and send thread) the spawn sweep and the delay sweep, before the next model."""
+  runs, first_variant = [], (args.splits[0], args.send_threads[0])
+  pipelined = [(x, t) for x in args.splits for t in args.send_threads]
   for i, model_name in enumerate(args.models):
     for shape_name in args.shapes:
       for p in args.placements:
         if not (p == "callback" and shape_name == "long"):
-          runs += [(model_name, shape_name, p, 0.0, None, x) for x in (args.splits if p == "pipelined" else [split])]
+          runs += [(model_name, shape_name, p, 0.0, None, *v) for v in (pipelined if p == "pipelined" else [first_variant])]
     if i == 0 and args.shapes and "pipelined" in args.placements:
       first = args.shapes[0]
-      runs += [(model_name, first, "pipelined", 0.0, n, split) for n in args.spawn_sweep if n != args.spawn]
-      runs += [(model_name, first, "pipelined", d, None, split) for d in args.delays if d > 0]
+      runs += [(model_name, first, "pipelined", 0.0, n, *first_variant) for n in args.spawn_sweep if n != args.spawn]
+      runs += [(model_name, first, "pipelined", d, None, *first_variant) for d in args.delays if d > 0]
   return runs
 
 
@@ -487,11 +491,11 @@ def main(argv=None):
   runs = plan(args)
   guess = {"device_copy_gb_s": copy_gb_s, "host_attention_gb_s": 30.0 if args.smoke else 160.0}
   total = 0.0
-  for m, sh, p, d, n, x in runs:
-    config, timed = _config(args, m, sh, p, d, n, x, models[m], GUESSED_BASE_ROW)
+  for m, sh, p, d, n, x, t in runs:
+    config, timed = _config(args, m, sh, p, d, n, x, t, models[m], GUESSED_BASE_ROW)
     total += estimate_s(args, models[m], shape(args, sh, models[m]), config, timed, guess, [])
     if args.plan:
-      print(f"  {m}/{sh} {p}{f' ({x})' if p == 'pipelined' else ''} delay {d:.0f} ms: {timed} timed tokens, {total_tokens(config, timed)} in all, "
+      print(f"  {m}/{sh} {p}{f' ({_variant(x, t)})' if p == 'pipelined' else ''} delay {d:.0f} ms: {timed} timed tokens, {total_tokens(config, timed)} in all, "
             f"depth {config.tier2.in_flight or 'auto'}; ends near {total:.0f} s")
   total += FLOORS_S * len({(m, sh) for m, sh, *_ in runs})
   print(f"{len(runs)} runs, about {total:.0f} s with the floors' measurement (rough estimate, floors guessed)"
@@ -499,11 +503,12 @@ def main(argv=None):
   if args.plan:
     return
   base_rows: dict[str, dict] = {}
-  for model_name, shape_name, placement, delay, spawn, split in runs:
+  for model_name, shape_name, placement, delay, spawn, split, send_thread in runs:
     model, key = models[model_name], f"{model_name}/{shape_name}"
     s = shape(args, shape_name, model)
-    config, timed = _config(args, model_name, shape_name, placement, delay, spawn, split, model, base_rows.get(key))
-    label = (f"{key} {placement}{f' ({split})' if placement == 'pipelined' else ''} delay {delay:.0f} ms, "
+    config, timed = _config(args, model_name, shape_name, placement, delay, spawn, split, send_thread, model,
+                            base_rows.get(key))
+    label = (f"{key} {placement}{f' ({_variant(split, send_thread)})' if placement == 'pipelined' else ''} delay {delay:.0f} ms, "
              f"{config.tier2.spawn} servers, depth {config.tier2.in_flight or 'auto'}")
     estimate = estimate_s(args, model, s, config, timed, results["floors"].get(key, guess), results["runs"])
     elapsed = time.perf_counter() - started
@@ -525,9 +530,10 @@ def main(argv=None):
       print(f"  FAILED {results['errors'][-1]}", flush=True)
       continue
     row["estimate_s"] = estimate
-    row["sweep"] = placement == "pipelined" and spawn is None and split == args.splits[0] and \
+    first_variant = (split, send_thread) == (args.splits[0], args.send_threads[0])
+    row["sweep"] = placement == "pipelined" and spawn is None and first_variant and \
         model_name == args.models[0] and shape_name == args.shapes[0]
-    if placement == "pipelined" and delay == 0 and spawn is None and split == args.splits[0]:
+    if placement == "pipelined" and delay == 0 and spawn is None and first_variant:
       base_rows[key] = row
     add_floors(row, model, s, results["floors"][key], config.dtype, config.tier2.kv_dtype)
     results["runs"].append(row)
@@ -540,14 +546,20 @@ def main(argv=None):
   print(f"wrote {args.out}" + (f" and {results['plot']}" if results["plot"] else ""))
 
 
-def _config(args, model_name: str, shape_name: str, placement: str, delay: float, spawn, split: str, model,
-            base_row):
+def _config(args, model_name: str, shape_name: str, placement: str, delay: float, spawn, split: str,
+            send_thread: bool, model, base_row):
   """(config, timed tokens) of one planned run."""
   s = shape(args, shape_name, model)
   timed, depth, steps = run_settings(args, s, placement, delay, base_row)
   config = make_config(args, model_name, placement, s, timed, delay, depth, steps, spawn)
   config.tier2.split = split
+  config.tier2.send_thread = send_thread
   return config, timed
+
+
+def _variant(split: str, send_thread: bool) -> str:
+  """A pipelined run's split, "-main" when it sends from the dispatching thread (send_thread off)."""
+  return split if send_thread else f"{split}-main"
 
 
 def save(results: dict, path: str, started: float) -> None:
@@ -559,14 +571,14 @@ def save(results: dict, path: str, started: float) -> None:
 def print_table(results: dict) -> None:
   print(f"\nTwo-tier generation on {results['device']}, {results['host_cores']} host cores, "
         f"{results['args']['spawn']} tier-2 processes (srv: this row's), {results['elapsed_s']:.0f} s")
-  head = (f"{'model':>10} {'shape':>5} {'batch':>5} {'ctx':>5} {'placement':>9} {'split':>6} {'delay':>5} {'srv':>3} "
+  head = (f"{'model':>10} {'shape':>5} {'batch':>5} {'ctx':>5} {'placement':>9} {'split':>11} {'delay':>5} {'srv':>3} "
           f"{'pf s':>6} {'dec tok/s':>9} {'local':>5} {'depth':>5} {'t1 busy':>7} {'step ms':>7} {'disp ms':>7} "
           f"{'send ms':>7} {'rtt ms':>6} {'t2 KV GB/s':>10} {'wire B':>7} {'t1 fl ms':>8} {'t2 fl ms':>8} "
           f"{'bound':>6} {'eff':>6} {'pf GB/s':>7} {'run s':>5}")
   print(head)
   for r in results["runs"]:
     f = lambda k, spec: format(r[k], spec) if k in r else ""  # noqa: E731
-    print(f"{r['model']:>10} {r['shape']:>5} {r['batch']:>5} {r['prompt'] + r['output']:>5} {r['placement']:>9} {r.get('split', ''):>6} "
+    print(f"{r['model']:>10} {r['shape']:>5} {r['batch']:>5} {r['prompt'] + r['output']:>5} {r['placement']:>9} {_variant(r['split'], r['send_thread']) if r.get('split') else '':>11} "
           f"{r['delay_ms']:>5.0f} {r['spawn']:>3} {r['prefill_s']:>6.1f} {r['decode_tok_s']:>9.1f} "
           f"{r['local_share']:>5.2f} "
           f"{f('in_flight', 'd'):>5} {f('tier1_busy_fraction', '.2f'):>7} {f('tier1_step_ms', '.2f'):>7} "

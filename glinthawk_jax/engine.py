@@ -187,11 +187,8 @@ class Engine:
                                       batch.temperature, batch.top_k, batch.top_p, batch.seeds,
                                       batch.greedy_only, self._tier2_rows(batch.seqs, len(batch.tokens)))
           self._check_tier2()
-        except ShardUnavailableError as e:
-          self._fail_over(scheduler, e)
-          continue
-        except KVCacheFullError as e:
-          self._make_room(scheduler, e)
+        except (ShardUnavailableError, KVCacheFullError) as e:
+          self._recover_tier2(scheduler, e)
           continue
         now = time.perf_counter()
         self.stats.decode_time_s += now - t
@@ -259,6 +256,13 @@ class Engine:
       if not (best_effort or isinstance(e, ShardUnavailableError)):
         raise
       logging.warning("releasing %d sequences on tier 2 failed: %s", len(held), e)
+
+  def _recover_tier2(self, scheduler: Scheduler, error: ShardUnavailableError | KVCacheFullError) -> None:
+    """After a tier-2 call failed: a lost shard is failed over, a full one makes room; the failed step reruns."""
+    if isinstance(error, KVCacheFullError):
+      self._make_room(scheduler, error)
+    else:
+      self._fail_over(scheduler, error)
 
   def _fail_over(self, scheduler: Scheduler, error: ShardUnavailableError) -> None:
     """A shard is gone: its sequences wait to be prefilled again on the others; the failed step's

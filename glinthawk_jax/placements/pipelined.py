@@ -263,8 +263,7 @@ class PipelinedRunner:
     by_shard = np.argsort(rank[rows], kind="stable")
     rows, cols = rows[by_shard], cols[by_shard]
     ids, pos, n = padded_ids[rows], positions[rows, cols], len(rows)
-    take = np.zeros((2, pow2_at_least(max(n, 1))), np.int32)
-    take[:, :n] = rows, cols
+    take = token_take(rows, cols)
     self.compiled_shapes.add(("bulk", tokens.shape))
     self.compiled_shapes.add(("gather", tokens.shape, take.shape))
     t = time.perf_counter()
@@ -500,6 +499,14 @@ class PipelinedRunner:
     attn = np.zeros(m.q_shape, out.dtype)
     attn[m.index] = out
     return attn
+
+
+def token_take(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+  """gather_tokens' `take` [2, N']: the tokens' (rows, cols), padded with (0, 0) to a power of two N' (few
+  compiled shapes; the padding tokens' K, V are gathered and never sent)."""
+  take = np.zeros((2, pow2_at_least(max(len(rows), 1))), np.int32)
+  take[:, :len(rows)] = rows, cols
+  return take
 
 
 @jax.jit

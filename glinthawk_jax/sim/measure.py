@@ -168,11 +168,10 @@ class Tier1Steps:
 
 
 def _take(rows: int, tokens: int) -> np.ndarray:
-  """(rows, cols) [2, N'] of a chunk's real tokens (all but each prompt's last), padded to a power of two."""
-  n = rows * (tokens - 1)
-  take = np.zeros((2, 1 << max(n - 1, 0).bit_length()), np.int32)
-  take[:, :n] = np.repeat(np.arange(rows), tokens - 1), np.tile(np.arange(tokens - 1), rows)
-  return take
+  """gather_tokens' index of a chunk's real tokens (all but each prompt's last), as the runner builds it."""
+  from glinthawk_jax.placements.pipelined import token_take
+
+  return token_take(np.repeat(np.arange(rows), tokens - 1), np.tile(np.arange(tokens - 1), rows))
 
 
 def _bulk_serial(steps: Tier1Steps, x, positions):

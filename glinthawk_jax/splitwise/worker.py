@@ -466,10 +466,7 @@ class Worker:
     """Two-tier placement, as the Engine's loop does: a full shard preempts its newest sequence; a lost
     shard's sequences are prefilled again on the others (none left: the error stops this worker)."""
     with self.lock:
-      if isinstance(error, KVCacheFullError):
-        self.engine._make_room(self.scheduler, error)  # noqa: SLF001
-      else:
-        self.engine._fail_over(self.scheduler, error)  # noqa: SLF001
+      self.engine._recover_tier2(self.scheduler, error)  # noqa: SLF001
 
   def _free_tier2(self, more: list[Sequence] = ()) -> None:
     """Loop thread (the only one that touches the engine's tier-2 ids): frees sequences' tier-2 KV."""

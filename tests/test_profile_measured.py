@@ -52,7 +52,7 @@ def test_calibrated_simulator_predicts_real_two_tier_runs(tmp_path):
 
   out = tmp_path / "calibrate.json"
   calibrate_sim.main([f"--out={out}", f"--profile_out={tmp_path / 'profile.json'}",
-                      "--shapes=8:16:16:1:0,8:16:16:2:0", "--reps=3"])
+                      "--shapes=8:16:16:1:0,8:16:16:2:0", "--reps=3", "--split=shards"])
   import json
   results = json.loads(out.read_text())
   assert len(results["runs"]) == 2

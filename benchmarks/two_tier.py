@@ -29,13 +29,16 @@ is the bulk prefill's K, V appended to tier 2 per second (prefill calls that com
 --budget_s skips a run whose rough estimate (estimate_s) would end past the budget; the JSON is written
 after every run, so a run cut short keeps what finished. tier-1 busy = time in tier-1 steps / timed decode time;
 wire B/tok/layer = q, k, v out plus the attention output back, per token and layer; tier-2 GB/s = KV
-bytes read by the attention kernels / decode time. The delay sweep reruns pipelined (short shape, first
+bytes read by the attention kernels / decode time; t2 busy = the servers' time serving tensor requests
+(their Stats) / (servers x timed decode time), t2 kern = its part in the KV pool's append and attention. The delay sweep reruns pipelined (short shape, first
 model, one decode step per call) on servers started with tier2.inject_delay_ms, at the in-flight depth
 auto mode's rule gives for the no-delay run's step time and round trip plus the delay.
 
 Pipelined runs once per --splits value (config.tier2.split): "spread" micro-batches each span every tier-2
 shard (tier 2 works on all shards at once; depth from spread_depth), "shards" ones hold one or two shards
 each (fewer calls per micro-batch). The sweeps use the first value.
+--variants reruns pipelined with config overrides, e.g. "tier2.pin_tier1=True;tier2.pin_tier1=False"
+(an A/B in one call; the table's last column names the variant).
 
 --local_fraction F sets config.local_attention_fraction of every two-tier run (the share of sequences
 whose KV and attention stay on tier 1). Floors then split the KV read: tier 1 adds F of it at the
@@ -45,7 +48,9 @@ device's copy bandwidth, tier 2 reads the other 1 - F; `local share` is the meas
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
+import functools
 import gc
 import importlib
 import json
@@ -79,9 +84,10 @@ def parse_args(argv=None):
   p.add_argument("--in_flight", type=int, default=0, help="config.tier2.in_flight (0 = auto)")
   p.add_argument("--splits", default="spread,shards",
                  help="config.tier2.split values pipelined runs at (the sweeps use the first)")
-  p.add_argument("--send_threads", default="on",
-                 help="config.tier2.send_thread values pipelined runs at: on, off or on,off (an A/B in one call; "
-                 "off sends from the dispatching thread; the sweeps use the first)")
+  p.add_argument("--variants", default="",
+                 help='pipelined runs once per variant: ";" between variants, each "" (the config as is) or '
+                 '"key=value,..." config overrides, e.g. "tier2.send_thread=True;tier2.send_thread=False" (an A/B '
+                 "in one call; the sweeps use the first)")
   p.add_argument("--delays", default=None, help="ms for the sweep (default 0,5,20,50,100,200; smoke 0,20)")
   p.add_argument("--sweep_output_len", type=int, default=2, help="timed tokens per request in the delay sweep")
   p.add_argument("--decode_steps", type=int, default=4, help="engine.decode_steps_per_call")
@@ -101,9 +107,14 @@ def parse_args(argv=None):
   args.shapes = [s for s in args.shapes.split(",") if s]
   args.placements = [x for x in args.placements.split(",") if x]
   args.splits = [x for x in args.splits.split(",") if x]
-  if not set(args.send_threads.split(",")) <= {"on", "off"}:
-    p.error(f"--send_threads={args.send_threads}: comma-separated on / off")
-  args.send_threads = [x == "on" for x in args.send_threads.split(",")]
+  args.variants = [v.strip() for v in args.variants.split(";")]
+  from glinthawk_jax.config import base_config
+
+  for variant in args.variants:
+    try:
+      apply_variant(base_config(), variant)
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+      p.error(f"--variants: {variant!r}: {e}")
   cores = len(os.sched_getaffinity(0))
   args.spawn = args.spawn or (2 if args.smoke or args.roundtrip else max(1, (cores - 2) // 4))
   args.spawn_sweep = [int(n) for n in args.spawn_sweep.split(",") if n]
@@ -111,6 +122,24 @@ def parse_args(argv=None):
   delays = args.delays if args.delays is not None else ("0,20" if args.smoke else "0,5,20,50,100,200")
   args.delays = [float(d) for d in delays.split(",") if d]
   return args
+
+
+def apply_variant(config, variant: str) -> None:
+  """Sets a variant's "key=value,..." overrides on config (values as Python literals, else strings);
+  ml_collections refuses unknown keys and values of another type."""
+  for item in filter(None, (x.strip() for x in variant.split(","))):
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"{item!r}: expected key=value")
+    *path, name = key.strip().split(".")
+    node = functools.reduce(getattr, path, config)
+    try:
+      value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+      value = text.strip()
+    if not hasattr(node, name):
+      raise KeyError(f"{key.strip()}: no such config key")
+    setattr(node, name, value)
 
 
 def shape(args, name: str, model) -> dict:
@@ -209,6 +238,7 @@ class _Calls:
 
     r = self.runner
     before = (r.num_compilations, getattr(r, "depth", None), dict(vars(r.stats)) if hasattr(r, "stats") else None)
+    servers_before = _server_seconds(r)
     t = time.perf_counter()
     out = self.fn(*args, **kwargs)
     out = None if out is None else np.asarray(out)
@@ -216,6 +246,10 @@ class _Calls:
       r.wait()  # the device's work, not only its dispatch
     seconds = time.perf_counter() - t
     stats = None if before[2] is None else {k: v - before[2][k] for k, v in vars(r.stats).items()}
+    if stats is not None and servers_before is not None:
+      after = _server_seconds(r)
+      stats.update({k: after[k] - servers_before[k] for k in ("tier2_busy_s", "tier2_kernel_s")},
+                   tier2_servers=after["tier2_servers"])
     steady = r.num_compilations == before[0] and before[1] != 0  # depth 0: this call measured it
     self.calls.append(dict(seconds=seconds, out=out, steady=steady, stats=stats))
     if self.fn.__name__ == "prefill":  # tokens, positions, page_ids, offsets, block_tables, context_lens, ...
@@ -224,13 +258,24 @@ class _Calls:
     return out
 
 
+def _server_seconds(runner) -> dict | None:
+  """Tier-2 servers' busy and kernel seconds summed (their Stats), and how many there are; None without
+  a tier-2 client."""
+  client = getattr(runner, "client", None)
+  if client is None:
+    return None
+  rows = client.stats()
+  return {"tier2_busy_s": sum(r["busy_seconds"] for r in rows), "tier2_kernel_s": sum(r["kernel_seconds"] for r in rows),
+          "tier2_servers": len(rows)}
+
+
 def prefill_rate(calls: list[dict]) -> float:
   """Prompt tokens per second of the prefill calls that compiled nothing (all of them if each did)."""
   steady = [c for c in calls if c["steady"]] or calls
   return sum(c["tokens"] for c in steady) / max(sum(c["seconds"] for c in steady), 1e-9)
 
 
-def run_one(config, s: dict, timed_tokens: int) -> dict:
+def run_one(config, s: dict, timed_tokens: int, variant: str = "") -> dict:
   """One Engine, one generate: warm_calls(config) decode calls (compile; measure the auto depth), then
   the timed calls (timed_tokens / decode_steps_per_call of them). Prompts are prefilled once."""
   import numpy as np
@@ -259,7 +304,7 @@ def run_one(config, s: dict, timed_tokens: int) -> dict:
         engine.stats.num_tier2_admissions
     two_tier = config.placement != "local"
     row = {"placement": config.placement, "split": config.tier2.split if config.placement == "pipelined" else "",
-           "send_thread": config.tier2.send_thread,
+           "variant": variant, "send_thread": config.tier2.send_thread,
            "delay_ms": config.tier2.inject_delay_ms, "spawn": config.tier2.spawn,
            "batch": s["batch"], "prompt": s["prompt"], "output": timed * steps, "decode_steps": steps,
            "warm_calls": len(calls.calls) - timed, "timed_calls": timed,
@@ -278,6 +323,9 @@ def run_one(config, s: dict, timed_tokens: int) -> dict:
                  tier1_step_ms=1e3 * d["tier1_s"] / max(d["num_steps"], 1),
                  dispatch_ms=1e3 * d["dispatch_s"] / max(d["num_steps"], 1),
                  send_ms=1e3 * d["send_s"] / max(d["num_round_trips"], 1))
+      if "tier2_busy_s" in d:  # server-seconds over the servers' share of the decode time
+        server_s = max(last[-1]["stats"]["tier2_servers"] * decode_s, 1e-9)
+        row.update(tier2_busy_fraction=d["tier2_busy_s"] / server_s, tier2_kernel_fraction=d["tier2_kernel_s"] / server_s)
   del engine, runner, calls, prefills
   gc.collect()  # the engine's device buffers go before the next engine allocates its own
   row["total_s"] = time.perf_counter() - start
@@ -345,8 +393,8 @@ def roundtrip(args) -> None:
   c.placement, c.model.num_layers = "pipelined", 8
   c.engine.update(dict(max_num_seqs=batch, page_size=16, max_model_len=160, max_prefill_tokens=max(1024, 64 * batch),
                        decode_steps_per_call=4))
-  c.tier2.update(dict(spawn=args.spawn, kv_cache_gb=0.05, in_flight=args.in_flight or 2, split=args.splits[0],
-                      send_thread=args.send_threads[0]))
+  c.tier2.update(dict(spawn=args.spawn, kv_cache_gb=0.05, in_flight=args.in_flight or 2, split=args.splits[0]))
+  apply_variant(c, args.variants[0])
   prompts = [np.random.default_rng(0).integers(3, 500, 64).tolist() for _ in range(batch)]
   runs = []
   with Engine(c) as engine:
@@ -422,11 +470,11 @@ GUESSED_BASE_ROW = {"tier1_step_ms": 3.0, "mean_rtt_ms": 5.0}  # for the delay s
 
 
 def plan(args) -> list[tuple]:
-  """(model, shape, placement, delay ms, spawn, split, send thread) of every run, in the order they run: per
-  model its shapes' placements (pipelined at each of --splits x --send_threads), then (first model, first
-  shape, first split and send thread) the spawn sweep and the delay sweep, before the next model."""
-  runs, first_variant = [], (args.splits[0], args.send_threads[0])
-  pipelined = [(x, t) for x in args.splits for t in args.send_threads]
+  """(model, shape, placement, delay ms, spawn, split, variant) of every run, in the order they run: per
+  model its shapes' placements (pipelined at each of --splits x --variants), then (first model, first
+  shape, first split and variant) the spawn sweep and the delay sweep, before the next model."""
+  runs, first_variant = [], (args.splits[0], args.variants[0])
+  pipelined = [(x, v) for x in args.splits for v in args.variants]
   for i, model_name in enumerate(args.models):
     for shape_name in args.shapes:
       for p in args.placements:
@@ -495,7 +543,7 @@ def main(argv=None):
     config, timed = _config(args, m, sh, p, d, n, x, t, models[m], GUESSED_BASE_ROW)
     total += estimate_s(args, models[m], shape(args, sh, models[m]), config, timed, guess, [])
     if args.plan:
-      print(f"  {m}/{sh} {p}{f' ({_variant(x, t)})' if p == 'pipelined' else ''} delay {d:.0f} ms: {timed} timed tokens, {total_tokens(config, timed)} in all, "
+      print(f"  {m}/{sh} {p}{_label(p, x, t)} delay {d:.0f} ms: {timed} timed tokens, {total_tokens(config, timed)} in all, "
             f"depth {config.tier2.in_flight or 'auto'}; ends near {total:.0f} s")
   total += FLOORS_S * len({(m, sh) for m, sh, *_ in runs})
   print(f"{len(runs)} runs, about {total:.0f} s with the floors' measurement (rough estimate, floors guessed)"
@@ -503,12 +551,12 @@ def main(argv=None):
   if args.plan:
     return
   base_rows: dict[str, dict] = {}
-  for model_name, shape_name, placement, delay, spawn, split, send_thread in runs:
+  for model_name, shape_name, placement, delay, spawn, split, variant in runs:
     model, key = models[model_name], f"{model_name}/{shape_name}"
     s = shape(args, shape_name, model)
-    config, timed = _config(args, model_name, shape_name, placement, delay, spawn, split, send_thread, model,
+    config, timed = _config(args, model_name, shape_name, placement, delay, spawn, split, variant, model,
                             base_rows.get(key))
-    label = (f"{key} {placement}{f' ({_variant(split, send_thread)})' if placement == 'pipelined' else ''} delay {delay:.0f} ms, "
+    label = (f"{key} {placement}{_label(placement, split, variant)} delay {delay:.0f} ms, "
              f"{config.tier2.spawn} servers, depth {config.tier2.in_flight or 'auto'}")
     estimate = estimate_s(args, model, s, config, timed, results["floors"].get(key, guess), results["runs"])
     elapsed = time.perf_counter() - started
@@ -522,7 +570,7 @@ def main(argv=None):
       print(f"{key}: device copy {copy_gb_s:.0f} GB/s, host attention "
             f"{results['floors'][key]['host_attention_gb_s']:.1f} GB/s", flush=True)
     try:
-      row = {"model": model_name, "shape": shape_name, **run_one(config, s, timed)}
+      row = {"model": model_name, "shape": shape_name, **run_one(config, s, timed, variant)}
     except Exception as e:  # noqa: BLE001 (one failed run must not lose the others' numbers)
       if args.smoke:
         raise
@@ -530,7 +578,7 @@ def main(argv=None):
       print(f"  FAILED {results['errors'][-1]}", flush=True)
       continue
     row["estimate_s"] = estimate
-    first_variant = (split, send_thread) == (args.splits[0], args.send_threads[0])
+    first_variant = (split, variant) == (args.splits[0], args.variants[0])
     row["sweep"] = placement == "pipelined" and spawn is None and first_variant and \
         model_name == args.models[0] and shape_name == args.shapes[0]
     if placement == "pipelined" and delay == 0 and spawn is None and first_variant:
@@ -547,19 +595,20 @@ def main(argv=None):
 
 
 def _config(args, model_name: str, shape_name: str, placement: str, delay: float, spawn, split: str,
-            send_thread: bool, model, base_row):
+            variant: str, model, base_row):
   """(config, timed tokens) of one planned run."""
   s = shape(args, shape_name, model)
   timed, depth, steps = run_settings(args, s, placement, delay, base_row)
   config = make_config(args, model_name, placement, s, timed, delay, depth, steps, spawn)
   config.tier2.split = split
-  config.tier2.send_thread = send_thread
+  if placement == "pipelined":
+    apply_variant(config, variant)
   return config, timed
 
 
-def _variant(split: str, send_thread: bool) -> str:
-  """A pipelined run's split, "-main" when it sends from the dispatching thread (send_thread off)."""
-  return split if send_thread else f"{split}-main"
+def _label(placement: str, split: str, variant: str) -> str:
+  """A pipelined run's split and variant, for the progress lines."""
+  return f" ({split}{f', {variant}' if variant else ''})" if placement == "pipelined" else ""
 
 
 def save(results: dict, path: str, started: float) -> None:
@@ -571,21 +620,22 @@ def save(results: dict, path: str, started: float) -> None:
 def print_table(results: dict) -> None:
   print(f"\nTwo-tier generation on {results['device']}, {results['host_cores']} host cores, "
         f"{results['args']['spawn']} tier-2 processes (srv: this row's), {results['elapsed_s']:.0f} s")
-  head = (f"{'model':>10} {'shape':>5} {'batch':>5} {'ctx':>5} {'placement':>9} {'split':>11} {'delay':>5} {'srv':>3} "
+  head = (f"{'model':>10} {'shape':>5} {'batch':>5} {'ctx':>5} {'placement':>9} {'split':>6} {'delay':>5} {'srv':>3} "
           f"{'pf s':>6} {'dec tok/s':>9} {'local':>5} {'depth':>5} {'t1 busy':>7} {'step ms':>7} {'disp ms':>7} "
-          f"{'send ms':>7} {'rtt ms':>6} {'t2 KV GB/s':>10} {'wire B':>7} {'t1 fl ms':>8} {'t2 fl ms':>8} "
-          f"{'bound':>6} {'eff':>6} {'pf GB/s':>7} {'run s':>5}")
+          f"{'send ms':>7} {'rtt ms':>6} {'t2 busy':>7} {'t2 kern':>7} {'t2 KV GB/s':>10} {'wire B':>7} {'t1 fl ms':>8} {'t2 fl ms':>8} "
+          f"{'bound':>6} {'eff':>6} {'pf GB/s':>7} {'run s':>5} variant")
   print(head)
   for r in results["runs"]:
     f = lambda k, spec: format(r[k], spec) if k in r else ""  # noqa: E731
-    print(f"{r['model']:>10} {r['shape']:>5} {r['batch']:>5} {r['prompt'] + r['output']:>5} {r['placement']:>9} {_variant(r['split'], r['send_thread']) if r.get('split') else '':>11} "
+    print(f"{r['model']:>10} {r['shape']:>5} {r['batch']:>5} {r['prompt'] + r['output']:>5} {r['placement']:>9} {r.get('split', ''):>6} "
           f"{r['delay_ms']:>5.0f} {r['spawn']:>3} {r['prefill_s']:>6.1f} {r['decode_tok_s']:>9.1f} "
           f"{r['local_share']:>5.2f} "
           f"{f('in_flight', 'd'):>5} {f('tier1_busy_fraction', '.2f'):>7} {f('tier1_step_ms', '.2f'):>7} "
           f"{f('dispatch_ms', '.2f'):>7} {f('send_ms', '.2f'):>7} {f('mean_rtt_ms', '.2f'):>6} "
+          f"{f('tier2_busy_fraction', '.2f'):>7} {f('tier2_kernel_fraction', '.2f'):>7} "
           f"{f('tier2_kv_gb_s', '.2f'):>10} "
           f"{f('wire_bytes_per_token_layer', 'd'):>7} {r['tier1_floor_ms']:>8.2f} {r['tier2_floor_ms']:>8.2f} "
-          f"{r['bound']:>6} {r['efficiency']:>6.3f} {f('prefill_kv_gb_s', '.2f'):>7} {r['total_s']:>5.0f}")
+          f"{r['bound']:>6} {r['efficiency']:>6.3f} {f('prefill_kv_gb_s', '.2f'):>7} {r['total_s']:>5.0f} {r.get('variant', '')}")
   for error in results["errors"]:
     print(f"FAILED: {error}")
   for skipped in results["skipped"]:

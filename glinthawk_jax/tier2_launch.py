@@ -2,7 +2,9 @@
 (per layer slice: with engine.layer_slices > 1 each slice's servers hold only its layers).
 
 Spawned servers are children of this process (tier2_cpu/process.py); `Tier2Servers.close()` stops them,
-and an atexit hook does so too when the caller never gets to (Ctrl-C unwinding past it).
+and an atexit hook does so too when the caller never gets to (Ctrl-C unwinding past it). With
+tier2.pin_tier1, an accelerator tier 1 moves its own threads onto the cores its servers were not given
+while they run, so a tier-1 thread woken by a reply never preempts a tier-2 kernel thread.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import atexit
 import logging
 import os
 
+import jax
 import ml_collections
 
 from glinthawk_jax.sharding import layer_bounds
@@ -47,6 +50,29 @@ def core_lists(spec: str, count: int) -> list[str]:
   return [",".join(map(str, cores[i * per:(i + 1) * per])) for i in range(count)]
 
 
+def pin_to_free_cores(server_cores: list[str]):
+  """Moves every thread of this process onto its cores that no server of `server_cores` (core_lists'
+  output) uses, when some are free; returns a function restoring the previous cores, or None when
+  nothing moved."""
+  before = os.sched_getaffinity(0)
+  taken = {int(c) for cores in server_cores for c in cores.split(",") if c}
+  free = before - taken
+  if not free or not taken:
+    return None
+  _set_threads_affinity(free)
+  logging.info("tier 1 pinned to cores %s (tier-2 servers on %d others)", sorted(free), len(taken))
+  return lambda: _set_threads_affinity(before)
+
+
+def _set_threads_affinity(cores: set[int]) -> None:
+  """Every thread of this process (sched_setaffinity(0) moves only the calling one); new threads inherit."""
+  for tid in os.listdir("/proc/self/task"):
+    try:
+      os.sched_setaffinity(int(tid), cores)
+    except (ProcessLookupError, PermissionError):
+      pass  # a thread that ended meanwhile
+
+
 class Tier2Servers:
   """The servers a run uses and a connected Tier2Client (a SlicedTier2Client with engine.layer_slices > 1);
   `fleets` holds one Tier2Client per layer slice. Owns the processes it spawned."""
@@ -58,6 +84,7 @@ class Tier2Servers:
     self.client = None
     self.fleets: list[Tier2Client] = []
     self.processes = []
+    self._unpin = None  # restores this process's cores (pin_to_free_cores)
     slices = config.engine.layer_slices
     ranges = layer_bounds(model.num_layers, slices)
     groups = [[a.strip() for a in group.split(",") if a.strip()] for group in t.addresses.split(";")]
@@ -69,6 +96,8 @@ class Tier2Servers:
           for _ in range(t.spawn):
             self.processes.append(ServerProcess(server_args(config, model, next(cores), layers)))
         spawned = [p.wait_ready(ready_timeout_s) for p in self.processes]
+        if t.pin_tier1 and t.cpus == "auto" and jax.default_backend() != "cpu":  # CPU compute needs the cores
+          self._unpin = pin_to_free_cores(core_lists(t.cpus, t.spawn * slices))
         logging.info("spawned %d tier-2 servers: %s", len(spawned), ", ".join(spawned))
         groups = [spawned[s * t.spawn:(s + 1) * t.spawn] for s in range(slices)]
       self.addresses = [a for group in groups for a in group]
@@ -96,3 +125,6 @@ class Tier2Servers:
     if self.processes:
       stop_servers(self.processes)
       self.processes = []
+    if self._unpin:
+      self._unpin()
+      self._unpin = None

@@ -66,6 +66,7 @@ def test_gqa_over_three_shards_matches_float64_reference(gqa):
   stats = gqa.stats()
   assert [row["num_sequences"] for row in stats] == [2, 2, 2]
   assert sum(row["tokens_served"] for row in stats) == 2 * (114 + 3 * 6)
+  assert all(0 < row["kernel_seconds"] <= row["busy_seconds"] for row in stats)  # the pool's part of serving
   gqa.release(seqs)
   assert [row["pages_in_use"] for row in gqa.stats()] == [0, 0, 0]
 

@@ -1,12 +1,18 @@
 """launch/tier1.py with placement=pipelined spawns its tier-2 servers and stops them: at a normal exit
-and on SIGINT (the launcher in a real process; its children found through /proc)."""
+and on SIGINT (the launcher in a real process; its children found through /proc). Tier 1's own threads
+move off the servers' cores and back (pin_to_free_cores)."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+
+import pytest
+
+from glinthawk_jax.tier2_launch import pin_to_free_cores
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,3 +96,22 @@ def test_a_killed_launcher_leaves_no_tier2_server(tmp_path):
   while any(_alive(p) for p in pids) and time.monotonic() < deadline:
     time.sleep(0.1)
   assert not any(_alive(p) for p in pids)
+
+
+def test_pin_to_free_cores_moves_every_thread_and_restores():
+  cores = sorted(os.sched_getaffinity(0))
+  if len(cores) < 2:
+    pytest.skip("needs two cores")
+  started, release = threading.Event(), threading.Event()
+  worker = threading.Thread(target=lambda: (started.set(), release.wait()))
+  worker.start()
+  started.wait()
+  try:
+    assert pin_to_free_cores([",".join(map(str, cores))]) is None  # servers take every core: nothing moves
+    unpin = pin_to_free_cores([str(cores[0])])
+    assert os.sched_getaffinity(worker.native_id) == os.sched_getaffinity(0) == set(cores[1:])
+    unpin()
+    assert os.sched_getaffinity(worker.native_id) == os.sched_getaffinity(0) == set(cores)
+  finally:
+    release.set()
+    worker.join()

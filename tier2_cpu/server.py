@@ -79,6 +79,8 @@ class Tier2Service:
     self._lock = threading.Lock()
     self.requests_served = 0
     self.tokens_served = 0
+    self.busy_seconds = 0.0  # serving tensor requests (Stats); tier 2's side of the pipeline's time
+    self.kernel_seconds = 0.0  # the pool's append and attention within it
     self.shm = ShmSessions() if o.shm else None
     # Injected delays must overlap (one-way network delay), so delayed calls go to a pool.
     self.doorbell = Doorbell(self._serve_shm, self._check_shm_peer, self.shm.detach,
@@ -138,7 +140,8 @@ class Tier2Service:
           page_size=self.pages.page_size, kv_bytes_in_use=used * self.bytes_per_page,
           kv_bytes_capacity=self.pages.num_pages * self.bytes_per_page,
           requests_served=self.requests_served, tokens_served=self.tokens_served,
-          shm_sessions=shm_sessions, shm_bytes=shm_bytes)
+          shm_sessions=shm_sessions, shm_bytes=shm_bytes, busy_seconds=self.busy_seconds,
+          kernel_seconds=self.kernel_seconds)
 
   def ShmAttach(self, request, context):
     self._require_shm(context)
@@ -157,8 +160,11 @@ class Tier2Service:
   # Tensor RPCs (raw bytes).
 
   def attend(self, payload: bytes, context) -> bytes:
+    start = time.perf_counter()
     r = self._decode(payload, context)
-    return tensor_wire.encode_reply(self._attend(r, context))
+    reply = tensor_wire.encode_reply(self._attend(r, context))
+    self._add_busy(start)
+    return reply
 
   def echo(self, payload: bytes, context) -> bytes:
     if self.options.inject_delay_ms:
@@ -189,6 +195,7 @@ class Tier2Service:
     except KeyError as e:
       context.abort(grpc.StatusCode.FAILED_PRECONDITION, e.args[0])
     reply_at = shm_wire.reply_offset(request_bytes)
+    start = time.perf_counter()
     try:
       payload = region.view(0, request_bytes)
       if op == shm_wire.ECHO:
@@ -200,7 +207,14 @@ class Tier2Service:
       region.view(reply_at, reply.nbytes)[:] = reply.reshape(-1).view(np.uint8)
     except tensor_wire.WireError as e:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if op != shm_wire.ECHO:
+      self._add_busy(start)
     return reply.nbytes
+
+  def _add_busy(self, start: float) -> None:
+    """Counts a served tensor request's time since `start` (injected delay excluded)."""
+    with self._lock:
+      self.busy_seconds += time.perf_counter() - start - self.options.inject_delay_ms / 1000
 
   def _require_shm(self, context) -> None:
     if self.shm is None:
@@ -236,12 +250,15 @@ class Tier2Service:
       self.requests_served += 1
       self.tokens_served += len(r.seq_ids)
       slots = self.pages.slots(r.seq_ids, r.positions)
+      start = time.perf_counter()
       if r.append_only:
         self.pool.write(layer, slots, r.k, r.v)
-        return np.empty((0,), r.k.dtype)
-      width = int(runs.last.max()) // self.options.page_size + 1  # the pool buckets shapes
-      out = self.pool.write_attend(layer, slots, r.k, r.v, r.q, self.pages.block_tables(r.seq_ids, width),
-                                   r.positions)
+        out = np.empty((0,), r.k.dtype)
+      else:
+        width = int(runs.last.max()) // self.options.page_size + 1  # the pool buckets shapes
+        out = self.pool.write_attend(layer, slots, r.k, r.v, r.q, self.pages.block_tables(r.seq_ids, width),
+                                     r.positions)
+      self.kernel_seconds += time.perf_counter() - start
     return np.ascontiguousarray(out.astype(r.q.dtype, copy=False))
 
   def _check_shapes(self, r: tensor_wire.AttendRequest, context) -> None:

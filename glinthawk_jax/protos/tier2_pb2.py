@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n glinthawk_jax/protos/tier2.proto\x12\x0fglinthawk.tier2\"Z\n\tModelDims\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x11\n\tnum_heads\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\"\x7f\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12)\n\x05model\x18\x02 \x01(\x0b\x32\x1a.glinthawk.tier2.ModelDims\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\"\xd7\x01\n\x0eHandshakeReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12)\n\x05model\x18\x02 \x01(\x0b\x32\x1a.glinthawk.tier2.ModelDims\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x11\n\tnum_pages\x18\x06 \x01(\x04\x12\x13\n\x0bmax_seq_len\x18\x07 \x01(\r\x12\x10\n\x08kv_dtype\x18\x08 \x01(\t\x12\x0b\n\x03shm\x18\t \x01(\x08\"\"\n\x0f\x41llocateRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x03\"#\n\rAllocateReply\x12\x12\n\nfree_pages\x18\x01 \x01(\x04\"!\n\x0eReleaseRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x03\"\"\n\x0cReleaseReply\x12\x12\n\nfree_pages\x18\x01 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xec\x01\n\nStatsReply\x12\x15\n\rnum_sequences\x18\x01 \x01(\x04\x12\x14\n\x0cpages_in_use\x18\x02 \x01(\x04\x12\x11\n\tnum_pages\x18\x03 \x01(\x04\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x17\n\x0fkv_bytes_in_use\x18\x05 \x01(\x04\x12\x19\n\x11kv_bytes_capacity\x18\x06 \x01(\x04\x12\x17\n\x0frequests_served\x18\x07 \x01(\x04\x12\x15\n\rtokens_served\x18\x08 \x01(\x04\x12\x14\n\x0cshm_sessions\x18\t \x01(\x04\x12\x11\n\tshm_bytes\x18\n \x01(\x04\"a\n\x10ShmAttachRequest\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12\x0c\n\x04slot\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x12\n\nclient_pid\x18\x05 \x01(\r\"\"\n\x0eShmAttachReply\x12\x10\n\x08\x64oorbell\x18\x01 \x01(\t\"#\n\x10ShmDetachRequest\x12\x0f\n\x07session\x18\x01 \x01(\x04\"\x10\n\x0eShmDetachReply2\xd8\x03\n\x05Tier2\x12O\n\tHandshake\x12!.glinthawk.tier2.HandshakeRequest\x1a\x1f.glinthawk.tier2.HandshakeReply\x12L\n\x08\x41llocate\x12 .glinthawk.tier2.AllocateRequest\x1a\x1e.glinthawk.tier2.AllocateReply\x12I\n\x07Release\x12\x1f.glinthawk.tier2.ReleaseRequest\x1a\x1d.glinthawk.tier2.ReleaseReply\x12\x43\n\x05Stats\x12\x1d.glinthawk.tier2.StatsRequest\x1a\x1b.glinthawk.tier2.StatsReply\x12O\n\tShmAttach\x12!.glinthawk.tier2.ShmAttachRequest\x1a\x1f.glinthawk.tier2.ShmAttachReply\x12O\n\tShmDetach\x12!.glinthawk.tier2.ShmDetachRequest\x1a\x1f.glinthawk.tier2.ShmDetachReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n glinthawk_jax/protos/tier2.proto\x12\x0fglinthawk.tier2\"Z\n\tModelDims\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x11\n\tnum_heads\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\"\x7f\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12)\n\x05model\x18\x02 \x01(\x0b\x32\x1a.glinthawk.tier2.ModelDims\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\"\xd7\x01\n\x0eHandshakeReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12)\n\x05model\x18\x02 \x01(\x0b\x32\x1a.glinthawk.tier2.ModelDims\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x11\n\tnum_pages\x18\x06 \x01(\x04\x12\x13\n\x0bmax_seq_len\x18\x07 \x01(\r\x12\x10\n\x08kv_dtype\x18\x08 \x01(\t\x12\x0b\n\x03shm\x18\t \x01(\x08\"\"\n\x0f\x41llocateRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x03\"#\n\rAllocateReply\x12\x12\n\nfree_pages\x18\x01 \x01(\x04\"!\n\x0eReleaseRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x03\"\"\n\x0cReleaseReply\x12\x12\n\nfree_pages\x18\x01 \x01(\x04\"\x0e\n\x0cStatsRequest\"\x9a\x02\n\nStatsReply\x12\x15\n\rnum_sequences\x18\x01 \x01(\x04\x12\x14\n\x0cpages_in_use\x18\x02 \x01(\x04\x12\x11\n\tnum_pages\x18\x03 \x01(\x04\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x17\n\x0fkv_bytes_in_use\x18\x05 \x01(\x04\x12\x19\n\x11kv_bytes_capacity\x18\x06 \x01(\x04\x12\x17\n\x0frequests_served\x18\x07 \x01(\x04\x12\x15\n\rtokens_served\x18\x08 \x01(\x04\x12\x14\n\x0cshm_sessions\x18\t \x01(\x04\x12\x11\n\tshm_bytes\x18\n \x01(\x04\x12\x14\n\x0c\x62usy_seconds\x18\x0b \x01(\x01\x12\x16\n\x0ekernel_seconds\x18\x0c \x01(\x01\"a\n\x10ShmAttachRequest\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12\x0c\n\x04slot\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x12\n\nclient_pid\x18\x05 \x01(\r\"\"\n\x0eShmAttachReply\x12\x10\n\x08\x64oorbell\x18\x01 \x01(\t\"#\n\x10ShmDetachRequest\x12\x0f\n\x07session\x18\x01 \x01(\x04\"\x10\n\x0eShmDetachReply2\xd8\x03\n\x05Tier2\x12O\n\tHandshake\x12!.glinthawk.tier2.HandshakeRequest\x1a\x1f.glinthawk.tier2.HandshakeReply\x12L\n\x08\x41llocate\x12 .glinthawk.tier2.AllocateRequest\x1a\x1e.glinthawk.tier2.AllocateReply\x12I\n\x07Release\x12\x1f.glinthawk.tier2.ReleaseRequest\x1a\x1d.glinthawk.tier2.ReleaseReply\x12\x43\n\x05Stats\x12\x1d.glinthawk.tier2.StatsRequest\x1a\x1b.glinthawk.tier2.StatsReply\x12O\n\tShmAttach\x12!.glinthawk.tier2.ShmAttachRequest\x1a\x1f.glinthawk.tier2.ShmAttachReply\x12O\n\tShmDetach\x12!.glinthawk.tier2.ShmDetachRequest\x1a\x1f.glinthawk.tier2.ShmDetachReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,15 +38,15 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_STATSREQUEST']._serialized_start=636
   _globals['_STATSREQUEST']._serialized_end=650
   _globals['_STATSREPLY']._serialized_start=653
-  _globals['_STATSREPLY']._serialized_end=889
-  _globals['_SHMATTACHREQUEST']._serialized_start=891
-  _globals['_SHMATTACHREQUEST']._serialized_end=988
-  _globals['_SHMATTACHREPLY']._serialized_start=990
-  _globals['_SHMATTACHREPLY']._serialized_end=1024
-  _globals['_SHMDETACHREQUEST']._serialized_start=1026
-  _globals['_SHMDETACHREQUEST']._serialized_end=1061
-  _globals['_SHMDETACHREPLY']._serialized_start=1063
-  _globals['_SHMDETACHREPLY']._serialized_end=1079
-  _globals['_TIER2']._serialized_start=1082
-  _globals['_TIER2']._serialized_end=1554
+  _globals['_STATSREPLY']._serialized_end=935
+  _globals['_SHMATTACHREQUEST']._serialized_start=937
+  _globals['_SHMATTACHREQUEST']._serialized_end=1034
+  _globals['_SHMATTACHREPLY']._serialized_start=1036
+  _globals['_SHMATTACHREPLY']._serialized_end=1070
+  _globals['_SHMDETACHREQUEST']._serialized_start=1072
+  _globals['_SHMDETACHREQUEST']._serialized_end=1107
+  _globals['_SHMDETACHREPLY']._serialized_start=1109
+  _globals['_SHMDETACHREPLY']._serialized_end=1125
+  _globals['_TIER2']._serialized_start=1128
+  _globals['_TIER2']._serialized_end=1600
 # @@protoc_insertion_point(module_scope)

@@ -100,7 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.tier2.kv_dtype = "bfloat16"  # KV storage dtype on tier 2: float32, bfloat16 or int8
   c.tier2.kv_cache_gb = 1.0  # KV pool of each spawned server, GiB
   c.tier2.cpus = "auto"  # cores of spawned servers: "auto" (split this host's cores) or "0-3;4-7" per server
-  c.tier2.pin_tier1 = True  # with cpus auto and an accelerator: tier 1's threads on the cores servers leave free
+  # With cpus auto and an accelerator: tier 1's threads on the cores servers leave free (off: measured no
+  # gain, 0.71 against 0.76 efficiency unpinned in one H200 run, docs/BENCHMARKS.md).
+  c.tier2.pin_tier1 = False
   c.tier2.timeout_s = 60.0  # deadline of every tier-2 call
   c.tier2.transport = "auto"  # auto (shared memory on loopback), grpc or shm
   c.tier2.in_flight = 0  # pipelined micro-batches in flight; 0 = auto from measured step and round trip

@@ -524,7 +524,7 @@ ffi::Error Attend(const float* q, const int32_t* tables, const int32_t* position
   job->k_scale = k_scale;
   job->v_scale = v_scale;
   job->out = out;
-  job->chunk = std::max<int64_t>(1, items / (4 * threads));  // a few chunks per thread: balance
+  job->chunk = std::max<int64_t>(1, items / (16 * threads));  // a few chunks per thread: balance
   job->num_chunks = (items + job->chunk - 1) / job->chunk;
   for (int64_t t = 1; t < threads; ++t) pool.Schedule([job] { job->Work(); });
   job->Work();

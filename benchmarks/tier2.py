@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from glinthawk_jax.json_file import write_json  # noqa: E402
+from tier2_cpu.process import huge_page_env  # noqa: E402
 
 KINDS = ("copy", "float32", "float32_xla", "float32_xla_dense", "bfloat16", "int8")
 
@@ -132,6 +133,8 @@ def _worker(core, cfg, barrier, results):
 def kernel_rows(cfg: dict, procs: list[int]) -> list[dict]:
   """One row per (kind, process count): total GB/s and mean seconds per call."""
   ctx = mp.get_context("spawn")
+  if cfg.get("huge_pages"):  # the workers read it at startup, as tier-2 servers do (tier2.huge_pages)
+    os.environ.update(huge_page_env())
   cores = sorted(os.sched_getaffinity(0))
   rows = []
   for n in procs:
@@ -178,10 +181,13 @@ def main() -> None:
   parser.add_argument("--page-size", type=int, default=16)
   parser.add_argument("--kinds", default=",".join(KINDS), help=f"subset of {KINDS}")
   parser.add_argument("--skip_rpc", action="store_true", help="kernel rows only, no RPC rows")
+  parser.add_argument("--no_huge_pages", action="store_true",
+                      help="pools on 4 KiB pages (default: transparent huge pages, as tier2.huge_pages servers)")
   args = parser.parse_args()
   cfg = {"batch": args.batch, "context": args.context, "heads": args.heads,
          "kv_heads": args.kv_heads, "head_dim": args.head_dim, "page_size": args.page_size,
-         "seconds": args.seconds, "copy_bytes": 256 << 20, "kinds": args.kinds.split(",")}
+         "seconds": args.seconds, "copy_bytes": 256 << 20, "kinds": args.kinds.split(","),
+         "huge_pages": not args.no_huge_pages}
   procs = [int(p) for p in args.procs.split(",")]
   if args.tiny:
     cfg.update(batch=2, context=512, seconds=0.3, copy_bytes=16 << 20)

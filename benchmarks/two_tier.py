@@ -205,7 +205,7 @@ def wire_bytes_per_token_layer(model, dtype: str) -> int:
   return sum(cost_model.wire_bytes_per_token_layer(model, wire_dtype(dtype).itemsize))
 
 
-def host_attention_gb_s(args, model, s: dict, kv_dtype: str) -> float:
+def host_attention_gb_s(args, model, s: dict, kv_dtype: str, huge_pages: bool) -> float:
   """The tier-2 kernel's KV-read GB/s summed over pinned single-core processes on the cores tier 2 may
   use (host cores - 2; benchmarks/tier2.py): the host's best, whatever the server layout."""
   from benchmarks.tier2 import kernel_rows
@@ -215,7 +215,8 @@ def host_attention_gb_s(args, model, s: dict, kv_dtype: str) -> float:
   context = s["prompt"] + s["output"] // 2
   cfg = {"batch": max(1, min(s["batch"] // procs, 16)), "context": max(16, context // 16 * 16),
          "heads": model.num_heads, "kv_heads": model.num_kv_heads, "head_dim": model.head_dim,
-         "page_size": 16, "seconds": 0.3 if args.smoke else 1.0, "copy_bytes": 16 << 20, "kinds": [kv_dtype]}
+         "page_size": 16, "seconds": 0.3 if args.smoke else 1.0, "copy_bytes": 16 << 20, "kinds": [kv_dtype],
+         "huge_pages": huge_pages}
   return kernel_rows(cfg, [procs])[0]["gb_per_s"]
 
 
@@ -566,7 +567,8 @@ def main(argv=None):
       continue
     if key not in results["floors"]:
       results["floors"][key] = {"device_copy_gb_s": copy_gb_s,
-                                "host_attention_gb_s": host_attention_gb_s(args, model, s, config.tier2.kv_dtype)}
+                                "host_attention_gb_s": host_attention_gb_s(args, model, s, config.tier2.kv_dtype,
+                                                                           config.tier2.huge_pages)}
       print(f"{key}: device copy {copy_gb_s:.0f} GB/s, host attention "
             f"{results['floors'][key]['host_attention_gb_s']:.1f} GB/s", flush=True)
     try:

@@ -78,7 +78,7 @@ class Tier2Servers:
   `fleets` holds one Tier2Client per layer slice. Owns the processes it spawned."""
 
   def __init__(self, config: ml_collections.ConfigDict, model: ModelConfig, ready_timeout_s: float = 120.0):
-    from tier2_cpu.process import ServerProcess  # noqa: PLC0415 (only when spawning)
+    from tier2_cpu.process import ServerProcess, huge_page_env  # noqa: PLC0415 (only when spawning)
 
     t = config.tier2
     self.client = None
@@ -94,7 +94,8 @@ class Tier2Servers:
         cores = iter(core_lists(t.cpus, t.spawn * slices))
         for layers in ranges:
           for _ in range(t.spawn):
-            self.processes.append(ServerProcess(server_args(config, model, next(cores), layers)))
+            self.processes.append(ServerProcess(server_args(config, model, next(cores), layers),
+                                                env=huge_page_env() if t.huge_pages else None))
         spawned = [p.wait_ready(ready_timeout_s) for p in self.processes]
         if t.pin_tier1 and t.cpus == "auto" and jax.default_backend() != "cpu":  # CPU compute needs the cores
           self._unpin = pin_to_free_cores(core_lists(t.cpus, t.spawn * slices))

@@ -115,3 +115,25 @@ def test_pin_to_free_cores_moves_every_thread_and_restores():
   finally:
     release.set()
     worker.join()
+
+
+def test_spawned_servers_hold_their_pool_on_huge_pages():
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      if "[never]" in f.read():
+        pytest.skip("transparent huge pages are off on this host")
+  except OSError:
+    pytest.skip("no transparent huge pages here")
+  from configs import tiny
+  from glinthawk_jax.config import model_config
+  from glinthawk_jax.tier2_launch import Tier2Servers
+
+  c = tiny.get_config()
+  c.placement, c.tier2.spawn, c.tier2.kv_cache_gb = "pipelined", 1, 0.25
+  servers = Tier2Servers(c, model_config(c))
+  try:
+    with open(f"/proc/{servers.pids[0]}/smaps_rollup") as f:
+      huge_kib = next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages"))
+  finally:
+    servers.close()
+  assert huge_kib >= 0.5 * 0.25 * 2**20  # most of the 256 MiB pool

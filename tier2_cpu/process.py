@@ -70,6 +70,17 @@ class ServerProcess:
     self.log.close()
 
 
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def huge_page_env() -> dict[str, str]:
+  """Environment for a child whose large allocations (the KV pool) glibc should back with transparent huge
+  pages (madvise; the host's THP mode must be always or madvise): the kernel's page walks over a pool of
+  many GiB otherwise miss the TLB at every 4 KiB page."""
+  tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb=")]
+  return {"GLIBC_TUNABLES": ":".join(tunables + [HUGE_PAGES_TUNABLE])}
+
+
 def start_servers(arg_lists: list[list[str]], timeout_s: float = 120.0) -> list[ServerProcess]:
   """Starts one server per argument list (all at once) and returns them once all are ready."""
   servers = [ServerProcess(args) for args in arg_lists]

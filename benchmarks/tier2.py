@@ -182,7 +182,7 @@ def main() -> None:
   parser.add_argument("--kinds", default=",".join(KINDS), help=f"subset of {KINDS}")
   parser.add_argument("--skip_rpc", action="store_true", help="kernel rows only, no RPC rows")
   parser.add_argument("--no_huge_pages", action="store_true",
-                      help="pools on 4 KiB pages (default: transparent huge pages, as tier2.huge_pages servers)")
+                      help="pools on 4 KiB pages (default: transparent huge pages, as servers with tier2.huge_pages)")
   args = parser.parse_args()
   cfg = {"batch": args.batch, "context": args.context, "heads": args.heads,
          "kv_heads": args.kv_heads, "head_dim": args.head_dim, "page_size": args.page_size,

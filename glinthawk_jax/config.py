@@ -103,7 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
   # With cpus auto and an accelerator: tier 1's threads on the cores servers leave free (off: measured no
   # gain, 0.71 against 0.76 efficiency unpinned in one H200 run, docs/BENCHMARKS.md).
   c.tier2.pin_tier1 = False
-  c.tier2.huge_pages = True  # spawned servers' KV pools on transparent huge pages (glibc.malloc.hugetlb=1)
+  # Spawned servers' KV pools on transparent huge pages (glibc.malloc.hugetlb=1). Off: on an H200 host the
+  # kernel gained 1-5% and the pipeline none (0.75 against 0.81 efficiency off, one run; docs/BENCHMARKS.md).
+  c.tier2.huge_pages = False
   c.tier2.timeout_s = 60.0  # deadline of every tier-2 call
   c.tier2.transport = "auto"  # auto (shared memory on loopback), grpc or shm
   c.tier2.in_flight = 0  # pipelined micro-batches in flight; 0 = auto from measured step and round trip

@@ -129,7 +129,7 @@ def test_spawned_servers_hold_their_pool_on_huge_pages():
   from glinthawk_jax.tier2_launch import Tier2Servers
 
   c = tiny.get_config()
-  c.placement, c.tier2.spawn, c.tier2.kv_cache_gb = "pipelined", 1, 0.25
+  c.placement, c.tier2.spawn, c.tier2.kv_cache_gb, c.tier2.huge_pages = "pipelined", 1, 0.25, True
   servers = Tier2Servers(c, model_config(c))
   try:
     with open(f"/proc/{servers.pids[0]}/smaps_rollup") as f:

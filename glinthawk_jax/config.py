@@ -106,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Spawned servers' KV pools on transparent huge pages (glibc.malloc.hugetlb=1). Off: on an H200 host the
   # kernel gained 1-5% and the pipeline none (0.75 against 0.81 efficiency off, one run; docs/BENCHMARKS.md).
   c.tier2.huge_pages = False
+  c.tier2.serve_threads = 1  # calls a spawned server serves at once (2: one's host work beside another's kernel)
   c.tier2.timeout_s = 60.0  # deadline of every tier-2 call
   c.tier2.transport = "auto"  # auto (shared memory on loopback), grpc or shm
   c.tier2.in_flight = 0  # pipelined micro-batches in flight; 0 = auto from measured step and round trip
@@ -186,6 +187,8 @@ def _validate_local_share(config) -> None:
 def _validate_tier2(t, slices: int) -> None:
   if not isinstance(t.spawn, int) or t.spawn < 0:
     raise ConfigError(f"tier2.spawn={t.spawn!r}: expected an integer >= 0")
+  if t.serve_threads < 1:
+    raise ConfigError(f"tier2.serve_threads={t.serve_threads!r}: expected an integer >= 1")
   groups = t.addresses.split(";")
   if t.addresses and len(groups) != slices:
     raise ConfigError(f"tier2.addresses: {len(groups)} \";\"-separated groups for engine.layer_slices={slices}")

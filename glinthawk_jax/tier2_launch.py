@@ -30,7 +30,7 @@ def server_args(config: ml_collections.ConfigDict, model: ModelConfig, cpus: str
   """launch/tier2.py flags for a server holding layers [first, end) of `model` (default all)."""
   t = config.tier2
   args = ["--config=configs/tiny.py", "--port=0", f"--kv_cache_gb={t.kv_cache_gb}",
-          f"--kv_dtype={t.kv_dtype}", f"--inject_delay_ms={t.inject_delay_ms}",
+          f"--kv_dtype={t.kv_dtype}", f"--inject_delay_ms={t.inject_delay_ms}", f"--serve_threads={t.serve_threads}",
           f"--config.engine.page_size={config.engine.page_size}",
           f"--config.engine.max_model_len={config.engine.max_model_len}"]
   args += [f"--config.model.{k}={getattr(model, k)}" for k in _MODEL_KEYS]

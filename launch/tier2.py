@@ -31,6 +31,7 @@ _TLS_CERT = flags.DEFINE_string("tls_cert", "", "PEM certificate chain: serve TL
 _TLS_KEY = flags.DEFINE_string("tls_key", "", "PEM private key of --tls_cert.")
 _INJECT_DELAY_MS = flags.DEFINE_float("inject_delay_ms", 0.0, "Delay added to each tensor RPC.")
 _SHM = flags.DEFINE_bool("shm", True, "Accept shared-memory tensor regions from same-host clients.")
+_SERVE_THREADS = flags.DEFINE_integer("serve_threads", 1, "Shared-memory calls served at once (>= 1).")
 _EXIT_WITH_PARENT_PID = flags.DEFINE_integer(
     "exit_with_parent_pid", 0, "Exit when this process (the tier 1 that spawned us) dies; 0 = never.")
 
@@ -73,6 +74,7 @@ def main(argv):
       page_size=_CONFIG.value.engine.page_size, max_seq_len=_CONFIG.value.engine.max_model_len,
       kv_cache_gb=_KV_CACHE_GB.value, kv_dtype=_KV_DTYPE.value, host=_HOST.value, port=_PORT.value,
       auth_token=_AUTH_TOKEN.value, inject_delay_ms=_INJECT_DELAY_MS.value, shm=_SHM.value,
+      serve_threads=_SERVE_THREADS.value,
       tls_cert=_TLS_CERT.value, tls_key=_TLS_KEY.value))
 
 

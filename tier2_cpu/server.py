@@ -3,10 +3,18 @@ clients on the same host, in shared-memory regions with a Unix-socket doorbell (
 
 One process holds the KV cache of its sequences for layers [first_layer, end_layer) in a
 preallocated KVPool, appends K and V for new tokens and returns only the attention output.
+
+Locks: `_lock` guards the page table and counters, `_pool_lock` the pool (one append or attention at a
+time: each replaces the layer's donated buffers). With serve_threads > 1, shared-memory calls run on that
+many threads, so one call's host work (decoding, checks, page table, reply copy) overlaps another's
+kernel; their pool work still runs in arrival order (the doorbell's turns). A sequence is released only
+once no call that placed its tokens is still pending, so a late write never lands in pages handed to
+another sequence.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import ipaddress
@@ -49,6 +57,7 @@ class ServerOptions:
   auth_token: str = ""  # empty = no check (loopback); else clients must send it
   inject_delay_ms: float = 0.0  # added to every tensor RPC, for latency studies
   max_workers: int = 8
+  serve_threads: int = 1  # shared-memory calls served at once (host work of one beside another's kernel)
   shm: bool = True  # accept shared-memory tensor regions from clients on this host
   tls_cert: str = ""  # PEM certificate chain file; set with tls_key = serve TLS only
   tls_key: str = ""  # PEM private key file of tls_cert
@@ -63,6 +72,8 @@ class Tier2Service:
 
   def __init__(self, options: ServerOptions):
     o = self.options = options
+    if o.serve_threads < 1:
+      raise ValueError(f"serve_threads={o.serve_threads}: expected >= 1")
     if not 0 <= o.first_layer < o.layer_end <= o.num_layers:
       raise ValueError(f"layers [{o.first_layer}, {o.layer_end}): expected a non-empty range inside "
                        f"[0, {o.num_layers})")
@@ -77,6 +88,9 @@ class Tier2Service:
     self.pages = PageTable(self.pool.num_pages, o.page_size, max_pages)
     self._lengths: dict[int, np.ndarray] = {}  # seq -> tokens written, per held layer
     self._lock = threading.Lock()
+    self._pool_lock = threading.Lock()
+    self._pending: dict[int, int] = {}  # seq -> calls placed on the page table, not yet through the pool
+    self._settled = threading.Condition(self._lock)  # notified when a call's sequences leave _pending
     self.requests_served = 0
     self.tokens_served = 0
     self.busy_seconds = 0.0  # serving tensor requests (Stats); tier 2's side of the pipeline's time
@@ -84,7 +98,7 @@ class Tier2Service:
     self.shm = ShmSessions() if o.shm else None
     # Injected delays must overlap (one-way network delay), so delayed calls go to a pool.
     self.doorbell = Doorbell(self._serve_shm, self._check_shm_peer, self.shm.detach,
-                             o.max_workers if o.inject_delay_ms else 1) if o.shm else None
+                             max(o.serve_threads, o.max_workers if o.inject_delay_ms else 1)) if o.shm else None
 
   # Control RPCs (protobuf).
 
@@ -123,6 +137,7 @@ class Tier2Service:
 
   def Release(self, request, context):
     with self._lock:
+      self._settled.wait_for(lambda: not any(s in self._pending for s in request.seq_ids))
       try:
         self.pages.remove(request.seq_ids)
       except KeyError as e:
@@ -180,9 +195,9 @@ class Tier2Service:
     if owner != pid:
       raise CallError(grpc.StatusCode.PERMISSION_DENIED, f"shm session {session:x} belongs to pid {owner}, not {pid}")
 
-  def _serve_shm(self, session: int, notify: bytes) -> int:
+  def _serve_shm(self, session: int, notify: bytes, ticket: int) -> int:
     """Serves a request from a shared-memory slot of `session` (shm_wire.py); the reply goes to the
-    same slot. Returns its length; failures raise CallError."""
+    same slot. Returns its length; failures raise CallError. Its pool work waits for `ticket`'s turn."""
     context = AbortContext()
     try:
       theirs, slot, op, request_bytes = shm_wire.decode_notify(notify)
@@ -203,7 +218,7 @@ class Tier2Service:
       else:
         r = self._decode(payload, context)
         region.view(reply_at, r.q.nbytes)  # room for the reply, checked before any KV is written
-        reply = self._attend(r, context)
+        reply = self._attend(r, context, ticket)
       region.view(reply_at, reply.nbytes)[:] = reply.reshape(-1).view(np.uint8)
     except tensor_wire.WireError as e:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -228,9 +243,10 @@ class Tier2Service:
     except tensor_wire.WireError as e:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
-  def _attend(self, r: tensor_wire.AttendRequest, context) -> np.ndarray:
+  def _attend(self, r: tensor_wire.AttendRequest, context, ticket: int | None = None) -> np.ndarray:
     """Writes each token's K, V at its position, then attends each query to keys 0..position
-    (an append-only request stops after the write and returns an empty reply)."""
+    (an append-only request stops after the write and returns an empty reply). With a doorbell `ticket`
+    the pool work waits for its turn (arrival order)."""
     self._check_shapes(r, context)
     runs = _Runs(r.seq_ids, r.positions)
     if runs.repeated:
@@ -250,15 +266,26 @@ class Tier2Service:
       self.requests_served += 1
       self.tokens_served += len(r.seq_ids)
       slots = self.pages.slots(r.seq_ids, r.positions)
-      start = time.perf_counter()
-      if r.append_only:
-        self.pool.write(layer, slots, r.k, r.v)
-        out = np.empty((0,), r.k.dtype)
-      else:
-        width = int(runs.last.max()) // self.options.page_size + 1  # the pool buckets shapes
-        out = self.pool.write_attend(layer, slots, r.k, r.v, r.q, self.pages.block_tables(r.seq_ids, width),
-                                     r.positions)
-      self.kernel_seconds += time.perf_counter() - start
+      width = int(runs.last.max()) // self.options.page_size + 1  # the pool buckets shapes
+      tables = None if r.append_only else self.pages.block_tables(r.seq_ids, width)
+      for s in seqs:
+        self._pending[s] = self._pending.get(s, 0) + 1
+    try:
+      with self.doorbell.turns.turn(ticket) if ticket is not None else contextlib.nullcontext(), self._pool_lock:
+        start = time.perf_counter()
+        if r.append_only:
+          self.pool.write(layer, slots, r.k, r.v)
+          out = np.empty((0,), r.k.dtype)
+        else:
+          out = self.pool.write_attend(layer, slots, r.k, r.v, r.q, tables, r.positions)
+        self.kernel_seconds += time.perf_counter() - start
+    finally:
+      with self._lock:
+        for s in seqs:
+          self._pending[s] -= 1
+          if not self._pending[s]:
+            del self._pending[s]
+        self._settled.notify_all()
     return np.ascontiguousarray(out.astype(r.q.dtype, copy=False))
 
   def _check_shapes(self, r: tensor_wire.AttendRequest, context) -> None:

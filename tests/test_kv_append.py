@@ -99,3 +99,14 @@ def test_decode_rows_one_token_each_and_write_attend():
   expected = reference_write("bfloat16", [np.zeros_like(a) for a in pool.stored(0)], slots, k, v, 16)
   for got, want in zip(pool.stored(0), expected):
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "int8"])
+def test_writes_land_in_the_pools_own_buffers(storage):
+  """In place: write and write_attend leave the layer's buffers where they were (no copy of the pool)."""
+  pool = KVPool(1, 8, 4, 2, 16, storage)
+  buffers = [a.unsafe_buffer_pointer() for a in pool._layers[0]]
+  k = np.ones((5, 2, 16), np.float32)
+  pool.write(0, np.arange(5), k, k)
+  pool.write_attend(0, [5], k[:1], k[:1], np.ones((1, 2, 16), np.float32), [[0, 1]], [5])
+  assert [a.unsafe_buffer_pointer() for a in pool._layers[0]] == buffers

@@ -4,8 +4,9 @@ as float32, bfloat16 or int8, with attention computed by a C++ kernel through th
 Layout per layer: K [num_pages, kv_heads, head_dim, page_size] (pages transposed: the kernel scores
 a page's keys in vector lanes), V [num_pages, kv_heads, page_size, head_dim] (int8 adds float32
 scales [num_pages, kv_heads, page_size], one per token and KV head). A slot is
-page * page_size + offset_in_page. Appends are jitted scatters into donated buffers (in place);
-attention never runs XLA's half-precision CPU dot (50x slower than fp32, FACTS.md).
+page * page_size + offset_in_page. Appends are a C++ kernel too (kv_append.cc) that writes the donated
+pool buffers in place and reads k, v where the caller holds them; attention never runs XLA's
+half-precision CPU dot (50x slower than fp32, FACTS.md).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ _TARGETS = {"float32": "tier2_paged_attention_f32", "bfloat16": "tier2_paged_att
             "int8": "tier2_paged_attention_int8"}
 _SYMBOLS = {"float32": "PagedAttentionF32", "bfloat16": "PagedAttentionBF16",
             "int8": "PagedAttentionInt8"}
-# bf16 is held as its uint16 bits: XLA's CPU scatter into a bf16 buffer converts the whole buffer
-# (0.4 s for 256 MiB, measured), into a uint16 one it touches only the written rows.
+# bf16 is held as its uint16 bits (the kernels read and write bits; XLA's CPU scatter into a bf16
+# buffer converted the whole buffer: 0.4 s for 256 MiB, measured).
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.uint16, "int8": jnp.int8}
 
 

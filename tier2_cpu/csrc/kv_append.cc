@@ -292,7 +292,7 @@ constexpr int64_t kBytesPerThread = 1 << 20;
 // shared_ptr, the last one to finish wakes the caller.
 template <typename In, typename Out>
 struct Split {
-  Append<In, Out> job;
+  Append<In, Out> job{};
   int64_t threads;
   std::atomic<int64_t> next{0}, done{0};
   std::mutex mu;
@@ -368,7 +368,7 @@ ffi::Error AppendPlain(ffi::Buffer<ffi::S32> page, ffi::Buffer<ffi::S32> offset,
                        ffi::Buffer<ffi::U32> kv, ffi::Buffer<kPool> k_pool,
                        ffi::Buffer<kPool> v_pool, ffi::ResultBuffer<kPool> k_out,
                        ffi::ResultBuffer<kPool> v_out, ffi::ThreadPool pool) {
-  Append<In, ffi::NativeType<kPool>> job;
+  Append<In, ffi::NativeType<kPool>> job{};
   if (ffi::Error err = Prepare(page, offset, kv, k_pool, v_pool, &job); !err.success()) return err;
   job.k_pool = k_out->typed_data();  // aliased to k_pool: written in place
   job.v_pool = v_out->typed_data();
@@ -381,7 +381,7 @@ ffi::Error AppendInt8(ffi::Buffer<ffi::S32> page, ffi::Buffer<ffi::S32> offset,
                       ffi::Buffer<ffi::F32> v_scale, ffi::ResultBuffer<ffi::S8> k_out,
                       ffi::ResultBuffer<ffi::S8> v_out, ffi::ResultBuffer<ffi::F32> k_scale_out,
                       ffi::ResultBuffer<ffi::F32> v_scale_out, ffi::ThreadPool pool) {
-  Append<float, int8_t> job;
+  Append<float, int8_t> job{};
   if (ffi::Error err = Prepare(page, offset, kv, k_pool, v_pool, &job); !err.success()) return err;
   if (Count(k_scale) * job.dm.dim != Count(v_pool) || Count(v_scale) != Count(k_scale))
     return ffi::Error::InvalidArgument("append: int8 scales of " +

@@ -1,13 +1,16 @@
-"""Tier-2 benchmark: KV-read GB/s of the paged attention kernel per KV storage, with 1..16 processes
-each pinned to one core and single-threaded, beside the host's copy bandwidth in the same run.
+"""Tier-2 benchmark: KV-read GB/s of the paged attention kernel per KV storage, and KV-write GB/s of
+the append (a prefill chunk), with 1..16 processes each pinned to one core and single-threaded,
+beside the host's copy bandwidth in the same run.
 
   python benchmarks/tier2.py --out tier2.json            # full run (about 2 minutes on 16 cores)
   python benchmarks/tier2.py --tiny --out /tmp/t2.json   # seconds, smoke test
   python benchmarks/tier2.py --skip_rpc --kinds float32,bfloat16,int8 --seconds 1  # kernel only
 
 Rows: `copy` (numpy copyto, read+write bytes), `float32` / `bfloat16` / `int8` (KVPool.attend,
-C++ kernel via the XLA FFI; bytes = stored K,V (+scales) read), and `float32_xla` (the same decode
-attention as a jitted gather over pages + einsum in XLA, for comparison). GB/s sums over processes.
+C++ kernel via the XLA FFI; bytes = stored K,V (+scales) read), `float32_xla` (the same decode
+attention as a jitted gather over pages + einsum in XLA, for comparison), and `append_<storage>`
+(KVPool.write of --append-tokens tokens, bf16 k, v into a bf16 pool, float32 into the others; bytes =
+stored K,V (+scales) written). GB/s sums over processes.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from glinthawk_jax.json_file import write_json  # noqa: E402
 from tier2_cpu.process import huge_page_env  # noqa: E402
 
-KINDS = ("copy", "float32", "float32_xla", "float32_xla_dense", "bfloat16", "int8")
+KINDS = ("copy", "float32", "float32_xla", "float32_xla_dense", "bfloat16", "int8", "append_bfloat16",
+         "append_float32", "append_int8")
 
 
 def _timed(fn, seconds: float) -> tuple[int, float]:
@@ -70,6 +74,22 @@ def _pool_case(cfg, storage):
   q = rng.standard_normal((b, h, d), np.float32)
   pos = np.full(b, ctx - 1, np.int32)
   return (lambda: pool.attend(0, q, tables, pos)), b * ctx * pool.bytes_per_token
+
+
+def _append_case(cfg, storage):
+  """KVPool.write of a prefill chunk into the next of 8 chunk-sized regions of the pool in turn (the
+  writes miss the cache, as a long prefill's do)."""
+  import ml_dtypes
+  from tier2_cpu.kv_pool import KVPool
+  n, ps, kv, d = cfg["append_tokens"], cfg["page_size"], cfg["kv_heads"], cfg["head_dim"]
+  pages = -(-n // ps)
+  pool = KVPool(1, 8 * pages, ps, kv, d, storage)
+  rng = np.random.default_rng(0)
+  dtype = ml_dtypes.bfloat16 if storage == "bfloat16" else np.float32
+  k, v = (rng.standard_normal((n, kv, d), np.float32).astype(dtype) for _ in range(2))
+  slots = [r * pages * ps + np.arange(n) for r in range(8)]
+  calls = iter(range(1 << 62))
+  return (lambda: pool.write(0, slots[next(calls) % 8], k, v)), n * pool.bytes_per_token
 
 
 def _xla_case(cfg):
@@ -121,6 +141,8 @@ def _worker(core, cfg, barrier, results):
       fn, nbytes = _xla_case(cfg)
     elif kind == "float32_xla_dense":
       fn, nbytes = _xla_dense_case(cfg)
+    elif kind.startswith("append_"):
+      fn, nbytes = _append_case(cfg, kind[len("append_"):])
     else:
       fn, nbytes = _pool_case(cfg, kind)
     barrier.wait()
@@ -179,6 +201,7 @@ def main() -> None:
   parser.add_argument("--kv-heads", type=int, default=8)
   parser.add_argument("--head-dim", type=int, default=128)
   parser.add_argument("--page-size", type=int, default=16)
+  parser.add_argument("--append-tokens", type=int, default=2048, help="tokens per append_* write")
   parser.add_argument("--kinds", default=",".join(KINDS), help=f"subset of {KINDS}")
   parser.add_argument("--skip_rpc", action="store_true", help="kernel rows only, no RPC rows")
   parser.add_argument("--no_huge_pages", action="store_true",
@@ -186,11 +209,11 @@ def main() -> None:
   args = parser.parse_args()
   cfg = {"batch": args.batch, "context": args.context, "heads": args.heads,
          "kv_heads": args.kv_heads, "head_dim": args.head_dim, "page_size": args.page_size,
-         "seconds": args.seconds, "copy_bytes": 256 << 20, "kinds": args.kinds.split(","),
-         "huge_pages": not args.no_huge_pages}
+         "append_tokens": args.append_tokens, "seconds": args.seconds, "copy_bytes": 256 << 20,
+         "kinds": args.kinds.split(","), "huge_pages": not args.no_huge_pages}
   procs = [int(p) for p in args.procs.split(",")]
   if args.tiny:
-    cfg.update(batch=2, context=512, seconds=0.3, copy_bytes=16 << 20)
+    cfg.update(batch=2, context=512, seconds=0.3, copy_bytes=16 << 20, append_tokens=256)
     procs = [1, 2]
   rows = kernel_rows(cfg, procs)
   try:
@@ -203,6 +226,7 @@ def main() -> None:
 
   print(f"\nTier-2 attention, decode: batch {cfg['batch']}, context {cfg['context']}, heads "
         f"{cfg['heads']}/{cfg['kv_heads']} KV, dim {cfg['head_dim']}, page {cfg['page_size']}; "
+        f"append: {cfg['append_tokens']} tokens; "
         f"{_device_name()}")
   print(f"{'processes':>9} " + " ".join(f"{k:>12}" for k in cfg["kinds"]) + "   (GB/s total)")
   by = {(r["kind"], r["processes"]): r["gb_per_s"] for r in rows}

@@ -4,8 +4,9 @@ as float32, bfloat16 or int8, with attention computed by a C++ kernel through th
 Layout per layer: K [num_pages, kv_heads, head_dim, page_size] (pages transposed: the kernel scores
 a page's keys in vector lanes), V [num_pages, kv_heads, page_size, head_dim] (int8 adds float32
 scales [num_pages, kv_heads, page_size], one per token and KV head). A slot is
-page * page_size + offset_in_page. Appends are jitted scatters into donated buffers (in place);
-attention never runs XLA's half-precision CPU dot (50x slower than fp32, FACTS.md).
+page * page_size + offset_in_page. Appends are a C++ kernel too (kv_append.cc) that writes the donated
+pool buffers in place and reads k, v where the caller holds them; attention never runs XLA's
+half-precision CPU dot (50x slower than fp32, FACTS.md).
 """
 
 from __future__ import annotations
@@ -23,9 +24,16 @@ _TARGETS = {"float32": "tier2_paged_attention_f32", "bfloat16": "tier2_paged_att
             "int8": "tier2_paged_attention_int8"}
 _SYMBOLS = {"float32": "PagedAttentionF32", "bfloat16": "PagedAttentionBF16",
             "int8": "PagedAttentionInt8"}
-# bf16 is held as its uint16 bits: XLA's CPU scatter into a bf16 buffer converts the whole buffer
-# (0.4 s for 256 MiB, measured), into a uint16 one it touches only the written rows.
+# bf16 is held as its uint16 bits (the kernels read and write bits; XLA's CPU scatter into a bf16
+# buffer converted the whole buffer: 0.4 s for 256 MiB, measured).
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.uint16, "int8": jnp.int8}
+
+
+# Append targets by (storage, dtype of the k, v sent): a bf16 pool takes bf16 bits or float32.
+_APPEND_TARGETS = {("float32", "float32"): "tier2_kv_append_f32", ("bfloat16", "uint16"): "tier2_kv_append_bf16",
+                   ("bfloat16", "float32"): "tier2_kv_append_bf16_from_f32", ("int8", "float32"): "tier2_kv_append_int8"}
+_APPEND_SYMBOLS = {"tier2_kv_append_f32": "KvAppendF32", "tier2_kv_append_bf16": "KvAppendBF16",
+                   "tier2_kv_append_bf16_from_f32": "KvAppendBF16FromF32", "tier2_kv_append_int8": "KvAppendInt8"}
 
 
 @functools.cache
@@ -34,6 +42,9 @@ def _register_kernels() -> None:
   for storage, target in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, _SYMBOLS[storage])),
                                 platform="cpu")
+  lib = native_build.load_library("kv_append.cc")
+  for target, symbol in _APPEND_SYMBOLS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
 
 
 def _bucket(n: int, least: int = 1) -> int:
@@ -47,25 +58,15 @@ def _token_bytes(storage: str, num_kv_heads: int, head_dim: int) -> int:
   return 2 * num_kv_heads * per_head
 
 
-@functools.partial(jax.jit, static_argnames=("storage",), donate_argnums=(0,))
-def _write(arrays, page, offset, k, v, *, storage):
-  """Scatter k, v: [n, kv_heads, dim] into slots (page, offset); out-of-range pages are padding."""
-  if storage == "int8":
-    k_pool, v_pool, k_scale, v_scale = arrays
-    out = []
-    k_at, v_at = k_pool.at[page, :, :, offset], v_pool.at[page, :, offset]  # K pages transposed
-    for at, scales, x in ((k_at, k_scale, k), (v_at, v_scale, v)):
-      amax = jnp.max(jnp.abs(x), axis=-1)
-      scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-      qx = jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8)
-      out.append((at.set(qx, mode="drop"), scales.at[page, :, offset].set(scale, mode="drop")))
-    (k_pool, k_scale), (v_pool, v_scale) = out
-    return k_pool, v_pool, k_scale, v_scale
-  if storage == "bfloat16" and k.dtype != jnp.uint16:  # uint16: bf16 bits already (_write_args)
-    k, v = (jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16) for x in (k, v))
-  k_pool, v_pool = arrays
-  return (k_pool.at[page, :, :, offset].set(k, mode="drop"),  # K pages transposed
-          v_pool.at[page, :, offset].set(v, mode="drop"))
+@functools.partial(jax.jit, static_argnames=("storage", "kv_dtype"), donate_argnums=(0,))
+def _write(arrays, page, offset, kv, *, storage, kv_dtype):
+  """Store the k, v at addresses kv = [k, v] (_addresses; [n, kv_heads, dim] C-contiguous arrays of kv_dtype, kept
+  alive by the caller until this completes) in slots (page, offset), in place: the pool buffers are
+  aliased to the C++ append's results and donated. Out-of-range pages are padding rows, dropped."""
+  call = jax.ffi.ffi_call(_APPEND_TARGETS[storage, kv_dtype],
+                          tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays),
+                          input_output_aliases={3 + i: i for i in range(len(arrays))})
+  return tuple(call(page, offset, kv, *arrays))
 
 
 @functools.partial(jax.jit, static_argnames=("storage",))
@@ -74,10 +75,10 @@ def _attend(arrays, q, block_tables, positions, *, storage):
   return call(q, block_tables, positions, *arrays)
 
 
-@functools.partial(jax.jit, static_argnames=("storage",), donate_argnums=(0,))
-def _write_attend(arrays, page, offset, k, v, q, block_tables, positions, *, storage):
+@functools.partial(jax.jit, static_argnames=("storage", "kv_dtype"), donate_argnums=(0,))
+def _write_attend(arrays, page, offset, kv, q, block_tables, positions, *, storage, kv_dtype):
   """_write then _attend in one dispatch (a decode call's whole tier-2 work)."""
-  arrays = _write(arrays, page, offset, k, v, storage=storage)
+  arrays = _write(arrays, page, offset, kv, storage=storage, kv_dtype=kv_dtype)
   return arrays, _attend(arrays, q, block_tables, positions, storage=storage)
 
 
@@ -135,8 +136,17 @@ class KVPool:
 
   def write(self, layer: int, slots, k, v) -> None:
     """Store k, v: [n, kv_heads, head_dim] at `slots` (page * page_size + offset)."""
-    args = self._write_args(layer, slots, k, v)
-    self._layers[layer] = _write(self._layers[layer], *args, storage=self.storage)
+    page, offset, kv, k, v = self._write_args(layer, slots, k, v)
+    self._layers[layer] = _write(self._layers[layer], page, offset, kv, storage=self.storage,
+                                 kv_dtype=k.dtype.name)
+    # The kernel reads k, v in place: they stay referenced here until it is done, and the caller
+    # may reuse their buffer (a shared-memory request) as soon as this returns.
+    jax.block_until_ready(self._layers[layer])
+
+  def stored(self, layer: int) -> tuple[np.ndarray, ...]:
+    """Copies of the layer's K, V pages (and int8 scales) as stored: the module docstring's layout."""
+    self._check_layer(layer)
+    return tuple(np.array(a) for a in self._layers[layer])
 
   def attend(self, layer: int, q, block_tables, positions) -> np.ndarray:
     """Attention of q: [n, heads, head_dim] over positions 0..positions[i] of each row's sequence.
@@ -148,13 +158,15 @@ class KVPool:
 
   def write_attend(self, layer: int, slots, k, v, q, block_tables, positions) -> np.ndarray:
     """write(layer, slots, k, v) then attend(layer, q, block_tables, positions), in one dispatch."""
-    write_args = self._write_args(layer, slots, k, v)
+    page, offset, kv, k, v = self._write_args(layer, slots, k, v)
     attend_args = self._attend_args(layer, q, block_tables, positions)
-    self._layers[layer], out = _write_attend(self._layers[layer], *write_args, *attend_args, storage=self.storage)
-    return np.asarray(out)[:np.shape(q)[0]]
+    self._layers[layer], out = _write_attend(self._layers[layer], page, offset, kv, *attend_args,
+                                             storage=self.storage, kv_dtype=k.dtype.name)
+    return np.asarray(out)[:np.shape(q)[0]]  # waits for the write too: k, v are referenced until then
 
   def _write_args(self, layer: int, slots, k, v) -> tuple:
-    """(page, offset, k, v) for _write, padded to a bucketed row count (padding pages are dropped)."""
+    """(page, offset, kv, k, v) for _write: page and offset padded to a bucketed row count (padding
+    pages are dropped), kv the addresses of k and v (C-contiguous, bf16 as uint16 bits or float32)."""
     self._check_layer(layer)
     slots = np.asarray(slots, dtype=np.int64).reshape(-1)
     if self.storage == "bfloat16" and _is_bf16(k) and _is_bf16(v):
@@ -173,7 +185,7 @@ class KVPool:
     page = np.full(size, self.num_pages, np.int32)  # padding rows: page out of range, dropped
     offset = np.zeros(size, np.int32)
     page[:n], offset[:n] = slots // self.page_size, slots % self.page_size
-    return page, offset, _pad_rows(k, size), _pad_rows(v, size)
+    return page, offset, _addresses(k, v), k, v
 
   def _attend_args(self, layer: int, q, block_tables, positions) -> tuple:
     """(q, block_tables, positions) for _attend, rows and pages padded to buckets."""
@@ -198,6 +210,11 @@ class KVPool:
     pos = np.full(size, -1, np.int32)  # padding rows: no keys, output zeros
     pos[:n] = positions
     return _pad_rows(q, size), tables, pos
+
+
+def _addresses(*arrays) -> np.ndarray:
+  """The arrays' data addresses as uint64 in uint32 pairs (JAX holds no 64-bit ints without x64)."""
+  return np.array([x.ctypes.data for x in arrays], np.uint64).view(np.uint32)
 
 
 def _is_bf16(x) -> bool:

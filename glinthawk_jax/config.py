@@ -106,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Spawned servers' KV pools on transparent huge pages (glibc.malloc.hugetlb=1). Off: on an H200 host the
   # kernel gained 1-5% and the pipeline none (0.75 against 0.81 efficiency off, one run; docs/BENCHMARKS.md).
   c.tier2.huge_pages = False
+  c.tier2.pinned_copies = False  # pipelined: q, k, v (and prefill K, V) copied to pinned host memory, not pageable
   c.tier2.serve_threads = 1  # calls a spawned server serves at once (2: one's host work beside another's kernel)
   c.tier2.timeout_s = 60.0  # deadline of every tier-2 call
   c.tier2.transport = "auto"  # auto (shared memory on loopback), grpc or shm

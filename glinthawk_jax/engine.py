@@ -124,7 +124,8 @@ class Engine:
         backend = SharedAttention(local, backend)
       return ModelRunner(model, backend, ec.decode_steps_per_call, ec.layer_loop, self.layout)
     return PipelinedRunner(model, self.tier2.client, ec.decode_steps_per_call, t.in_flight, t.timeout_s,
-                           self.layout, local, spread=t.split == "spread", send_thread=t.send_thread)
+                           self.layout, local, spread=t.split == "spread", send_thread=t.send_thread,
+                           pinned_copies=t.pinned_copies)
 
   def close(self) -> None:
     """Stops the tier-2 servers this engine spawned (no-op for placement local)."""

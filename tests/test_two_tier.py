@@ -5,6 +5,7 @@ import re
 import types
 
 import grpc
+import jax
 import numpy as np
 import pytest
 
@@ -80,6 +81,13 @@ def test_pipelined_replies_placed_on_the_device_as_they_arrive_match_local(serve
   with Engine(_config("pipelined", servers, in_flight=3)) as engine:
     engine.runner._place_replies = True
     assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == want
+
+
+def test_pipelined_copies_through_pinned_host_memory_match_local(servers, local_tokens):
+  prompts, want = local_tokens
+  with Engine(_config("pipelined", servers, in_flight=3, pinned_copies=True)) as engine:
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == want
+    assert engine.runner._to_host(jax.numpy.ones(2)).sharding.memory_kind == "pinned_host"
 
 
 def test_pipelined_auto_in_flight_measures_a_depth(servers, local_tokens):

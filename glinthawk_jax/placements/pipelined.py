@@ -6,7 +6,8 @@ Steps (each compiled once per shape and reused for every layer; layer weights ar
   middle: post-attention of layer L + pre-attention of L + 1  -> x, q, k, v
   last:   post-attention of the last layer + logits + sampling -> tokens
   bulk:   a whole layer over a prompt's first chunk, attention local (causal) -> x, k, v
-After a step, q, k, v go to the host (`copy_to_host_async`) and to tier 2 (`attend_async`, which
+After a step, q, k, v go to the host (`copy_to_host_async`, or with tier2.pinned_copies a copy into the
+accelerator's pinned host memory, which DMA fills faster than pageable memory) and to tier 2 (`attend_async`, which
 appends K, V and returns the attention output) from a sender thread (tier2.send_thread), so the main
 thread only dispatches; the thread that completes a decode step's tier-2 call puts its output on the
 device for the next step. Within a decode step the rows' split by shard is made once (the client's plan)
@@ -101,7 +102,7 @@ class PipelinedRunner:
 
   def __init__(self, model, client: Tier2Client, decode_steps: int, in_flight: int, timeout_s: float,
                layout: Layout | None = None, local: LocalPagedAttention | None = None, spread: bool = False,
-               send_thread: bool = True):
+               send_thread: bool = True, pinned_copies: bool = False):
     self.client = client
     self.spread = spread  # decode micro-batches span every shard (tier2.split "spread") instead of few
     self.decode_steps = decode_steps
@@ -146,6 +147,7 @@ class PipelinedRunner:
     self._place_replies = jax.default_backend() != "cpu"
     # One thread: sends in order. Without it the main thread sends, after each dispatch.
     self._sender = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier1-send") if send_thread else None
+    self._pinned = pinned_copies
     self.compiled_shapes: set[tuple] = set()
 
   @property
@@ -276,8 +278,7 @@ class PipelinedRunner:
         self.local_states[s] = self._local_write(self.local_states[s], np.int32(layer), k, v, page_ids, offsets,
                                                  slice_index=s)
       if n:
-        kv = gather_tokens(k, v, take)
-        kv.copy_to_host_async()
+        kv = self._to_host(gather_tokens(k, v, take))
         if previous is not None:
           sent.append(self._append(layer - 1, ids, pos, previous))
         previous = kv
@@ -400,12 +401,23 @@ class PipelinedRunner:
     self.compiled_shapes.add((kind, *tag) + tuple(a.shape for a in args[2:]))
     t = time.perf_counter()
     out = fn(*args)
-    (out if kind == "last" else out[1]).copy_to_host_async()
+    if kind == "last":
+      out.copy_to_host_async()
+    else:
+      out = (out[0], self._to_host(out[1]))
     with self._stats_lock:
       self.stats.dispatch_s += time.perf_counter() - t
       self.stats.tier1_s += time.perf_counter() - t
       self.stats.num_steps += 1
     return kind, out
+
+  def _to_host(self, x: jax.Array) -> jax.Array:
+    """Starts x's copy to the host: x itself (its NumPy copy on the way) or, with pinned copies, x in pinned
+    host memory (np.asarray of it then reads host memory)."""
+    if self._pinned:
+      return jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))
+    x.copy_to_host_async()
+    return x
 
   def _complete(self, m: _Micro, step) -> bool:
     """Waits for a dispatched step and sends its q, k, v to tier 2; False when m has finished."""

@@ -24,6 +24,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import multiprocessing as mp  # noqa: E402
 import pathlib  # noqa: E402
@@ -152,11 +153,24 @@ def _worker(core, cfg, barrier, results):
     barrier.wait()
 
 
+@contextlib.contextmanager
+def _environment(changes: dict[str, str]):
+  """os.environ with `changes` inside the block (what spawned children inherit), as it was after."""
+  before = {k: os.environ.get(k) for k in changes}
+  os.environ.update(changes)
+  try:
+    yield
+  finally:
+    for k, v in before.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+
+
 def kernel_rows(cfg: dict, procs: list[int]) -> list[dict]:
   """One row per (kind, process count): total GB/s and mean seconds per call."""
   ctx = mp.get_context("spawn")
-  if cfg.get("huge_pages"):  # the workers read it at startup, as tier-2 servers do (tier2.huge_pages)
-    os.environ.update(huge_page_env())
   cores = sorted(os.sched_getaffinity(0))
   rows = []
   for n in procs:
@@ -165,8 +179,9 @@ def kernel_rows(cfg: dict, procs: list[int]) -> list[dict]:
       continue
     barrier, results = ctx.Barrier(n), ctx.Queue()
     workers = [ctx.Process(target=_worker, args=(c, cfg, barrier, results)) for c in cores[:n]]
-    for w in workers:
-      w.start()
+    with _environment(huge_page_env(cfg.get("huge_pages", False))):  # read at the workers' startup
+      for w in workers:
+        w.start()
     got = [results.get(timeout=300) for _ in range(n * len(cfg["kinds"]))]
     for w in workers:
       w.join()

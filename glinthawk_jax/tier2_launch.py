@@ -95,7 +95,7 @@ class Tier2Servers:
         for layers in ranges:
           for _ in range(t.spawn):
             self.processes.append(ServerProcess(server_args(config, model, next(cores), layers),
-                                                env=huge_page_env() if t.huge_pages else None))
+                                                env=huge_page_env(t.huge_pages)))
         spawned = [p.wait_ready(ready_timeout_s) for p in self.processes]
         if t.pin_tier1 and t.cpus == "auto" and jax.default_backend() != "cpu":  # CPU compute needs the cores
           self._unpin = pin_to_free_cores(core_lists(t.cpus, t.spawn * slices))

@@ -1,5 +1,6 @@
-"""A tier-2 server serving shared-memory calls on several threads (--serve_threads): pool work keeps
-arrival order (Turns), so in-flight appends and attentions give the float64 reference's outputs."""
+"""A tier-2 server serving shared-memory calls on several threads (--serve_threads, or a pool for
+injected delay): page-table steps and pool work keep arrival order (Turns), so in-flight appends and
+attentions give the float64 reference's outputs."""
 
 import threading
 
@@ -17,11 +18,13 @@ CFG = model_config(tiny.get_config())  # 2 layers, 4 heads, 2 KV heads, head dim
 
 
 def test_turns_run_in_ticket_order_and_an_ended_ticket_lets_later_ones_go():
-  turns, ran = Turns(), []
+  turns, ran = Turns(stages=2), []
   tickets = [turns.take() for _ in range(4)]
 
   def run(ticket):
-    with turns.turn(ticket):
+    with turns.turn(ticket, 0):
+      pass
+    with turns.turn(ticket, 1):
       ran.append(ticket)
 
   threads = [threading.Thread(target=run, args=(t,)) for t in reversed(tickets) if t != 1]
@@ -36,10 +39,10 @@ def test_turns_run_in_ticket_order_and_an_ended_ticket_lets_later_ones_go():
   assert ran == [0, 2, 3]
 
 
-@pytest.fixture(scope="module")
-def server():
+@pytest.fixture(scope="module", params=["--serve_threads=3", "--inject_delay_ms=20"])
+def server(request):
   procs = start_servers([["--config=configs/tiny.py", "--port=0", "--kv_cache_gb=0.001", "--kv_dtype=float32",
-                          "--serve_threads=3"]])
+                          request.param]])
   yield procs[0].address
   stop_servers(procs)
 

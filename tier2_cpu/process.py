@@ -73,12 +73,13 @@ class ServerProcess:
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
-def huge_page_env() -> dict[str, str]:
-  """Environment for a child whose large allocations (the KV pool) glibc should back with transparent huge
-  pages (madvise; the host's THP mode must be always or madvise): the kernel's page walks over a pool of
-  many GiB otherwise miss the TLB at every 4 KiB page."""
+def huge_page_env(on: bool = True) -> dict[str, str]:
+  """GLIBC_TUNABLES for a child whose large allocations (the KV pool) glibc should back with transparent
+  huge pages (madvise; the host's THP mode must be always or madvise; the kernel's page walks over a pool
+  of many GiB otherwise miss the TLB at every 4 KiB page), or, with on=False, should not: this process's
+  tunables either way, its huge-page setting replaced."""
   tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb=")]
-  return {"GLIBC_TUNABLES": ":".join(tunables + [HUGE_PAGES_TUNABLE])}
+  return {"GLIBC_TUNABLES": ":".join(tunables + ([HUGE_PAGES_TUNABLE] if on else []))}
 
 
 def start_servers(arg_lists: list[list[str]], timeout_s: float = 120.0) -> list[ServerProcess]:

@@ -7,9 +7,9 @@ preallocated KVPool, appends K and V for new tokens and returns only the attenti
 Locks: `_lock` guards the page table and counters, `_pool_lock` the pool (one append or attention at a
 time: each replaces the layer's donated buffers). With serve_threads > 1, shared-memory calls run on that
 many threads, so one call's host work (decoding, checks, page table, reply copy) overlaps another's
-kernel; their pool work still runs in arrival order (the doorbell's turns). A sequence is released only
-once no call that placed its tokens is still pending, so a late write never lands in pages handed to
-another sequence.
+kernel; their page-table steps and their pool work each still run in arrival order (the doorbell's
+turns). A sequence is released only once no call that placed its tokens is still pending, so a late
+write never lands in pages handed to another sequence.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ MAX_MESSAGE_BYTES = 2**31 - 1
 AUTH_METADATA_KEY = "glinthawk-token"
 SERVICE_NAME = "glinthawk.tier2.Tier2"
 SHM_SWEEP_S = 30.0
+PAGE_TABLE_STAGE, POOL_STAGE = 0, 1  # a call's ordered stages (tier2_cpu/turns.py)
+RELEASE_WAIT_S = 60.0  # how long a release waits for its sequences' calls still in service
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +95,8 @@ class Tier2Service:
     self._settled = threading.Condition(self._lock)  # notified when a call's sequences leave _pending
     self.requests_served = 0
     self.tokens_served = 0
-    self.busy_seconds = 0.0  # serving tensor requests (Stats); tier 2's side of the pipeline's time
+    self.busy_seconds = 0.0  # with a tensor request in service (Stats); tier 2's side of the pipeline's time
+    self._serving, self._busy_since = 0, 0.0  # requests in service, since when (_busy)
     self.kernel_seconds = 0.0  # the pool's append and attention within it
     self.shm = ShmSessions() if o.shm else None
     # Injected delays must overlap (one-way network delay), so delayed calls go to a pool.
@@ -137,7 +140,9 @@ class Tier2Service:
 
   def Release(self, request, context):
     with self._lock:
-      self._settled.wait_for(lambda: not any(s in self._pending for s in request.seq_ids))
+      if not self._settled.wait_for(lambda: not any(s in self._pending for s in request.seq_ids), RELEASE_WAIT_S):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                      f"release: calls of these sequences still in service after {RELEASE_WAIT_S:.0f} s")
       try:
         self.pages.remove(request.seq_ids)
       except KeyError as e:
@@ -155,7 +160,8 @@ class Tier2Service:
           page_size=self.pages.page_size, kv_bytes_in_use=used * self.bytes_per_page,
           kv_bytes_capacity=self.pages.num_pages * self.bytes_per_page,
           requests_served=self.requests_served, tokens_served=self.tokens_served,
-          shm_sessions=shm_sessions, shm_bytes=shm_bytes, busy_seconds=self.busy_seconds,
+          shm_sessions=shm_sessions, shm_bytes=shm_bytes,
+          busy_seconds=self.busy_seconds + (time.perf_counter() - self._busy_since if self._serving else 0.0),
           kernel_seconds=self.kernel_seconds)
 
   def ShmAttach(self, request, context):
@@ -175,11 +181,9 @@ class Tier2Service:
   # Tensor RPCs (raw bytes).
 
   def attend(self, payload: bytes, context) -> bytes:
-    start = time.perf_counter()
     r = self._decode(payload, context)
-    reply = tensor_wire.encode_reply(self._attend(r, context))
-    self._add_busy(start)
-    return reply
+    with self._busy():
+      return tensor_wire.encode_reply(self._attend(r, context))
 
   def echo(self, payload: bytes, context) -> bytes:
     if self.options.inject_delay_ms:
@@ -210,26 +214,36 @@ class Tier2Service:
     except KeyError as e:
       context.abort(grpc.StatusCode.FAILED_PRECONDITION, e.args[0])
     reply_at = shm_wire.reply_offset(request_bytes)
-    start = time.perf_counter()
     try:
       payload = region.view(0, request_bytes)
       if op == shm_wire.ECHO:
         reply = np.frombuffer(self.echo(payload, context), np.uint8)
-      else:
-        r = self._decode(payload, context)
+        region.view(reply_at, reply.nbytes)[:] = reply
+        return reply.nbytes
+      r = self._decode(payload, context)
+      with self._busy():
         region.view(reply_at, r.q.nbytes)  # room for the reply, checked before any KV is written
         reply = self._attend(r, context, ticket)
-      region.view(reply_at, reply.nbytes)[:] = reply.reshape(-1).view(np.uint8)
+        region.view(reply_at, reply.nbytes)[:] = reply.reshape(-1).view(np.uint8)
     except tensor_wire.WireError as e:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-    if op != shm_wire.ECHO:
-      self._add_busy(start)
     return reply.nbytes
 
-  def _add_busy(self, start: float) -> None:
-    """Counts a served tensor request's time since `start` (injected delay excluded)."""
+  @contextlib.contextmanager
+  def _busy(self):
+    """Counts wall time during which at least one tensor request is being served (after its injected
+    delay) into busy_seconds: overlapping requests count once."""
     with self._lock:
-      self.busy_seconds += time.perf_counter() - start - self.options.inject_delay_ms / 1000
+      if not self._serving:
+        self._busy_since = time.perf_counter()
+      self._serving += 1
+    try:
+      yield
+    finally:
+      with self._lock:
+        self._serving -= 1
+        if not self._serving:
+          self.busy_seconds += time.perf_counter() - self._busy_since
 
   def _require_shm(self, context) -> None:
     if self.shm is None:
@@ -246,14 +260,16 @@ class Tier2Service:
   def _attend(self, r: tensor_wire.AttendRequest, context, ticket: int | None = None) -> np.ndarray:
     """Writes each token's K, V at its position, then attends each query to keys 0..position
     (an append-only request stops after the write and returns an empty reply). With a doorbell `ticket`
-    the pool work waits for its turn (arrival order)."""
+    the page-table step and the pool work each wait for their turn (arrival order)."""
     self._check_shapes(r, context)
     runs = _Runs(r.seq_ids, r.positions)
     if runs.repeated:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                     f"request {r.request_id}: a (sequence, position) pair appears twice")
     layer = r.layer - self.options.first_layer
-    with self._lock:
+    in_turn = (lambda stage: self.doorbell.turns.turn(ticket, stage)) if ticket is not None else \
+        (lambda stage: contextlib.nullcontext())
+    with in_turn(PAGE_TABLE_STAGE), self._lock:
       seqs = runs.seqs.tolist()
       self._check_sequences(r, runs, seqs, layer, context)
       try:
@@ -271,7 +287,7 @@ class Tier2Service:
       for s in seqs:
         self._pending[s] = self._pending.get(s, 0) + 1
     try:
-      with self.doorbell.turns.turn(ticket) if ticket is not None else contextlib.nullcontext(), self._pool_lock:
+      with in_turn(POOL_STAGE), self._pool_lock:
         start = time.perf_counter()
         if r.append_only:
           self.pool.write(layer, slots, r.k, r.v)

@@ -61,7 +61,7 @@ class Doorbell:
     self._listener.bind(shm_wire.doorbell_address(self.name))
     self._listener.listen(64)
     self._pool = futures.ThreadPoolExecutor(pool_size, thread_name_prefix="doorbell") if pool_size > 1 else None
-    self.turns = Turns()
+    self.turns = Turns(stages=2)
     self._submit_lock = threading.Lock()  # tickets reach the pool's FIFO queue in their order
     threading.Thread(target=self._accept, name="doorbell-accept", daemon=True).start()
 
@@ -100,9 +100,14 @@ class Doorbell:
           notify = shm_wire.recv_exact(conn, shm_wire.NOTIFY.size)
           slot = shm_wire.NOTIFY.unpack(notify)[1]
           with self._submit_lock:
-            call = functools.partial(self._call, session, notify, self.turns.take())
+            ticket = self.turns.take()
+            call = functools.partial(self._call, session, notify, ticket)
             if self._pool:
-              self._pool.submit(self._reply, conn, send_lock, slot, call)
+              try:
+                self._pool.submit(self._reply, conn, send_lock, slot, call)
+              except RuntimeError:  # the pool has shut down (the server is closing)
+                self.turns.end(ticket)
+                raise OSError("doorbell closed") from None
           if not self._pool:
             self._reply(conn, send_lock, slot, call)
       except OSError:

@@ -197,7 +197,7 @@ def main(argv=None):
     runner, real = [], {}
     for r in rows:
       runner += measure.runner_overheads(profile_config, model, [r], min(s[1] for s in args.shapes),
-                                         args.profile_output_len, args.repeats)
+                                         args.profile_output_len, args.repeats, server_pids=servers[0].pids)
       for shape in (s for s in args.shapes if micro_rows[s] == r):
         real[shape] = measure_run(run_config(base, shape, servers[shape[4]].addresses), model, shape, args.repeats)
         print(f"run {shape}: measured {real[shape]['output_tok_s']:.1f} tok/s", flush=True)

@@ -2,6 +2,7 @@
 and (slow) the calibrated simulator predicts real two-tier runs (real tier-2 processes)."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -45,16 +46,22 @@ def test_measured_profile_loads_and_drives_the_simulator(tmp_path):
 
 
 @pytest.mark.slow
-def test_calibrated_simulator_predicts_real_two_tier_runs(tmp_path):
-  """benchmarks/calibrate_sim.py on two shapes. On the shared 2-core machine identical runs differ
-  by up to +-30% from one minute to the next (other jobs' load), so the bound is 50%, not 15%."""
+@pytest.mark.parametrize("split", ["spread", "shards"])
+def test_calibrated_simulator_predicts_real_two_tier_runs(tmp_path, split):
+  """benchmarks/calibrate_sim.py on two shapes, micro-batches spread over the shards or grouped by shard.
+  On the shared 2-core machine identical runs differ by up to +-30% from one minute to the next (other
+  jobs' load), so the bound is 50%, not 15%."""
   from benchmarks import calibrate_sim
 
   out = tmp_path / "calibrate.json"
   calibrate_sim.main([f"--out={out}", f"--profile_out={tmp_path / 'profile.json'}",
-                      "--shapes=8:16:16:1:0,8:16:16:2:0", "--reps=3", "--split=shards"])
+                      "--shapes=8:16:16:1:0,8:16:16:2:0", "--reps=3", f"--split={split}"])
   import json
   results = json.loads(out.read_text())
   assert len(results["runs"]) == 2
   for r in results["runs"]:
     assert abs(r["error"]) <= 0.5, r
+  # The host's shared cores, measured beside the runner's depth-1 runs (what bounds spread at depth 2).
+  runner = profiles.load(str(tmp_path / "profile.json")).measurements["two_tier"]["runner"]
+  for r in runner:
+    assert r["cpu_s"] > 0 and r["server_cpu_s"] > 0 and 0 < r["cores"] <= len(os.sched_getaffinity(0)) * 1.05, r

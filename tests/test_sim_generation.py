@@ -139,3 +139,24 @@ def test_spread_micro_batches_reach_every_shard_in_proportion():
   assert sum(sum(p.values()) for p in parts) == 256
   assert max(max(p.values()) - min(p.values()) for p in parts) <= 1
   assert all(len(p) <= 2 for p in generation.micro_batch_shards(256, 7, 8))
+
+
+def test_shared_cores_bound_decode_and_each_shard_call_costs_server_cpu():
+  """With the runner's CPU measurements: a call takes at least its CPU work over the free cores, and a
+  spread micro-batch pays a server call per shard it reaches (2 micro-batches x 4 shards = 8 calls a
+  round trip) where grouped ones pay two each (8 rows on 4 shards); with cores to spare the event model's
+  (latency-bound) time holds."""
+  meas = _tables(step=0.0, host=0.1e-3, remote=1e-3, service=0.1e-3)
+  for r in meas["runner"]:
+    r.update(cpu_s=0.8e-3, server_cpu_s=0.3e-3, cores=2.0)
+  shape = dict(batch=8, prompt_len=16, output_len=4, in_flight=2, decode_steps=4, shards=4)
+  spread = generation.predict(meas, L, generation.RunShape(**shape, split="spread"))["decode_s"]
+  grouped = generation.predict(meas, L, generation.RunShape(**shape, split="shards"))["decode_s"]
+  assert spread == pytest.approx(4 * L * 2 * (0.8e-3 + 4 * 0.3e-3) / 2.0, rel=1e-9)
+  assert grouped == pytest.approx(4 * L * 2 * (0.8e-3 + 2 * 0.3e-3) / 2.0, rel=1e-9)
+  for r in meas["runner"]:
+    r["cores"] = 64.0
+  without = {k: v for k, v in meas.items() if k != "runner"} | {"runner": [
+      {k: v for k, v in r.items() if k not in ("cpu_s", "server_cpu_s", "cores")} for r in meas["runner"]]}
+  run = generation.RunShape(**shape, split="spread")
+  assert generation.predict(meas, L, run)["decode_s"] == generation.predict(without, L, run)["decode_s"]

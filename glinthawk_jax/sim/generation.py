@@ -12,12 +12,15 @@ The run is modelled as PipelinedRunner executes it:
     (two_tier.makespan) runs them together for decode_steps tokens: per layer the tier-1 station
     (runner step + the host's work per round trip), then the request fans out to the shards holding
     the micro-batch's rows, each shard a station of its own (one request at a time, as the server's
-    lock serves them) with its pure RPC latency + injected delay each way;
+    lock serves them) with its pure RPC latency + injected delay each way; a call takes at least its
+    CPU work (tier 1's per round trip, the servers' per shard call) over the host's free cores, when
+    the profile measured them (tier 1 and the servers share those cores: cpu_time);
   - control RPCs: one allocation per prefill chunk, one release per sequence at its end.
 Tier-2 work per shard is a line in the KV tokens the shard reads per request (rows on it x context).
-Not modelled: CPU contention between tier 1 and tier-2 processes sharing cores beyond what the
-profile saw, Python scheduling between calls, prompts longer than a prefill chunk, sequences
-finishing at different steps, the host's per-shard send cost (profiled at the profile's fan-out).
+Not modelled: how CPU contention stretches the latency path (bound and event model are a max), CPU
+per round trip falling with depth (measured at depth 1: threads woken from idle cost more), Python
+scheduling between calls, prompts longer than a prefill chunk, sequences finishing at different
+steps, the host's per-shard send cost (profiled at the profile's fan-out).
 """
 
 from __future__ import annotations
@@ -163,13 +166,29 @@ def decode_times(meas: dict, num_layers: int, rows: int, context: float) -> Pipe
                        head=ends - step)  # L middles stand for L - 1 middles + first + last
 
 
+def cpu_time(meas: dict, num_layers: int, rows: int, parts: list[dict[int, int]], decode_steps: int) -> float:
+  """Seconds the host's free cores need for one decode call's CPU work, when tier 1 and the tier-2 servers
+  share them (0 without the runner's CPU measurements): per round trip tier 1's CPU (at the micro-batch's
+  `rows`) plus the servers' CPU per shard call for each shard the micro-batch reaches (`parts`), over the
+  cores the profile found free. Every shard a micro-batch spans costs a server call, however few rows."""
+  run = meas.get("runner", [])
+  if not run or not all("cpu_s" in r for r in run):
+    return 0.0
+  tier1, server = _interp(run, "cpu_s", rows, "rows"), _interp(run, "server_cpu_s", rows, "rows")
+  work = sum(decode_steps * num_layers * (tier1 + server * len(mb)) for mb in parts)
+  return work / max(_interp(run, "cores", rows, "rows"), 1e-3)
+
+
 def decode_call_time(meas: dict, num_layers: int, run: RunShape, context: float) -> float:
-  """One fused decode call of `run.decode_steps` tokens at mean tier-2 `context`."""
+  """One fused decode call of `run.decode_steps` tokens at mean tier-2 `context`: the event model's
+  makespan, or the host's CPU time for the call's work when that is longer (CPU-bound)."""
   parts = micro_batch_shards(run.batch, run.shards, run.in_flight, run.split == "spread")
-  times = decode_times(meas, num_layers, micro_batches(run.batch, run.in_flight)[1], context)
+  rows = micro_batches(run.batch, run.in_flight)[1]
+  times = decode_times(meas, num_layers, rows, context)
   tier2 = Tier2Shard(meas, run.shards)
   shards = [[tier2.part(s, n, context, run.delay_ms / 1e3) for s, n in mb.items()] for mb in parts]
-  return makespan(times, len(parts), run.decode_steps, shards=shards)
+  return max(makespan(times, len(parts), run.decode_steps, shards=shards),
+             cpu_time(meas, num_layers, rows, parts, run.decode_steps))
 
 
 def _bulk_row(meas: dict, rows: int, tokens: int) -> dict:

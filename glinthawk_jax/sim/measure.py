@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from glinthawk_jax.sim import cost_model
+from glinthawk_jax.sim import cost_model, host_cpu
 
 SEQ_BASE = 1 << 40  # sequence ids the profiler allocates on tier 2 (far from an engine's)
 _SEQ_BLOCKS = itertools.count()
@@ -490,19 +490,24 @@ def print_tables(table: dict) -> None:
           f"{r['send_s'] * 1e3:.3f}, service {r['service_s'] * 1e3:.3f}; {r['fanout']} shards; {r['bytes']} B)")
   print(f"{'control RPC':18} {'1 seq':>16} {t['control_rtt_s'] * 1e3:10.3f}")
   for r in t.get("runner", []):
+    cpu = (f"; CPU tier 1 {r['cpu_s'] * 1e3:.3f}, servers {r['server_cpu_s'] * 1e3:.3f} a shard call, "
+           f"{r['cores']:.2f} cores free") if "cpu_s" in r else ""
     print(f"{'runner, depth 1':18} {'rows=' + str(r['rows']):>16} {r['step_s'] * 1e3:10.3f}  (step; per round "
-          f"trip: host {r['host_s'] * 1e3:.3f}, waiting for tier 2 {r['remote_s'] * 1e3:.3f})")
+          f"trip: host {r['host_s'] * 1e3:.3f}, waiting for tier 2 {r['remote_s'] * 1e3:.3f}{cpu})")
 
 
 def runner_overheads(config, model, rows: list[int], prompt_len: int, output_len: int,
-                     repeats: int = 3) -> list[dict]:
+                     repeats: int = 3, server_pids: list[int] = ()) -> list[dict]:
   """The pipelined runner's own per-layer costs, from real depth-1 runs of the Engine on `config`'s
   tier-2 servers (config.tier2.addresses), one run of `rows` prompts per entry.
 
   Decode calls only (runner.decode is wrapped to take PipelineStats deltas around each call): per
   tier-1 step `step_s` (dispatch to q, k, v on the host), per round trip `host_s` (everything else
   on the host thread: building and sending the request, placing the reply, bookkeeping) and
-  `remote_s` (the host waiting for tier 2, nothing else in flight); sums over `repeats` runs."""
+  `remote_s` (the host waiting for tier 2, nothing else in flight); sums over `repeats` runs. With the
+  tier-2 servers' `server_pids` (on this host), also the CPU they share: `cpu_s`, tier 1's process CPU
+  per round trip (every thread: dispatch, the CPU backend's compute, sends, replies), `server_cpu_s`,
+  the servers' CPU per shard call, and `cores`, host_cpu.available_cores() just before the runs."""
   import dataclasses
 
   from glinthawk_jax.engine import Engine
@@ -520,26 +525,36 @@ def runner_overheads(config, model, rows: list[int], prompt_len: int, output_len
       if not hasattr(runner, "stats"):
         raise RuntimeError("placement pipelined: the runner has no PipelineStats (runner.stats)")
       engine.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))  # compiles
-      totals = {"wall": 0.0, "tier1_s": 0.0, "wait_s": 0.0, "num_steps": 0, "num_round_trips": 0}
+      totals = {"wall": 0.0, "tier1_s": 0.0, "wait_s": 0.0, "num_steps": 0, "num_round_trips": 0, "cpu": 0.0,
+                "server_cpu": 0.0}
       decode = runner.decode
+
+      def servers_cpu() -> float:
+        return sum(host_cpu.cpu_seconds(p) for p in server_pids)
 
       def timed_decode(*args, **kwargs):
         before, t = dataclasses.replace(runner.stats), time.perf_counter()
+        cpu, server_cpu = time.process_time(), servers_cpu()
         result = decode(*args, **kwargs)
         totals["wall"] += time.perf_counter() - t
+        totals["cpu"] += time.process_time() - cpu
+        totals["server_cpu"] += servers_cpu() - server_cpu
         for key in ("tier1_s", "wait_s", "num_steps", "num_round_trips"):
           totals[key] += getattr(runner.stats, key) - getattr(before, key)
         return result
 
       runner.decode = timed_decode
+      cores = host_cpu.available_cores() if server_pids else 0.0
       for _ in range(repeats):
         engine.generate(prompts, SamplingParams(max_tokens=output_len, ignore_eos=True))
     del engine, runner, decode, timed_decode
     gc.collect()  # frees the runner's per-layer weight copies (its jit closures hold cycles)
     trips = max(totals["num_round_trips"], 1)
-    out.append({"rows": r, "context": prompt_len + output_len / 2,
-                "fanout": min(r, len(config.tier2.addresses.split(","))),
+    fanout = min(r, len(config.tier2.addresses.split(",")))
+    out.append({"rows": r, "context": prompt_len + output_len / 2, "fanout": fanout,
                 "step_s": totals["tier1_s"] / max(totals["num_steps"], 1),
                 "host_s": (totals["wall"] - totals["tier1_s"] - totals["wait_s"]) / trips,
                 "remote_s": totals["wait_s"] / trips, "round_trips": totals["num_round_trips"]})
+    if server_pids:
+      out[-1].update(cpu_s=totals["cpu"] / trips, server_cpu_s=totals["server_cpu"] / (trips * fanout), cores=cores)
   return out

@@ -5,7 +5,8 @@ launch/profile.py's measured mode: tier-1 step by micro-batch rows split into di
 device-to-host copy; tier-2 RPC send, round trip and service by rows and context on real tier-2
 servers, spread over the shards and with all of a micro-batch's rows on one shard; bulk prefill
 steps split into dispatch, compute, copy and gather, and appends at the prefill chunk's shape;
-control RPCs) and writes the profile JSON; (b) runs real
+control RPCs; the CPU tier 1 and the servers use per round trip and the cores free) and writes the
+profile JSON; (b) runs real
 generation with placement pipelined through the Engine for each shape (batch, prompt, output,
 in-flight depth, injected tier-2 delay), configs as benchmarks/two_tier.py builds them; (c) predicts
 each run from the profile alone (glinthawk_jax/sim/generation.py: the two-tier event model per fused

@@ -11,7 +11,8 @@ import time
 
 
 def cpu_seconds(pid: int) -> float:
-  """CPU seconds every thread of process `pid` has run (nanosecond counters of /proc/PID/task/*/schedstat)."""
+  """CPU seconds the live threads of process `pid` have run (nanosecond counters of
+  /proc/PID/task/*/schedstat; a thread that has ended drops out, so take deltas over long-lived ones)."""
   total = 0
   task_dir = f"/proc/{pid}/task"
   for tid in os.listdir(task_dir):

@@ -29,9 +29,10 @@ is the bulk prefill's K, V appended to tier 2 per second (prefill calls that com
 --budget_s skips a run whose rough estimate (estimate_s) would end past the budget; the JSON is written
 after every run, so a run cut short keeps what finished. tier-1 busy = time in tier-1 steps / timed decode time;
 wire B/tok/layer = q, k, v out plus the attention output back, per token and layer; tier-2 GB/s = KV
-bytes read by the attention kernels / decode time; t2 busy = the servers' time serving tensor requests
-(their Stats) / (servers x timed decode time), t2 kern = its part in the KV pool's append and attention. The delay sweep reruns pipelined (short shape, first
-model, one decode step per call) on servers started with tier2.inject_delay_ms, at the in-flight depth
+bytes read by the attention kernels / decode time; t2 busy = the servers' time with a tensor request in
+service (their Stats; overlapping requests count once) / (servers x timed decode time), t2 kern = the
+time in the KV pool's append and attention over the same. The delay sweep reruns pipelined (short shape,
+first model, one decode step per call) on servers started with tier2.inject_delay_ms, at the in-flight depth
 auto mode's rule gives for the no-delay run's step time and round trip plus the delay.
 
 Pipelined runs once per --splits value (config.tier2.split): "spread" micro-batches each span every tier-2

@@ -107,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
   # be always or madvise): the kernel read 1-5% faster on an H200 host (docs/BENCHMARKS.md).
   c.tier2.huge_pages = True
   c.tier2.pinned_copies = False  # pipelined: q, k, v (and prefill K, V) copied to pinned host memory, not pageable
+  # Pipelined: the interpreter's thread switch interval while the engine runs (0 = Python's 5 ms). Shorter
+  # hands the GIL sooner to the thread that dispatches tier 1's steps when the sender or reply threads hold it.
+  c.tier2.switch_interval_ms = 0.0
   c.tier2.serve_threads = 1  # calls a spawned server serves at once (2: one's host work beside another's kernel)
   c.tier2.timeout_s = 60.0  # deadline of every tier-2 call
   c.tier2.transport = "auto"  # auto (shared memory on loopback), grpc or shm
@@ -188,6 +191,8 @@ def _validate_local_share(config) -> None:
 def _validate_tier2(t, slices: int) -> None:
   if not isinstance(t.spawn, int) or t.spawn < 0:
     raise ConfigError(f"tier2.spawn={t.spawn!r}: expected an integer >= 0")
+  if not isinstance(t.switch_interval_ms, (int, float)) or t.switch_interval_ms < 0:
+    raise ConfigError(f"tier2.switch_interval_ms={t.switch_interval_ms!r}: expected a number >= 0 (0 = Python's default)")
   if not isinstance(t.serve_threads, int) or t.serve_threads < 1:
     raise ConfigError(f"tier2.serve_threads={t.serve_threads!r}: expected an integer >= 1")
   groups = t.addresses.split(";")

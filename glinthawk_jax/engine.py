@@ -71,6 +71,7 @@ class Engine:
     self.tokenizer = tokenizer
     ec = config.engine
     self.tier2 = None  # Tier2Servers for the two-tier placements
+    self._switch_interval = None  # the interpreter's, while tier2.switch_interval_ms replaces it
     self._tier2_ids: dict[Sequence, int] = {}  # sequences holding KV on tier 2 -> their tier-2 id
     self._next_tier2_id = itertools.count()
     self.num_local_pages = 0  # tier 1's paged cache beside tier 2 (local_attention_fraction > 0)
@@ -86,6 +87,9 @@ class Engine:
           self.num_local_pages = num_pages_for(ec, self.model_config, self.layout.devices[0],
                                                self.layout.num_devices)
         self.runner = self._two_tier_runner(model)
+        if config.placement == "pipelined" and config.tier2.switch_interval_ms > 0:
+          self._switch_interval = sys.getswitchinterval()
+          sys.setswitchinterval(config.tier2.switch_interval_ms / 1e3)
       except Exception:
         self.close()
         raise
@@ -128,9 +132,13 @@ class Engine:
                            pinned_copies=t.pinned_copies)
 
   def close(self) -> None:
-    """Stops the tier-2 servers this engine spawned (no-op for placement local)."""
+    """Stops the tier-2 servers this engine spawned (no-op for placement local) and restores the
+    interpreter's switch interval."""
     if self.tier2 is not None:
       self.tier2.close()
+    if self._switch_interval is not None:
+      sys.setswitchinterval(self._switch_interval)
+      self._switch_interval = None
 
   def __enter__(self):
     return self

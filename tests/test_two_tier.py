@@ -2,6 +2,7 @@
 the callback and pipelined placements give the local engine's greedy tokens; append-only requests."""
 
 import re
+import sys
 import types
 
 import grpc
@@ -88,6 +89,15 @@ def test_pipelined_copies_through_pinned_host_memory_match_local(servers, local_
   with Engine(_config("pipelined", servers, in_flight=3, pinned_copies=True)) as engine:
     assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == want
     assert engine.runner._to_host(jax.numpy.ones(2)).sharding.memory_kind == "pinned_host"
+
+
+def test_pipelined_with_a_short_switch_interval_matches_local_and_restores_it(servers, local_tokens):
+  prompts, want = local_tokens
+  before = sys.getswitchinterval()
+  with Engine(_config("pipelined", servers, in_flight=3, switch_interval_ms=0.2)) as engine:
+    assert sys.getswitchinterval() == pytest.approx(0.0002)
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == want
+  assert sys.getswitchinterval() == before
 
 
 def test_pipelined_auto_in_flight_measures_a_depth(servers, local_tokens):
@@ -235,7 +245,8 @@ def test_no_shard_left_is_a_clear_error_and_keeps_finished_outputs(own_servers, 
     ("kv_dtype", "int4", "tier2.kv_dtype='int4'"), ("cpus", "0-3", "tier2.cpus='0-3': 1 core lists"),
     ("transport", "udp", "tier2.transport='udp'"), ("in_flight", 9, "tier2.in_flight=9"),
     ("timeout_s", 0.0, "tier2.timeout_s=0.0"), ("inject_delay_ms", -1.0, "tier2.inject_delay_ms=-1.0"),
-    ("split", "rows", "tier2.split='rows'")])
+    ("split", "rows", "tier2.split='rows'"), ("serve_threads", 0, "tier2.serve_threads=0"),
+    ("switch_interval_ms", -1.0, "tier2.switch_interval_ms=-1.0")])
 def test_tier2_config_errors_name_the_key(key, value, message):
   c = _config("pipelined")
   c.tier2[key] = value

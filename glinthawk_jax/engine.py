@@ -87,9 +87,6 @@ class Engine:
           self.num_local_pages = num_pages_for(ec, self.model_config, self.layout.devices[0],
                                                self.layout.num_devices)
         self.runner = self._two_tier_runner(model)
-        if config.placement == "pipelined" and config.tier2.switch_interval_ms > 0:
-          self._switch_interval = sys.getswitchinterval()
-          sys.setswitchinterval(config.tier2.switch_interval_ms / 1e3)
       except Exception:
         self.close()
         raise
@@ -100,6 +97,9 @@ class Engine:
       kv_bytes += sum(row["kv_bytes_capacity"] for row in self.tier2.client.stats())  # tier 2's pools
     self.stats = EngineStats(num_pages=self.num_pages, page_size=ec.page_size, kv_pool_gib=kv_bytes / GIB,
                              num_local_pages=self.num_local_pages)
+    if config.placement == "pipelined" and config.tier2.switch_interval_ms > 0:  # last: close() restores it
+      self._switch_interval = sys.getswitchinterval()
+      sys.setswitchinterval(config.tier2.switch_interval_ms / 1e3)
 
   def _tier2_pages(self) -> int:
     """Scheduler pages of a two-tier placement (scratch page included): tier 2's capacity in

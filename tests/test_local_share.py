@@ -27,11 +27,14 @@ def _shared(placement, addresses, fraction, **engine):
   return c
 
 
-@pytest.mark.parametrize("placement,fraction", [("pipelined", 0.5), ("pipelined", 0.25), ("callback", 0.5)])
-def test_shared_greedy_tokens_match_local_and_use_both_sides(servers, local_tokens, placement, fraction):
+@pytest.mark.parametrize("placement,fraction,pinned", [("pipelined", 0.5, False), ("pipelined", 0.25, False),
+                                                       ("pipelined", 0.5, True), ("callback", 0.5, False)])
+def test_shared_greedy_tokens_match_local_and_use_both_sides(servers, local_tokens, placement, fraction, pinned):
   prompts, want = local_tokens
   served_before = _tokens_served(servers)
-  with Engine(_shared(placement, servers, fraction)) as engine:
+  c = _shared(placement, servers, fraction)
+  c.tier2.pinned_copies = pinned  # the host copies pinned; local attention still reads the device's q, k, v
+  with Engine(c) as engine:
     got = [o.token_ids for o in engine.generate(prompts, GREEDY)]
     stats = engine.stats
   assert got == want

@@ -403,8 +403,8 @@ class PipelinedRunner:
     out = fn(*args)
     if kind == "last":
       out.copy_to_host_async()
-    else:
-      out = (out[0], self._to_host(out[1]))
+    else:  # x, q, k, v on the device (local attention reads them there), and q, k, v's host copy
+      out = (*out, self._to_host(out[1]))
     with self._stats_lock:
       self.stats.dispatch_s += time.perf_counter() - t
       self.stats.tier1_s += time.perf_counter() - t
@@ -413,7 +413,7 @@ class PipelinedRunner:
 
   def _to_host(self, x: jax.Array) -> jax.Array:
     """Starts x's copy to the host: x itself (its NumPy copy on the way) or, with pinned copies, x in pinned
-    host memory (np.asarray of it then reads host memory)."""
+    host memory (np.asarray of it then reads host memory; for np.asarray only, no device compute)."""
     if self._pinned:
       return jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))
     x.copy_to_host_async()
@@ -437,7 +437,7 @@ class PipelinedRunner:
       m.index = ()
       m.sampling = m.sampling[:4] + (m.sampling[4] + 1,)
       return self._complete(m, self._dispatch_first(m))
-    x, qkv = out
+    x, qkv, qkv_host = out
     m.x, m.layer = x, 0 if kind == "first" else m.layer + 1
     if not m.index:
       m.index = self._real_tokens(m)
@@ -447,9 +447,9 @@ class PipelinedRunner:
     m.pending = futures.Future()
     m.pending.set_running_or_notify_cancel()
     if self._sender:
-      self._sender.submit(self._send, m, qkv, m.layer, m.pending)
+      self._sender.submit(self._send, m, qkv_host, m.layer, m.pending)
     else:
-      self._send(m, qkv, m.layer, m.pending)
+      self._send(m, qkv_host, m.layer, m.pending)
     return True
 
   def _send(self, m: _Micro, qkv: jax.Array, layer: int, reply: futures.Future) -> None:

@@ -15,7 +15,11 @@ def cpu_seconds(pid: int) -> float:
   /proc/PID/task/*/schedstat; a thread that has ended drops out, so take deltas over long-lived ones)."""
   total = 0
   task_dir = f"/proc/{pid}/task"
-  for tid in os.listdir(task_dir):
+  try:
+    tids = os.listdir(task_dir)
+  except FileNotFoundError:
+    raise ProcessLookupError(f"process {pid} has exited (a tier-2 server that died?): no CPU time to read") from None
+  for tid in tids:
     try:
       with open(f"{task_dir}/{tid}/schedstat") as f:
         total += int(f.read().split()[0])
@@ -24,10 +28,10 @@ def cpu_seconds(pid: int) -> float:
   return total / 1e9
 
 
-def _spin(start: float, seconds: float, out) -> None:
-  time.sleep(max(start - time.monotonic(), 0.0))  # all start together (monotonic: one clock for the host)
+def _spin(ready, seconds: float, out) -> None:
+  ready.wait(timeout=60)  # all spin at once, however late each started
   cpu, begun = time.process_time(), time.monotonic()
-  while time.monotonic() < max(start, begun) + seconds:
+  while time.monotonic() < begun + seconds:
     pass
   out.put((time.process_time() - cpu) / max(time.monotonic() - begun, 1e-9))  # its share of a core
 
@@ -38,8 +42,9 @@ def available_cores(seconds: float = 0.3) -> float:
   jobs run)."""
   ctx = multiprocessing.get_context("spawn")  # no fork of a process holding JAX's threads
   out = ctx.Queue()
-  start = time.monotonic() + 1.0  # after the processes have started
-  procs = [ctx.Process(target=_spin, args=(start, seconds, out)) for _ in os.sched_getaffinity(0)]
+  cores = len(os.sched_getaffinity(0))
+  ready = ctx.Barrier(cores)
+  procs = [ctx.Process(target=_spin, args=(ready, seconds, out)) for _ in range(cores)]
   for p in procs:
     p.start()
   shares = sum(out.get(timeout=60 + seconds) for _ in procs)

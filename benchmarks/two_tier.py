@@ -249,9 +249,7 @@ class _Calls:
     seconds = time.perf_counter() - t
     stats = None if before[2] is None else {k: v - before[2][k] for k, v in vars(r.stats).items()}
     if stats is not None and servers_before is not None:
-      after = _server_seconds(r)
-      stats.update({k: after[k] - servers_before[k] for k in ("tier2_busy_s", "tier2_kernel_s")},
-                   tier2_servers=after["tier2_servers"])
+      stats.update({k: v - servers_before[k] for k, v in _server_seconds(r).items()})
     steady = r.num_compilations == before[0] and before[1] != 0  # depth 0: this call measured it
     self.calls.append(dict(seconds=seconds, out=out, steady=steady, stats=stats))
     if self.fn.__name__ == "prefill":  # tokens, positions, page_ids, offsets, block_tables, context_lens, ...
@@ -261,14 +259,12 @@ class _Calls:
 
 
 def _server_seconds(runner) -> dict | None:
-  """Tier-2 servers' busy and kernel seconds summed (their Stats), and how many there are; None without
-  a tier-2 client."""
+  """Tier-2 servers' busy and kernel seconds summed (their Stats); None without a tier-2 client."""
   client = getattr(runner, "client", None)
   if client is None:
     return None
   rows = client.stats()
-  return {"tier2_busy_s": sum(r["busy_seconds"] for r in rows), "tier2_kernel_s": sum(r["kernel_seconds"] for r in rows),
-          "tier2_servers": len(rows)}
+  return {"tier2_busy_s": sum(r["busy_seconds"] for r in rows), "tier2_kernel_s": sum(r["kernel_seconds"] for r in rows)}
 
 
 def prefill_rate(calls: list[dict]) -> float:
@@ -326,7 +322,7 @@ def run_one(config, s: dict, timed_tokens: int, variant: str = "") -> dict:
                  dispatch_ms=1e3 * d["dispatch_s"] / max(d["num_steps"], 1),
                  send_ms=1e3 * d["send_s"] / max(d["num_round_trips"], 1))
       if "tier2_busy_s" in d:  # server-seconds over the servers' share of the decode time
-        server_s = max(last[-1]["stats"]["tier2_servers"] * decode_s, 1e-9)
+        server_s = max(len(runner.client.stats()) * decode_s, 1e-9)
         row.update(tier2_busy_fraction=d["tier2_busy_s"] / server_s, tier2_kernel_fraction=d["tier2_kernel_s"] / server_s)
   del engine, runner, calls, prefills
   gc.collect()  # the engine's device buffers go before the next engine allocates its own

@@ -91,14 +91,15 @@ class Tier2Servers:
     try:
       if not t.addresses:
         atexit.register(self.close)  # before the first child exists: Ctrl-C while they start
-        cores = iter(core_lists(t.cpus, t.spawn * slices))
+        server_cores = core_lists(t.cpus, t.spawn * slices)
+        cores = iter(server_cores)
         for layers in ranges:
           for _ in range(t.spawn):
             self.processes.append(ServerProcess(server_args(config, model, next(cores), layers),
                                                 env=huge_page_env(t.huge_pages)))
         spawned = [p.wait_ready(ready_timeout_s) for p in self.processes]
         if t.pin_tier1 and t.cpus == "auto" and jax.default_backend() != "cpu":  # CPU compute needs the cores
-          self._unpin = pin_to_free_cores(core_lists(t.cpus, t.spawn * slices))
+          self._unpin = pin_to_free_cores(server_cores)
         logging.info("spawned %d tier-2 servers: %s", len(spawned), ", ".join(spawned))
         groups = [spawned[s * t.spawn:(s + 1) * t.spawn] for s in range(slices)]
       self.addresses = [a for group in groups for a in group]

@@ -267,9 +267,7 @@ class Tier2Service:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                     f"request {r.request_id}: a (sequence, position) pair appears twice")
     layer = r.layer - self.options.first_layer
-    in_turn = (lambda stage: self.doorbell.turns.turn(ticket, stage)) if ticket is not None else \
-        (lambda stage: contextlib.nullcontext())
-    with in_turn(PAGE_TABLE_STAGE), self._lock:
+    with self._turn(ticket, PAGE_TABLE_STAGE), self._lock:
       seqs = runs.seqs.tolist()
       self._check_sequences(r, runs, seqs, layer, context)
       try:
@@ -287,7 +285,7 @@ class Tier2Service:
       for s in seqs:
         self._pending[s] = self._pending.get(s, 0) + 1
     try:
-      with in_turn(POOL_STAGE), self._pool_lock:
+      with self._turn(ticket, POOL_STAGE), self._pool_lock:
         start = time.perf_counter()
         if r.append_only:
           self.pool.write(layer, slots, r.k, r.v)
@@ -303,6 +301,10 @@ class Tier2Service:
             del self._pending[s]
         self._settled.notify_all()
     return np.ascontiguousarray(out.astype(r.q.dtype, copy=False))
+
+  def _turn(self, ticket: int | None, stage: int):
+    """The doorbell's turn of `ticket` at `stage`; no wait for a call without a ticket (gRPC)."""
+    return contextlib.nullcontext() if ticket is None else self.doorbell.turns.turn(ticket, stage)
 
   def _check_shapes(self, r: tensor_wire.AttendRequest, context) -> None:
     o = self.options

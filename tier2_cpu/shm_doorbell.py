@@ -51,7 +51,7 @@ class Doorbell:
       CallError. `ticket` is the call's place in `turns` (it is ended when serve returns).
     check(session, pid): raises CallError unless `pid` may use `session`.
     closed(session): called when a checked session's connection ends.
-    pool_size: > 1 = serve each call on a pool of that many threads (for injected delays).
+    pool_size: > 1 = serve each call on a pool of that many threads (serve_threads, injected delays).
   """
 
   def __init__(self, serve, check, closed, pool_size: int = 1):

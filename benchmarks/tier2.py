@@ -1,6 +1,7 @@
 """Tier-2 benchmark: KV-read GB/s of the paged attention kernel per KV storage, and KV-write GB/s of
-the append (a prefill chunk), with 1..16 processes each pinned to one core and single-threaded,
-beside the host's copy bandwidth in the same run.
+the append (a prefill chunk), with 1..16 processes each pinned to one core and single-threaded
+(--cores_per_proc N: N cores and kernel threads each, a tier-2 server's layout), beside the host's copy
+bandwidth in the same run.
 
   python benchmarks/tier2.py --out tier2.json            # full run (about 2 minutes on 16 cores)
   python benchmarks/tier2.py --tiny --out /tmp/t2.json   # seconds, smoke test
@@ -133,8 +134,8 @@ def _xla_dense_case(cfg):
   return (lambda: attend(q, k, v).block_until_ready()), 2 * k.nbytes
 
 
-def _worker(core, cfg, barrier, results):
-  os.sched_setaffinity(0, {core})  # before jax loads: XLA sizes its thread pool from affinity
+def _worker(cores, cfg, barrier, results):
+  os.sched_setaffinity(0, cores)  # before jax loads: XLA sizes its thread pool (the kernel's threads) from affinity
   for kind in cfg["kinds"]:
     if kind == "copy":
       fn, nbytes = _copy_case(cfg)
@@ -148,7 +149,7 @@ def _worker(core, cfg, barrier, results):
       fn, nbytes = _pool_case(cfg, kind)
     barrier.wait()
     calls, elapsed = _timed(fn, cfg["seconds"])
-    results.put((kind, core, calls * nbytes / elapsed / 1e9, elapsed / calls))
+    results.put((kind, min(cores), calls * nbytes / elapsed / 1e9, elapsed / calls))
     del fn
     barrier.wait()
 
@@ -169,16 +170,19 @@ def _environment(changes: dict[str, str]):
 
 
 def kernel_rows(cfg: dict, procs: list[int]) -> list[dict]:
-  """One row per (kind, process count): total GB/s and mean seconds per call."""
+  """One row per (kind, process count): total GB/s and mean seconds per call. Each process has
+  cfg["cores_per_proc"] cores (default 1), as many kernel threads."""
   ctx = mp.get_context("spawn")
   cores = sorted(os.sched_getaffinity(0))
+  per = cfg.get("cores_per_proc", 1)
   rows = []
   for n in procs:
-    if n > len(cores):
-      print(f"skipping {n} processes: only {len(cores)} cores available", file=sys.stderr)
+    if n * per > len(cores):
+      print(f"skipping {n} processes of {per} cores: only {len(cores)} cores available", file=sys.stderr)
       continue
     barrier, results = ctx.Barrier(n), ctx.Queue()
-    workers = [ctx.Process(target=_worker, args=(c, cfg, barrier, results)) for c in cores[:n]]
+    workers = [ctx.Process(target=_worker, args=(set(cores[i * per:(i + 1) * per]), cfg, barrier, results))
+               for i in range(n)]
     with _environment(huge_page_env(cfg.get("huge_pages", False))):  # read at the workers' startup
       for w in workers:
         w.start()
@@ -189,7 +193,7 @@ def kernel_rows(cfg: dict, procs: list[int]) -> list[dict]:
         raise RuntimeError(f"benchmark worker pid {w.pid} exited with {w.exitcode}")
     for kind in cfg["kinds"]:
       mine = [g for g in got if g[0] == kind]
-      rows.append({"kind": kind, "processes": n, "gb_per_s": sum(g[2] for g in mine),
+      rows.append({"kind": kind, "processes": n, "cores_per_proc": per, "gb_per_s": sum(g[2] for g in mine),
                    "seconds_per_call": float(np.mean([g[3] for g in mine]))})
   return rows
 
@@ -209,6 +213,8 @@ def main() -> None:
   parser.add_argument("--out", default="tier2.json", help="JSON file for every number")
   parser.add_argument("--tiny", action="store_true", help="small sizes, 1-2 processes, seconds")
   parser.add_argument("--procs", default="1,4,8,16", help="process counts")
+  parser.add_argument("--cores_per_proc", type=int, default=1,
+                      help="cores (and kernel threads) of each process; > 1 is laid out like a tier-2 server")
   parser.add_argument("--seconds", type=float, default=1.5, help="measured time per row")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--context", type=int, default=4096)
@@ -225,7 +231,7 @@ def main() -> None:
   cfg = {"batch": args.batch, "context": args.context, "heads": args.heads,
          "kv_heads": args.kv_heads, "head_dim": args.head_dim, "page_size": args.page_size,
          "append_tokens": args.append_tokens, "seconds": args.seconds, "copy_bytes": 256 << 20,
-         "kinds": args.kinds.split(","), "huge_pages": not args.no_huge_pages}
+         "kinds": args.kinds.split(","), "huge_pages": not args.no_huge_pages, "cores_per_proc": args.cores_per_proc}
   procs = [int(p) for p in args.procs.split(",")]
   if args.tiny:
     cfg.update(batch=2, context=512, seconds=0.3, copy_bytes=16 << 20, append_tokens=256)
@@ -239,7 +245,7 @@ def main() -> None:
     rpc_rows = None
   extra = rpc_rows(tiny=args.tiny) if rpc_rows else []
 
-  print(f"\nTier-2 attention, decode: batch {cfg['batch']}, context {cfg['context']}, heads "
+  print(f"\nTier-2 attention, decode: {cfg['cores_per_proc']} core(s) a process, batch {cfg['batch']}, context {cfg['context']}, heads "
         f"{cfg['heads']}/{cfg['kv_heads']} KV, dim {cfg['head_dim']}, page {cfg['page_size']}; "
         f"append: {cfg['append_tokens']} tokens; "
         f"{_device_name()}")

@@ -31,7 +31,8 @@ after every run, so a run cut short keeps what finished. tier-1 busy = time in t
 wire B/tok/layer = q, k, v out plus the attention output back, per token and layer; tier-2 GB/s = KV
 bytes read by the attention kernels / decode time; t2 busy = the servers' time with a tensor request in
 service (their Stats; overlapping requests count once) / (servers x timed decode time), t2 kern = the
-time in the KV pool's append and attention over the same. The delay sweep reruns pipelined (short shape,
+time in the KV pool's append and attention over the same (each server's: tier2_busy_by_server and
+tier2_kernel_by_server in the JSON). The delay sweep reruns pipelined (short shape,
 first model, one decode step per call) on servers started with tier2.inject_delay_ms, at the in-flight depth
 auto mode's rule gives for the no-delay run's step time and round trip plus the delay.
 
@@ -94,6 +95,9 @@ def parse_args(argv=None):
   p.add_argument("--decode_steps", type=int, default=4, help="engine.decode_steps_per_call")
   p.add_argument("--budget_s", type=float, default=0.0,
                  help="skip a run whose estimate would end it past this many seconds (0 = no limit)")
+  p.add_argument("--floor_each_run", action="store_true",
+                 help="measure the host attention floor again after every run; a run's efficiency then uses the "
+                 "mean of the floors measured right before and right after it (the host's bandwidth drifts)")
   p.add_argument("--plan", action="store_true", help="print the runs and their rough estimates, run nothing")
   p.add_argument("--roundtrip", action="store_true",
                  help="only the per-layer round trip of the pipelined path on a small model (CPU)")
@@ -259,12 +263,15 @@ class _Calls:
 
 
 def _server_seconds(runner) -> dict | None:
-  """Tier-2 servers' busy and kernel seconds summed (their Stats); None without a tier-2 client."""
+  """Tier-2 servers' busy and kernel seconds, one entry per server (their Stats); None without a tier-2 client."""
+  import numpy as np
+
   client = getattr(runner, "client", None)
   if client is None:
     return None
   rows = client.stats()
-  return {"tier2_busy_s": sum(r["busy_seconds"] for r in rows), "tier2_kernel_s": sum(r["kernel_seconds"] for r in rows)}
+  return {"tier2_busy_s": np.array([r["busy_seconds"] for r in rows]),
+          "tier2_kernel_s": np.array([r["kernel_seconds"] for r in rows])}
 
 
 def prefill_rate(calls: list[dict]) -> float:
@@ -322,8 +329,10 @@ def run_one(config, s: dict, timed_tokens: int, variant: str = "") -> dict:
                  dispatch_ms=1e3 * d["dispatch_s"] / max(d["num_steps"], 1),
                  send_ms=1e3 * d["send_s"] / max(d["num_round_trips"], 1))
       if "tier2_busy_s" in d:  # server-seconds over the servers' share of the decode time
-        server_s = max(len(runner.client.stats()) * decode_s, 1e-9)
-        row.update(tier2_busy_fraction=d["tier2_busy_s"] / server_s, tier2_kernel_fraction=d["tier2_kernel_s"] / server_s)
+        busy, kernel, span = d["tier2_busy_s"], d["tier2_kernel_s"], max(decode_s, 1e-9)
+        row.update(tier2_busy_fraction=busy.mean() / span, tier2_kernel_fraction=kernel.mean() / span,
+                   tier2_busy_by_server=(busy / span).round(3).tolist(),
+                   tier2_kernel_by_server=(kernel / span).round(3).tolist())
   del engine, runner, calls, prefills
   gc.collect()  # the engine's device buffers go before the next engine allocates its own
   row["total_s"] = time.perf_counter() - start
@@ -543,7 +552,7 @@ def main(argv=None):
     if args.plan:
       print(f"  {m}/{sh} {p}{_label(p, x, t)} delay {d:.0f} ms: {timed} timed tokens, {total_tokens(config, timed)} in all, "
             f"depth {config.tier2.in_flight or 'auto'}; ends near {total:.0f} s")
-  total += FLOORS_S * len({(m, sh) for m, sh, *_ in runs})
+  total += FLOORS_S * (len({(m, sh) for m, sh, *_ in runs}) + (len(runs) if args.floor_each_run else 0))
   print(f"{len(runs)} runs, about {total:.0f} s with the floors' measurement (rough estimate, floors guessed)"
         + (f"; budget {args.budget_s:.0f} s" if args.budget_s else ""), flush=True)
   if args.plan:
@@ -558,7 +567,8 @@ def main(argv=None):
              f"{config.tier2.spawn} servers, depth {config.tier2.in_flight or 'auto'}")
     estimate = estimate_s(args, model, s, config, timed, results["floors"].get(key, guess), results["runs"])
     elapsed = time.perf_counter() - started
-    if args.budget_s and elapsed + estimate + (0 if key in results["floors"] else FLOORS_S) > args.budget_s:
+    floors_s = (0 if key in results["floors"] else FLOORS_S) + (FLOORS_S if args.floor_each_run else 0)
+    if args.budget_s and elapsed + estimate + floors_s > args.budget_s:
       results["skipped"].append(f"{label}: estimated {estimate:.0f} s, {args.budget_s - elapsed:.0f} s left")
       print(f"  SKIPPED {results['skipped'][-1]}", flush=True)
       continue
@@ -582,7 +592,14 @@ def main(argv=None):
         model_name == args.models[0] and shape_name == args.shapes[0]
     if placement == "pipelined" and delay == 0 and spawn is None and first_variant:
       base_rows[key] = row
-    add_floors(row, model, s, results["floors"][key], config.dtype, config.tier2.kv_dtype)
+    floors = results["floors"][key]
+    if args.floor_each_run:
+      after = host_attention_gb_s(args, model, s, config.tier2.kv_dtype, config.tier2.huge_pages)
+      row.update(floor_before_gb_s=floors["host_attention_gb_s"], floor_after_gb_s=after)
+      floors = dict(floors, host_attention_gb_s=(floors["host_attention_gb_s"] + after) / 2)
+      results["floors"][key] = dict(results["floors"][key], host_attention_gb_s=after)  # the next run's "before"
+    add_floors(row, model, s, floors, config.dtype, config.tier2.kv_dtype)
+    row["host_attention_gb_s"] = floors["host_attention_gb_s"]
     results["runs"].append(row)
     save(results, args.out, started)
     print(f"  {label}: {row['decode_tok_s']:.1f} decode tok/s, efficiency {row['efficiency']:.3f}, "

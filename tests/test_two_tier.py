@@ -116,6 +116,8 @@ def test_spread_split_measures_its_depth_and_interleaves_the_shards(servers, loc
   with Engine(c) as engine:
     assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == want
     assert 1 <= engine.runner.depth <= 8
+    busy = engine.runner._servers_busy()  # the depth rule's tier-2 work: each server's busy time
+    assert len(busy) == len(servers.split(",")) and busy.max() > 0
   with Tier2Client.for_model(servers.split(","), model_config(c)) as client:
     seqs = np.arange(700, 709)
     client.allocate(seqs)
@@ -147,6 +149,10 @@ def test_spread_depth_formula():
   assert spread_depth(0.010, 0.0) == 1
   assert spread_depth(0.0025, 0.020) == 3  # max(k t1, t1 + rtt / k): 22.5, 12.5, 9.2, 10 ms for k = 1..4
   assert spread_depth(0.001, 1.0) == 8  # clamped
+  # The busiest server's 18 ms of work per whole batch bounds every k; the fewest micro-batches that reach it
+  # (2: 2.5 + 10 ms of one's cycle) win, since each costs every server a call.
+  assert spread_depth(0.0025, 0.020, work_s=0.018) == 2
+  assert spread_depth(0.0025, 0.020, work_s=0.005) == 3  # little work (latency): as without it
 
 
 def test_auto_depth_formula():

@@ -115,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.tier2.serve_threads = 1  # calls a spawned server serves at once (2: one's host work beside another's kernel)
   c.tier2.timeout_s = 60.0  # deadline of every tier-2 call
   c.tier2.transport = "auto"  # auto (shared memory on loopback), grpc or shm
-  c.tier2.in_flight = 0  # pipelined micro-batches in flight; 0 = auto from measured step and round trip
+  c.tier2.in_flight = 0  # pipelined micro-batches in flight; 0 = auto from measured step, round trip and tier-2 work
   c.tier2.split = "spread"  # pipelined micro-batches: "spread" (each spans every shard) or "shards" (rows grouped by shard)
   c.tier2.send_thread = True  # pipelined: q, k, v waited for and sent by a thread of their own, not the dispatching one
   c.tier2.inject_delay_ms = 0.0  # delay spawned servers add to each tensor RPC (latency studies)

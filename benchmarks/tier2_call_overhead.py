@@ -1,0 +1,168 @@
+"""Tier-2 server host time per decode call, outside the jitted kernel (issue #5's "busy but not in the kernel").
+
+  python benchmarks/tier2_call_overhead.py                  # 7B and 8B dims, about a minute on 2 cores
+  python benchmarks/tier2_call_overhead.py --smoke          # tiny dims, seconds
+
+Times `Tier2Service.attend` (decode the raw request, checks, page table, the pool's arguments, the reply)
+on one in-process server holding --sequences sequences of --context tokens, each call --tokens new
+tokens per sequence, and subtracts the jitted `_write_attend` call, timed by a wrapper around it:
+- cold: every call right after the previous call's kernel, which streams all of the sequences' KV (more
+  than this CPU's L3), as a busy server runs;
+- hot: the wrapper skips the kernel (returns the last output), so the host path runs with warm caches;
+- dispatch: the jitted call itself with arguments that do no work (padding rows only), the part of
+  the jitted call that is host work too.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks.tier2 import _device_name  # noqa: E402
+from glinthawk_jax.json_file import write_json  # noqa: E402
+from glinthawk_jax.protos import tensor_wire  # noqa: E402
+from tier2_cpu import kv_pool  # noqa: E402
+from tier2_cpu.server import ServerOptions, Tier2Service  # noqa: E402
+from tier2_cpu.shm_doorbell import AbortContext  # noqa: E402
+
+DIMS = {"7b": {"num_heads": 32, "num_kv_heads": 32, "head_dim": 128, "context": 496},  # Llama-2-7B
+        "8b": {"num_heads": 32, "num_kv_heads": 8, "head_dim": 128, "context": 1008},  # Llama-3-8B
+        "smoke": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "context": 40}}
+
+
+class _TimedKernel:
+  """Stands in for kv_pool._write_attend: times each jitted call to completion, or skips it (hot)."""
+
+  def __init__(self, jitted):
+    self.jitted, self.skip, self.seconds, self.last = jitted, False, [], None
+
+  def __call__(self, arrays, *args, **kwargs):
+    if self.skip:
+      return arrays, self.last
+    start = time.perf_counter()
+    arrays, self.last = jax.block_until_ready(self.jitted(arrays, *args, **kwargs))
+    self.seconds.append(time.perf_counter() - start)
+    return arrays, self.last
+
+
+def _service(dims: dict, sequences: int, page_size: int, kv_dtype: str) -> Tier2Service:
+  """A one-layer server holding `sequences` sequences of dims['context'] tokens (random K, V)."""
+  context, kv, d = dims["context"], dims["num_kv_heads"], dims["head_dim"]
+  token_bytes = 2 * kv * d * np.dtype(kv_pool._DTYPES[kv_dtype]).itemsize
+  pages = sequences * (-(-(context + 1) // page_size) + 1)
+  options = ServerOptions(num_layers=1, num_heads=dims["num_heads"], num_kv_heads=kv, head_dim=d,
+                          page_size=page_size, max_seq_len=context + page_size,
+                          kv_cache_gb=pages * page_size * token_bytes / 2**30, kv_dtype=kv_dtype)
+  service = Tier2Service(options)
+  service.Allocate(type("Request", (), {"seq_ids": list(range(sequences))})(), AbortContext())
+  rng = np.random.default_rng(0)
+  for s in range(sequences):
+    k = rng.standard_normal((context, kv, d)).astype(jax.numpy.bfloat16)
+    parts = tensor_wire.request_parts(s, 0, np.full(context, s), np.arange(context), None, k, k,
+                                      num_heads=dims["num_heads"])
+    service.attend(b"".join(p.tobytes() for p in parts), AbortContext())
+  return service
+
+
+def _decode_payload(dims: dict, sequences: int, tokens: int) -> bytes:
+  """Each sequence's next `tokens` tokens (rewritten at the same positions every call)."""
+  rng = np.random.default_rng(1)
+  n, bf16 = sequences * tokens, jax.numpy.bfloat16
+  seq_ids = np.repeat(np.arange(sequences), tokens)
+  positions = dims["context"] - tokens + np.tile(np.arange(tokens), sequences)
+  q = rng.standard_normal((n, dims["num_heads"], dims["head_dim"])).astype(bf16)
+  k = rng.standard_normal((n, dims["num_kv_heads"], dims["head_dim"])).astype(bf16)
+  return tensor_wire.encode_request(7, 0, seq_ids, positions, q, k, k)
+
+
+def _dispatch_seconds(pool: kv_pool.KVPool, jitted, rows: int, heads: int, width: int, calls: int) -> float:
+  """Median time of the `jitted` _write_attend on padding rows (nothing written, nothing attended)."""
+  size, pages = kv_pool._bucket(rows), kv_pool._bucket(width)
+  k = np.zeros((rows, pool.num_kv_heads, pool.head_dim), np.uint16 if pool.storage == "bfloat16" else np.float32)
+  args = (np.full(size, pool.num_pages, np.int32), np.zeros(size, np.int32), kv_pool._addresses(k, k),
+          np.zeros((size, heads, pool.head_dim), np.float32), np.zeros((size, pages), np.int32),
+          np.full(size, -1, np.int32))
+  times = []
+  for _ in range(calls):
+    start = time.perf_counter()
+    pool._layers[0], out = jitted(pool._layers[0], *args, storage=pool.storage, kv_dtype=k.dtype.name)
+    np.asarray(out)
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def measure(name: str, dims: dict, sequences: int, tokens: int, page_size: int, kv_dtype: str, calls: int) -> dict:
+  service = _service(dims, sequences, page_size, kv_dtype)
+  payload, context = _decode_payload(dims, sequences, tokens), AbortContext()
+  timed = kv_pool._write_attend = _TimedKernel(kv_pool._write_attend)
+  try:
+    totals = {}
+    for mode in ("cold", "hot"):
+      timed.skip = mode == "hot"
+      for _ in range(5):
+        service.attend(payload, context)
+      timed.seconds, times = [], []
+      for _ in range(calls):
+        start = time.perf_counter()
+        service.attend(payload, context)
+        times.append(time.perf_counter() - start)
+      kernel = np.array(timed.seconds) if timed.seconds else np.zeros(calls)
+      totals[mode] = np.array(times) - kernel
+      if mode == "cold":
+        kernel_ms = 1e3 * float(np.median(kernel))
+    width = (dims["context"] - 1) // page_size + 1
+    dispatch = _dispatch_seconds(service.pool, timed.jitted, sequences * tokens, dims["num_heads"], width, calls)
+  finally:
+    kv_pool._write_attend = timed.jitted
+  return {"dims": name, **dims, "sequences": sequences, "tokens": tokens, "page_size": page_size,
+          "kv_dtype": kv_dtype, "calls": calls, "kernel_ms": round(kernel_ms, 3),
+          **{f"host_{mode}_ms": round(1e3 * float(np.median(t)), 4) for mode, t in totals.items()},
+          **{f"host_{mode}_mean_ms": round(1e3 * float(np.mean(t)), 4) for mode, t in totals.items()},
+          "dispatch_ms": round(1e3 * dispatch, 4)}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--dims", default="7b,8b", help=f"comma-separated of {sorted(DIMS)}")
+  parser.add_argument("--sequences", type=int, default=18)
+  parser.add_argument("--tokens", type=int, default=1, help="new tokens per sequence per call")
+  parser.add_argument("--context", type=int, default=0, help="tokens held per sequence (0: the dims' default)")
+  parser.add_argument("--page_size", type=int, default=16)
+  parser.add_argument("--kv_dtype", default="bfloat16", choices=kv_pool.STORAGES)
+  parser.add_argument("--calls", type=int, default=200, help="timed calls per mode")
+  parser.add_argument("--smoke", action="store_true", help="tiny dims, 4 sequences, 20 calls")
+  parser.add_argument("--out", default="tier2_call_overhead.json", help="JSON file for every number")
+  args = parser.parse_args()
+  names, sequences, calls = args.dims.split(","), args.sequences, args.calls
+  if args.smoke:
+    names, sequences, calls = ["smoke"], 4, 20
+  rows = []
+  for name in names:
+    dims = dict(DIMS[name], **({"context": args.context} if args.context else {}))
+    rows.append(measure(name, dims, sequences, args.tokens, args.page_size, args.kv_dtype, calls))
+  print(f"\nTier-2 host time per call outside the kernel (median ms), {_device_name()}")
+  print(f"{'dims':>6} {'heads':>7} {'context':>7} {'tokens':>6} {'kernel':>7} {'host cold':>9} {'host hot':>8} {'dispatch':>8}")
+  for r in rows:
+    print(f"{r['dims']:>6} {r['num_heads']:>3}/{r['num_kv_heads']:<3} {r['context']:>7} "
+          f"{r['sequences']}x{r['tokens']:<3} {r['kernel_ms']:>7.3f} {r['host_cold_ms']:>9.3f} "
+          f"{r['host_hot_ms']:>8.3f} {r['dispatch_ms']:>8.3f}")
+  write_json(args.out, {"device": _device_name(), "jax_device": str(jax.devices()[0]),
+                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                        "command": " ".join([sys.executable, *sys.argv]), "rows": rows}, indent=1)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -279,9 +279,8 @@ class Tier2Service:
         lengths[layer] = max(lengths[layer], end)
       self.requests_served += 1
       self.tokens_served += len(r.seq_ids)
-      slots = self.pages.slots(r.seq_ids, r.positions)
-      width = int(runs.last.max()) // self.options.page_size + 1  # the pool buckets shapes
-      tables = None if r.append_only else self.pages.block_tables(r.seq_ids, width)
+      width = 0 if r.append_only else int(runs.last.max()) // self.options.page_size + 1  # the pool buckets shapes
+      slots, tables = self.pages.slots_and_tables(r.seq_ids, r.positions, width)
       for s in seqs:
         self._pending[s] = self._pending.get(s, 0) + 1
     try:
@@ -291,7 +290,8 @@ class Tier2Service:
           self.pool.write(layer, slots, r.k, r.v)
           out = np.empty((0,), r.k.dtype)
         else:
-          out = self.pool.write_attend(layer, slots, r.k, r.v, r.q, tables, r.positions)
+          out = self.pool.write_attend(layer, slots, r.k, r.v, r.q, tables, r.positions,
+                                       "bfloat16" if r.q.dtype.name == "bfloat16" else "float32")
         self.kernel_seconds += time.perf_counter() - start
     finally:
       with self._lock:
@@ -315,8 +315,8 @@ class Tier2Service:
     if not o.first_layer <= r.layer < o.layer_end:
       context.abort(grpc.StatusCode.OUT_OF_RANGE,
                     f"request {r.request_id}: layer {r.layer} outside [{o.first_layer}, {o.layer_end})")
-    bad = np.flatnonzero((r.positions < 0) | (r.positions >= o.max_seq_len))
-    if bad.size:
+    if r.positions.min() < 0 or r.positions.max() >= o.max_seq_len:
+      bad = np.flatnonzero((r.positions < 0) | (r.positions >= o.max_seq_len))
       context.abort(grpc.StatusCode.OUT_OF_RANGE,
                     f"request {r.request_id}: token {bad[0]} position {r.positions[bad[0]]} outside "
                     f"[0, {o.max_seq_len})")
@@ -344,6 +344,11 @@ class _Runs:
   follows (the token right after the previous one of its run) per sorted token."""
 
   def __init__(self, seq_ids: np.ndarray, positions: np.ndarray):
+    if (seq_ids[1:] > seq_ids[:-1]).all():  # a decode call's usual shape: each sequence once, in order
+      self.seq_ids = self.seqs = seq_ids
+      self.positions = self.last = positions
+      self.repeated, self.follows, self.counts = False, np.zeros(len(seq_ids), bool), 1
+      return
     order = np.lexsort((positions, seq_ids))
     self.seq_ids, self.positions = seq_ids[order], positions[order]
     same = self.seq_ids[1:] == self.seq_ids[:-1]

@@ -29,6 +29,7 @@ _SYMBOLS = {"float32": "PagedAttentionF32", "bfloat16": "PagedAttentionBF16", "i
 # bf16 is held as its uint16 bits (the kernels read and write bits; XLA's CPU scatter into a bf16
 # buffer converted the whole buffer: 0.4 s for 256 MiB, measured).
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.uint16, "int8": jnp.int8}
+_BF16 = np.dtype(ml_dtypes.bfloat16)  # compared, not named: dtype.name takes 3 us, a few times a call
 
 
 # Append targets by (storage, dtype of the k, v sent): a bf16 pool takes bf16 bits or float32.
@@ -87,7 +88,7 @@ def _write_attend(arrays, page, offset, kv, q, block_tables, positions, *, stora
 
 def _check_float(name: str, x, ndim: int) -> np.ndarray:
   x = np.asarray(x)
-  if x.dtype.kind not in "fV" and x.dtype.name != "bfloat16":
+  if x.dtype.kind not in "fV" and x.dtype != _BF16:
     raise TypeError(f"{name}: dtype {x.dtype}, expected float32, bfloat16 or float16")
   if x.ndim != ndim:
     raise ValueError(f"{name}: shape {x.shape}, expected {ndim} dimensions")
@@ -143,9 +144,8 @@ class KVPool:
 
   def write(self, layer: int, slots, k, v) -> None:
     """Store k, v: [n, kv_heads, head_dim] at `slots` (page * page_size + offset)."""
-    page, offset, kv, k, v = self._write_args(layer, slots, k, v)
-    self._layers[layer] = _write(self._layers[layer], page, offset, kv, storage=self.storage,
-                                 kv_dtype=k.dtype.name)
+    page, offset, kv, kv_dtype, k, v = self._write_args(layer, slots, k, v)
+    self._layers[layer] = _write(self._layers[layer], page, offset, kv, storage=self.storage, kv_dtype=kv_dtype)
     # The kernel reads k, v in place: they stay referenced here until it is done, and the caller
     # may reuse their buffer (a shared-memory request) as soon as this returns.
     jax.block_until_ready(self._layers[layer])
@@ -169,22 +169,23 @@ class KVPool:
     cast of a decode call's output took 44 us, measured)."""
     if out_dtype not in OUTPUTS:
       raise ValueError(f"out_dtype {out_dtype!r}: expected one of {OUTPUTS}")
-    page, offset, kv, k, v = self._write_args(layer, slots, k, v)
+    page, offset, kv, kv_dtype, k, v = self._write_args(layer, slots, k, v)
     attend_args = self._attend_args(layer, q, block_tables, positions)
     self._layers[layer], out = _write_attend(self._layers[layer], page, offset, kv, *attend_args,
-                                             storage=self.storage, kv_dtype=k.dtype.name, out_dtype=out_dtype)
+                                             storage=self.storage, kv_dtype=kv_dtype, out_dtype=out_dtype)
     out = np.asarray(out)[:np.shape(q)[0]]  # waits for the write too: k, v are referenced until then
     return out.view(ml_dtypes.bfloat16) if out_dtype == "bfloat16" else out
 
   def _write_args(self, layer: int, slots, k, v) -> tuple:
-    """(page, offset, kv, k, v) for _write: page and offset padded to a bucketed row count (padding
-    pages are dropped), kv the addresses of k and v (C-contiguous, bf16 as uint16 bits or float32)."""
+    """(page, offset, kv, kv_dtype, k, v) for _write: page and offset padded to a bucketed row count
+    (padding pages are dropped), kv the addresses of k and v (C-contiguous, bf16 as uint16 bits or
+    float32, kv_dtype's name)."""
     self._check_layer(layer)
     slots = np.asarray(slots, dtype=np.int64).reshape(-1)
     if self.storage == "bfloat16" and _is_bf16(k) and _is_bf16(v):
-      k, v = (np.ascontiguousarray(x).view(np.uint16) for x in (k, v))  # stored as is: no widening, half the bytes
+      kv_dtype, k, v = "uint16", *(np.ascontiguousarray(x).view(np.uint16) for x in (k, v))  # stored as is: no widening, half the bytes
     else:
-      k, v = _as_f32("k", k, 3), _as_f32("v", v, 3)
+      kv_dtype, k, v = "float32", _as_f32("k", k, 3), _as_f32("v", v, 3)
     expected = (slots.shape[0], self.num_kv_heads, self.head_dim)
     for name, x in (("k", k), ("v", v)):
       if x.shape != expected:
@@ -197,7 +198,7 @@ class KVPool:
     page = np.full(size, self.num_pages, np.int32)  # padding rows: page out of range, dropped
     offset = np.zeros(size, np.int32)
     np.divmod(slots, self.page_size, out=(page[:n], offset[:n]), casting="unsafe")
-    return page, offset, _addresses(k, v), k, v
+    return page, offset, _addresses(k, v), kv_dtype, k, v
 
   def _attend_args(self, layer: int, q, block_tables, positions) -> tuple:
     """(q, block_tables, positions) for _attend, rows and pages padded to buckets."""
@@ -233,5 +234,5 @@ def _addresses(*arrays) -> np.ndarray:
 
 
 def _is_bf16(x) -> bool:
-  return getattr(x, "dtype", None) is not None and x.dtype.name == "bfloat16"
+  return getattr(x, "dtype", None) == _BF16
 

@@ -71,10 +71,11 @@ class PageTable:
 
   def grow(self, seq_ids: np.ndarray, positions: np.ndarray) -> None:
     """Gives each sequence pages up to its largest position here; PoolFullError leaves all as was."""
-    need = {}
-    for s, p in zip(seq_ids.tolist(), positions.tolist()):
-      need[s] = max(need.get(s, 0), p // self.page_size + 1)
-    extra = {s: n - self._held[s] for s, n in need.items() if n > self._held[s]}
+    need = {}  # pages by sequence, of those that need more
+    for s, n in zip(seq_ids.tolist(), (positions // self.page_size + 1).tolist()):
+      if n > need.get(s, self._held[s]):
+        need[s] = n
+    extra = {s: n - self._held[s] for s, n in need.items()}
     total = sum(extra.values())
     if total > len(self._free):
       raise PoolFullError(f"{total} more KV pages needed, {len(self._free)} free of {self.num_pages}")

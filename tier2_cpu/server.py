@@ -24,6 +24,7 @@ import time
 from concurrent import futures
 
 import grpc
+import ml_dtypes
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -38,6 +39,7 @@ AUTH_METADATA_KEY = "glinthawk-token"
 SERVICE_NAME = "glinthawk.tier2.Tier2"
 SHM_SWEEP_S = 30.0
 PAGE_TABLE_STAGE, POOL_STAGE = 0, 1  # a call's ordered stages (tier2_cpu/turns.py)
+_BF16 = np.dtype(ml_dtypes.bfloat16)
 RELEASE_WAIT_S = 30.0  # how long a release waits for its sequences' calls in service (under clients' 60 s default)
 
 
@@ -88,7 +90,7 @@ class Tier2Service:
     self.bytes_per_page = o.page_size * self.pool.bytes_per_token
     max_pages = -(-o.max_seq_len // o.page_size)
     self.pages = PageTable(self.pool.num_pages, o.page_size, max_pages)
-    self._lengths: dict[int, np.ndarray] = {}  # seq -> tokens written, per held layer
+    self._lengths: dict[int, list[int]] = {}  # seq -> tokens written, per held layer
     self._lock = threading.Lock()
     self._pool_lock = threading.Lock()
     self._pending: dict[int, int] = {}  # seq -> calls placed on the page table, not yet through the pool
@@ -135,7 +137,7 @@ class Tier2Service:
       except PoolFullError as e:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
       for s in request.seq_ids:
-        self._lengths[s] = np.zeros(self.pool.num_layers, np.int64)
+        self._lengths[s] = [0] * self.pool.num_layers
       return tier2_pb2.AllocateReply(free_pages=self.pages.num_free)
 
   def Release(self, request, context):
@@ -291,7 +293,7 @@ class Tier2Service:
           out = np.empty((0,), r.k.dtype)
         else:
           out = self.pool.write_attend(layer, slots, r.k, r.v, r.q, tables, r.positions,
-                                       "bfloat16" if r.q.dtype.name == "bfloat16" else "float32")
+                                       "bfloat16" if r.q.dtype == _BF16 else "float32")
         self.kernel_seconds += time.perf_counter() - start
     finally:
       with self._lock:

@@ -46,10 +46,10 @@ class _TimedKernel:
   """Stands in for kv_pool._write_attend: times each jitted call to completion, or skips it (hot)."""
 
   def __init__(self, jitted):
-    self.jitted, self.skip, self.seconds, self.last, self.kwargs = jitted, False, [], None, {}
+    self.jitted, self.skip, self.seconds, self.last, self.args, self.kwargs = jitted, False, [], None, (), {}
 
   def __call__(self, arrays, *args, **kwargs):
-    self.kwargs = kwargs  # the static arguments, for _dispatch_seconds
+    self.args, self.kwargs = args, kwargs  # for _dispatch_seconds
     if self.skip:
       return arrays, self.last
     start = time.perf_counter()
@@ -88,15 +88,11 @@ def _decode_payload(dims: dict, sequences: int, tokens: int) -> bytes:
   return tensor_wire.encode_request(7, 0, seq_ids, positions, q, k, k)
 
 
-def _dispatch_seconds(pool: kv_pool.KVPool, timed: _TimedKernel, rows: int, heads: int, width: int,
-                      calls: int) -> float:
-  """Median time of the jitted _write_attend on padding rows (nothing written, nothing attended), with
-  the static arguments of the server's last call."""
-  size, pages = kv_pool._bucket(rows), kv_pool._bucket(width)
-  k = np.zeros((rows, pool.num_kv_heads, pool.head_dim), timed.kwargs["kv_dtype"])
-  args = (np.full(size, pool.num_pages, np.int32), np.zeros(size, np.int32), kv_pool._addresses(k, k),
-          np.zeros((size, heads, pool.head_dim), np.float32), np.zeros((size, pages), np.int32),
-          np.full(size, -1, np.int32))
+def _dispatch_seconds(pool: kv_pool.KVPool, timed: _TimedKernel, calls: int) -> float:
+  """Median time of the jitted _write_attend with the server's last arguments made padding rows
+  (pages out of range: nothing written; positions -1: nothing attended)."""
+  page, offset, kv, q, tables, positions = timed.args
+  args = (np.full_like(page, pool.num_pages), offset, kv, q, tables, np.full_like(positions, -1))
   times = []
   for _ in range(calls):
     start = time.perf_counter()
@@ -125,8 +121,7 @@ def measure(name: str, dims: dict, sequences: int, tokens: int, page_size: int, 
       totals[mode] = np.array(times) - kernel
       if mode == "cold":
         kernel_ms = 1e3 * float(np.median(kernel))
-    width = (dims["context"] - 1) // page_size + 1
-    dispatch = _dispatch_seconds(service.pool, timed, sequences * tokens, dims["num_heads"], width, calls)
+    dispatch = _dispatch_seconds(service.pool, timed, calls)
   finally:
     kv_pool._write_attend = timed.jitted
   return {"dims": name, **dims, "sequences": sequences, "tokens": tokens, "page_size": page_size,

@@ -12,6 +12,7 @@ half-precision CPU dot (50x slower than fp32, FACTS.md).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -181,7 +182,7 @@ class KVPool:
     (padding pages are dropped), kv the addresses of k and v (C-contiguous, bf16 as uint16 bits or
     float32, kv_dtype's name)."""
     self._check_layer(layer)
-    slots = np.asarray(slots, dtype=np.int64).reshape(-1)
+    slots = np.asarray(slots).reshape(-1)  # integers (a page table's int32 as they are)
     if self.storage == "bfloat16" and _is_bf16(k) and _is_bf16(v):
       kv_dtype, k, v = "uint16", *(np.ascontiguousarray(x).view(np.uint16) for x in (k, v))  # stored as is: no widening, half the bytes
     else:
@@ -222,15 +223,23 @@ class KVPool:
     tables[:n, :block_tables.shape[1]] = block_tables
     pos = np.full(size, -1, np.int32)  # padding rows: no keys, output zeros
     pos[:n] = positions
-    if q.dtype != np.float32 or not q.flags.c_contiguous or n != size:
-      q, padded = np.empty((size, heads, dim), np.float32), q  # padding rows' queries are never read
-      q[:n] = padded
-    return q, tables, pos
+    padded = _aligned_empty((size, heads, dim), np.float32)
+    padded[:n] = q  # padding rows' queries are never read
+    return padded, tables, pos
 
 
 def _addresses(*arrays) -> np.ndarray:
   """The arrays' data addresses as uint64 in uint32 pairs (JAX holds no 64-bit ints without x64)."""
   return np.array([x.ctypes.data for x in arrays], np.uint64).view(np.uint32)
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+  """np.empty starting at a 64-byte boundary: XLA's CPU client takes such an argument without a copy
+  (a jitted call with a 512 KiB q: 6 us against 79 us when q was not aligned, measured)."""
+  nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+  raw = np.empty(nbytes + 64, np.uint8)
+  start = -raw.ctypes.data % 64
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _is_bf16(x) -> bool:

@@ -329,10 +329,14 @@ class Tier2Service:
     unknown = [s for s in seqs if s not in self.pages]
     if unknown:
       context.abort(grpc.StatusCode.NOT_FOUND, f"request {r.request_id}: sequence {unknown[0]} is not allocated")
-    written = np.repeat(np.array([self._lengths[s][layer] for s in seqs], np.int64), runs.counts)
-    # In (sequence, position) order a position is fine if its key exists or the previous one of its
-    # sequence is right before it (pairs are unique, so positions of a sequence increase).
-    bad = np.flatnonzero((runs.positions > written) & ~runs.follows)
+    written = np.array([self._lengths[s][layer] for s in seqs], np.int64)
+    if runs.follows is None:  # one token a sequence: its key must exist
+      bad = np.flatnonzero(runs.positions > written)
+    else:
+      # In (sequence, position) order a position is fine if its key exists or the previous one of its
+      # sequence is right before it (pairs are unique, so positions of a sequence increase).
+      written = np.repeat(written, runs.counts)
+      bad = np.flatnonzero((runs.positions > written) & ~runs.follows)
     if bad.size:
       i = bad[0]
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -343,13 +347,14 @@ class Tier2Service:
 class _Runs:
   """A request's tokens sorted once by (sequence, position): each sequence is a run of increasing
   positions. seqs, counts and last (its largest position) are per run; seq_ids, positions and
-  follows (the token right after the previous one of its run) per sorted token."""
+  follows (the token right after the previous one of its run) per sorted token. When each sequence
+  comes once, in order (a decode call), nothing is sorted and counts and follows are None."""
 
   def __init__(self, seq_ids: np.ndarray, positions: np.ndarray):
-    if (seq_ids[1:] > seq_ids[:-1]).all():  # a decode call's usual shape: each sequence once, in order
+    if (seq_ids[1:] > seq_ids[:-1]).all():
       self.seq_ids = self.seqs = seq_ids
       self.positions = self.last = positions
-      self.repeated, self.follows, self.counts = False, np.zeros(len(seq_ids), bool), 1
+      self.repeated, self.counts, self.follows = False, None, None
       return
     order = np.lexsort((positions, seq_ids))
     self.seq_ids, self.positions = seq_ids[order], positions[order]

@@ -69,10 +69,12 @@ class PageTable:
       self._table[row] = 0
       self._free_rows.append(row)
 
-  def grow(self, seq_ids: np.ndarray, positions: np.ndarray) -> None:
-    """Gives each sequence pages up to its largest position here; PoolFullError leaves all as was."""
+  def grow(self, seq_ids, positions) -> None:
+    """Gives each sequence pages up to its largest position here (ints, or arrays of them);
+    PoolFullError leaves all as was."""
     need = {}  # pages by sequence, of those that need more
-    for s, n in zip(seq_ids.tolist(), (positions // self.page_size + 1).tolist()):
+    for s, p in zip(seq_ids, positions):
+      n = p // self.page_size + 1
       if n > need.get(s, self._held[s]):
         need[s] = n
     extra = {s: n - self._held[s] for s, n in need.items()}

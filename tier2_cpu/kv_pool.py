@@ -194,12 +194,9 @@ class KVPool:
     if slots.size and (slots.min() < 0 or slots.max() >= self.num_pages * self.page_size):
       bad = slots[(slots < 0) | (slots >= self.num_pages * self.page_size)][0]
       raise IndexError(f"slot {bad} outside the pool's {self.num_pages * self.page_size} slots")
-    n = slots.shape[0]
-    size = _bucket(n)
-    page = np.full(size, self.num_pages, np.int32)  # padding rows: page out of range, dropped
-    offset = np.zeros(size, np.int32)
-    np.divmod(slots, self.page_size, out=(page[:n], offset[:n]), casting="unsafe")
-    return page, offset, _addresses(k, v), kv_dtype, k, v
+    padded = np.full(_bucket(slots.shape[0]), self.num_pages * self.page_size, np.int32)
+    padded[:slots.shape[0]] = slots  # padding rows: page out of range, dropped
+    return *np.divmod(padded, self.page_size), _addresses(k, v), kv_dtype, k, v
 
   def _attend_args(self, layer: int, q, block_tables, positions) -> tuple:
     """(q, block_tables, positions) for _attend, rows and pages padded to buckets."""

@@ -90,5 +90,5 @@ class PageTable:
     """Each token's flat slot (page * page_size + offset), int32 [N], and its sequence's pages padded
     with page 0 to `width`, int32 [N, width] (None for width 0). Its pages must be held (grow)."""
     rows = np.array([self._row[s] for s in seq_ids.tolist()], np.intp)
-    slots = self._table[rows, positions // self.page_size] * self.page_size + positions % self.page_size
-    return slots, (self._table[rows, :width] if width else None)
+    page, offset = np.divmod(positions, self.page_size)
+    return self._table[rows, page] * self.page_size + offset, (self._table[rows, :width] if width else None)

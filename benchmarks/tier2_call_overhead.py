@@ -88,47 +88,55 @@ def _decode_payload(dims: dict, sequences: int, tokens: int) -> bytes:
   return tensor_wire.encode_request(7, 0, seq_ids, positions, q, k, k)
 
 
-def _dispatch_seconds(pool: kv_pool.KVPool, timed: _TimedKernel, calls: int) -> float:
-  """Median time of the jitted _write_attend with the server's last arguments made padding rows
-  (pages out of range: nothing written; positions -1: nothing attended)."""
+def _dispatch_seconds(pool: kv_pool.KVPool, timed: _TimedKernel) -> float:
+  """One jitted _write_attend with the server's last arguments made padding rows (pages out of range:
+  nothing written; positions -1: nothing attended)."""
   page, offset, kv, q, tables, positions = timed.args
   args = (np.full_like(page, pool.num_pages), offset, kv, q, tables, np.full_like(positions, -1))
-  times = []
-  for _ in range(calls):
-    start = time.perf_counter()
-    pool._layers[0], out = timed.jitted(pool._layers[0], *args, **timed.kwargs)
-    np.asarray(out)
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  start = time.perf_counter()
+  pool._layers[0], out = timed.jitted(pool._layers[0], *args, **timed.kwargs)
+  np.asarray(out)
+  return time.perf_counter() - start
 
 
-def measure(name: str, dims: dict, sequences: int, tokens: int, page_size: int, kv_dtype: str, calls: int) -> dict:
+def _least_median(sample, rounds: int, calls: int) -> tuple[float, list[float]]:
+  """Median seconds of `sample()` over each round of `calls`, and the least of them: the machine's
+  other load inflates some rounds (a shared 2-core machine doubled whole runs' medians)."""
+  medians = [float(np.median([sample() for _ in range(calls)])) for _ in range(rounds)]
+  return min(medians), medians
+
+
+def measure(name: str, dims: dict, sequences: int, tokens: int, page_size: int, kv_dtype: str, calls: int,
+            rounds: int) -> dict:
   service = _service(dims, sequences, page_size, kv_dtype)
   payload, context = _decode_payload(dims, sequences, tokens), AbortContext()
   timed = kv_pool._write_attend = _TimedKernel(kv_pool._write_attend)
+  kernels = []  # seconds of each timed call's jitted call
+
+  def host_seconds() -> float:
+    """One call's time less its jitted call's (none when skipped)."""
+    timed.seconds = []
+    start = time.perf_counter()
+    service.attend(payload, context)
+    kernels.append(timed.seconds[0] if timed.seconds else 0.0)
+    return time.perf_counter() - start - kernels[-1]
+
   try:
-    totals = {}
+    row = {}  # seconds, reported as ms
     for mode in ("cold", "hot"):
       timed.skip = mode == "hot"
       for _ in range(5):
         service.attend(payload, context)
-      timed.seconds, times = [], []
-      for _ in range(calls):
-        start = time.perf_counter()
-        service.attend(payload, context)
-        times.append(time.perf_counter() - start)
-      kernel = np.array(timed.seconds) if timed.seconds else np.zeros(calls)
-      totals[mode] = np.array(times) - kernel
+      row[f"host_{mode}_ms"], row[f"host_{mode}_round_ms"] = _least_median(host_seconds, rounds, calls)
       if mode == "cold":
-        kernel_ms = 1e3 * float(np.median(kernel))
-    dispatch = _dispatch_seconds(service.pool, timed, calls)
+        row["kernel_ms"] = float(np.median(kernels))
+    row["dispatch_ms"], row["dispatch_round_ms"] = _least_median(lambda: _dispatch_seconds(service.pool, timed),
+                                                                 rounds, calls)
   finally:
     kv_pool._write_attend = timed.jitted
+  ms = {key: [round(1e3 * x, 4) for x in v] if isinstance(v, list) else round(1e3 * v, 4) for key, v in row.items()}
   return {"dims": name, **dims, "sequences": sequences, "tokens": tokens, "page_size": page_size,
-          "kv_dtype": kv_dtype, "calls": calls, "kernel_ms": round(kernel_ms, 3),
-          **{f"host_{mode}_ms": round(1e3 * float(np.median(t)), 4) for mode, t in totals.items()},
-          **{f"host_{mode}_mean_ms": round(1e3 * float(np.mean(t)), 4) for mode, t in totals.items()},
-          "dispatch_ms": round(1e3 * dispatch, 4)}
+          "kv_dtype": kv_dtype, "calls": calls, "rounds": rounds, **ms}
 
 
 def main() -> None:
@@ -139,22 +147,23 @@ def main() -> None:
   parser.add_argument("--context", type=int, default=0, help="tokens held per sequence (0: the dims' default)")
   parser.add_argument("--page_size", type=int, default=16)
   parser.add_argument("--kv_dtype", default="bfloat16", choices=kv_pool.STORAGES)
-  parser.add_argument("--calls", type=int, default=200, help="timed calls per mode")
-  parser.add_argument("--smoke", action="store_true", help="tiny dims, 4 sequences, 20 calls")
+  parser.add_argument("--calls", type=int, default=100, help="timed calls per round")
+  parser.add_argument("--rounds", type=int, default=5, help="rounds per mode; the least round median is reported")
+  parser.add_argument("--smoke", action="store_true", help="tiny dims, 4 sequences, 2 rounds of 20 calls")
   parser.add_argument("--out", default="tier2_call_overhead.json", help="JSON file for every number")
   args = parser.parse_args()
   names, sequences, calls = args.dims.split(","), args.sequences, args.calls
   if args.smoke:
-    names, sequences, calls = ["smoke"], 4, 20
+    names, sequences, calls, args.rounds = ["smoke"], 4, 20, 2
   rows = []
   for name in names:
     dims = dict(DIMS[name], **({"context": args.context} if args.context else {}))
-    rows.append(measure(name, dims, sequences, args.tokens, args.page_size, args.kv_dtype, calls))
-  print(f"\nTier-2 host time per call outside the kernel (median ms), {_device_name()}")
-  print(f"{'dims':>6} {'heads':>7} {'context':>7} {'tokens':>6} {'kernel':>7} {'host cold':>9} {'host hot':>8} {'dispatch':>8}")
+    rows.append(measure(name, dims, sequences, args.tokens, args.page_size, args.kv_dtype, calls, args.rounds))
+  print(f"\nTier-2 host time per call outside the kernel (ms, least of {args.rounds} round medians), {_device_name()}")
+  print(f"{'dims':>6} {'heads':>7} {'context':>7} {'seq x tok':>9} {'kernel':>7} {'host cold':>9} {'host hot':>8} {'dispatch':>8}")
   for r in rows:
     print(f"{r['dims']:>6} {r['num_heads']:>3}/{r['num_kv_heads']:<3} {r['context']:>7} "
-          f"{r['sequences']}x{r['tokens']:<3} {r['kernel_ms']:>7.3f} {r['host_cold_ms']:>9.3f} "
+          f"{str(r['sequences']) + 'x' + str(r['tokens']):>9} {r['kernel_ms']:>7.3f} {r['host_cold_ms']:>9.3f} "
           f"{r['host_hot_ms']:>8.3f} {r['dispatch_ms']:>8.3f}")
   write_json(args.out, {"device": _device_name(), "jax_device": str(jax.devices()[0]),
                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),

@@ -319,7 +319,7 @@ class Tier2Service:
     if not o.first_layer <= r.layer < o.layer_end:
       context.abort(grpc.StatusCode.OUT_OF_RANGE,
                     f"request {r.request_id}: layer {r.layer} outside [{o.first_layer}, {o.layer_end})")
-    if r.positions.min() < 0 or r.positions.max() >= o.max_seq_len:
+    if r.positions.view(np.uint32).max() >= o.max_seq_len:  # one pass: negative int32s view as >= 2**31
       bad = np.flatnonzero((r.positions < 0) | (r.positions >= o.max_seq_len))
       context.abort(grpc.StatusCode.OUT_OF_RANGE,
                     f"request {r.request_id}: token {bad[0]} position {r.positions[bad[0]]} outside "

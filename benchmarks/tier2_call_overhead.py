@@ -1,16 +1,17 @@
 """Tier-2 server host time per decode call, outside the jitted kernel (issue #5's "busy but not in the kernel").
 
-  python benchmarks/tier2_call_overhead.py                  # 7B and 8B dims, about a minute on 2 cores
+  python benchmarks/tier2_call_overhead.py                  # 7B and 8B dims, about 15 s on 2 cores
   python benchmarks/tier2_call_overhead.py --smoke          # tiny dims, seconds
 
 Times `Tier2Service.attend` (decode the raw request, checks, page table, the pool's arguments, the reply)
 on one in-process server holding --sequences sequences of --context tokens, each call --tokens new
 tokens per sequence, and subtracts the jitted `_write_attend` call, timed by a wrapper around it:
-- cold: every call right after the previous call's kernel, which streams all of the sequences' KV (more
-  than this CPU's L3), as a busy server runs;
+- cold: every call right after the previous call's kernel, which streams all of the sequences' KV (146 MB
+  for the 7B default, 74 MB for 8B), as a busy server runs;
 - hot: the wrapper skips the kernel (returns the last output), so the host path runs with warm caches;
 - dispatch: the jitted call itself with arguments that do no work (padding rows only), the part of
   the jitted call that is host work too.
+Each is the least median of --rounds rounds of --calls calls (the JSON has every round's median).
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ def main() -> None:
     dims = dict(DIMS[name], **({"context": args.context} if args.context else {}))
     rows.append(measure(name, dims, sequences, args.tokens, args.page_size, args.kv_dtype, calls, args.rounds))
   print(f"\nTier-2 host time per call outside the kernel (ms, least of {args.rounds} round medians), {_device_name()}")
-  print(f"{'dims':>6} {'heads':>7} {'context':>7} {'seq x tok':>9} {'kernel':>7} {'host cold':>9} {'host hot':>8} {'dispatch':>8}")
+  print(f"{'dims':>6} {'heads':>7} {'context':>7} {'seq x tok':>9} {'kernel':>7} {'host cold':>9} {'host hot':>8} "
+        f"{'dispatch':>8}")
   for r in rows:
     print(f"{r['dims']:>6} {r['num_heads']:>3}/{r['num_kv_heads']:<3} {r['context']:>7} "
           f"{str(r['sequences']) + 'x' + str(r['tokens']):>9} {r['kernel_ms']:>7.3f} {r['host_cold_ms']:>9.3f} "

@@ -184,7 +184,8 @@ class KVPool:
     self._check_layer(layer)
     slots = np.asarray(slots).reshape(-1)  # integers (a page table's int32 as they are)
     if self.storage == "bfloat16" and _is_bf16(k) and _is_bf16(v):
-      kv_dtype, k, v = "uint16", *(np.ascontiguousarray(x).view(np.uint16) for x in (k, v))  # stored as is: no widening, half the bytes
+      # Stored as is: no widening, half the bytes.
+      kv_dtype, k, v = "uint16", *(np.ascontiguousarray(x).view(np.uint16) for x in (k, v))
     else:
       kv_dtype, k, v = "float32", _as_f32("k", k, 3), _as_f32("v", v, 3)
     expected = (slots.shape[0], self.num_kv_heads, self.head_dim)
@@ -241,4 +242,3 @@ def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 def _is_bf16(x) -> bool:
   return getattr(x, "dtype", None) == _BF16
-

@@ -39,7 +39,7 @@ AUTH_METADATA_KEY = "glinthawk-token"
 SERVICE_NAME = "glinthawk.tier2.Tier2"
 SHM_SWEEP_S = 30.0
 PAGE_TABLE_STAGE, POOL_STAGE = 0, 1  # a call's ordered stages (tier2_cpu/turns.py)
-_BF16 = np.dtype(ml_dtypes.bfloat16)
+_BF16 = np.dtype(ml_dtypes.bfloat16)  # compared, not named: dtype.name takes 3 us
 RELEASE_WAIT_S = 30.0  # how long a release waits for its sequences' calls in service (under clients' 60 s default)
 
 

@@ -175,7 +175,7 @@ def test_a_call_split_over_threads_matches_one_thread_and_float64(tmp_path):
   np.testing.assert_array_equal(np.load(path), out)  # same items, same arithmetic, any thread
 
 
-@pytest.mark.parametrize("storage", ["bfloat16", "int8"])
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
 def test_write_attend_is_write_then_attend(storage):
   rng = np.random.default_rng(8)
   pools = [KVPool(2, 8, 4, 2, 16, storage) for _ in range(2)]
@@ -186,6 +186,12 @@ def test_write_attend_is_write_then_attend(storage):
   expected = pools[0].attend(1, q, tables, positions)
   np.testing.assert_array_equal(pools[1].write_attend(1, slots, k, v, q, tables, positions), expected)
   np.testing.assert_array_equal(pools[1].attend(1, q, tables, positions), expected)  # the write stayed
+  # A bf16 output is rounded in the kernel exactly as NumPy rounds the float32 one.
+  out = pools[1].write_attend(1, slots, k, v, q, tables, positions, out_dtype="bfloat16")
+  assert out.dtype == ml_dtypes.bfloat16
+  np.testing.assert_array_equal(out.view(np.uint16), expected.astype(ml_dtypes.bfloat16).view(np.uint16))
+  with pytest.raises(ValueError, match="out_dtype 'float16'"):
+    pools[1].write_attend(1, slots, k, v, q, tables, positions, out_dtype="float16")
 
 
 def test_bfloat16_keys_are_stored_as_sent_like_float32_rounded():

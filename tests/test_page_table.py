@@ -11,11 +11,11 @@ def test_pages_grow_with_positions_and_come_back():
   table.add([7, 8])
   table.grow(np.array([7, 7, 8]), np.array([0, 5, 3]))  # seq 7: 2 pages, seq 8: 1
   assert table.num_free == 2
-  slots = table.slots(np.array([7, 7, 8]), np.array([0, 5, 3]))
-  tables = table.block_tables(np.array([7, 8]), width=3)
-  assert slots.tolist() == [tables[0, 0] * 4, tables[0, 1] * 4 + 1, tables[1, 0] * 4 + 3]
-  assert tables[1, 1:].tolist() == [0, 0]  # padding
-  assert len(set(tables[0, :2].tolist()) | {tables[1, 0]}) == 3  # no page shared
+  slots, tables = table.slots_and_tables(np.array([7, 7, 8]), np.array([0, 5, 3]), width=3)
+  assert slots.tolist() == [tables[0, 0] * 4, tables[1, 1] * 4 + 1, tables[2, 0] * 4 + 3]
+  assert (tables[0] == tables[1]).all() and tables[2, 1:].tolist() == [0, 0]  # one row a token; padding
+  assert len(set(tables[0, :2].tolist()) | {tables[2, 0]}) == 3  # no page shared
+  assert table.slots_and_tables(np.array([8]), np.array([3]), width=0)[1] is None
   with pytest.raises(PoolFullError, match="3 more KV pages needed, 2 free"):
     table.grow(np.array([8]), np.array([15]))
   assert table.num_free == 2  # the failed grow took nothing
@@ -23,6 +23,12 @@ def test_pages_grow_with_positions_and_come_back():
   assert table.num_free == 4 and 7 not in table
   table.grow(np.array([8]), np.array([15]))
   assert table.num_free == 1
+  table.remove([8])
+  table.add([9, 10, 11])  # two reused block-table rows (cleared) and a new one
+  table.grow(np.array([9, 10, 11]), np.array([0, 4, 0]))
+  _, tables = table.slots_and_tables(np.array([9, 10, 11]), np.array([0, 4, 0]), width=3)
+  assert tables[:, 1:].tolist() == [[0, 0], [tables[1, 1], 0], [0, 0]]
+  assert sorted([*tables[:, 0].tolist(), tables[1, 1]]) == [0, 1, 2, 3]  # low pages first, none shared
 
 
 def test_add_and_remove_name_the_bad_sequence():

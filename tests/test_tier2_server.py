@@ -3,6 +3,7 @@
 import time
 
 import grpc
+import ml_dtypes
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -100,6 +101,24 @@ def test_prefill_then_decode_matches_reference(channel):
   assert stats.kv_bytes_in_use == 3 * stats.kv_bytes_capacity // NUM_PAGES
   stub.Release(tier2_pb2.ReleaseRequest(seq_ids=[10, 11]), timeout=10)
   assert stub.Stats(tier2_pb2.StatsRequest(), timeout=10).pages_in_use == 0
+
+
+def test_token_order_and_repeated_sequences_match_reference(channel):
+  """Each sequence once in order (the call the server does not sort), descending, interleaved and out
+  of position order, or a sequence several times: all give the float64 reference, float32 and bf16."""
+  stub = tier2_pb2_grpc.Tier2Stub(channel)
+  stub.Allocate(tier2_pb2.AllocateRequest(seq_ids=[20, 21, 22]), timeout=10)
+  rng, ref = np.random.default_rng(5), ReferenceKV()
+  steps = [([21, 20, 21, 22, 20, 22, 21, 20], [1, 2, 0, 0, 0, 1, 2, 1], np.float32),
+           ([20, 21, 22], [3, 3, 2], np.float32), ([20, 21, 22], [4, 4, 3], ml_dtypes.bfloat16),
+           ([22, 21, 20], [4, 5, 5], ml_dtypes.bfloat16), ([20, 22, 20, 21], [7, 5, 6, 6], np.float32)]
+  for seq_ids, positions, dtype in steps:
+    q, k, v = _tokens(rng, seq_ids, positions, dtype)
+    payload = tensor_wire.encode_request(3, 1, seq_ids, positions, q, k, v)
+    out = tensor_wire.decode_reply(_attend(channel, payload), q.shape, dtype).astype(np.float32)
+    tol = 1e-5 if dtype == np.float32 else 1e-2  # a bf16 reply is rounded to 8 bits of mantissa
+    np.testing.assert_allclose(out, ref.attend(1, seq_ids, positions, q, k, v), rtol=tol, atol=tol)
+  stub.Release(tier2_pb2.ReleaseRequest(seq_ids=[20, 21, 22]), timeout=10)
 
 
 def _good_payload(rng, seq=1, position=0):

@@ -12,21 +12,25 @@ half-precision CPU dot (50x slower than fp32, FACTS.md).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from tier2_cpu import native_build
 
 STORAGES = ("bfloat16", "float32", "int8")
-_TARGETS = {"float32": "tier2_paged_attention_f32", "bfloat16": "tier2_paged_attention_bf16",
-            "int8": "tier2_paged_attention_int8"}
-_SYMBOLS = {"float32": "PagedAttentionF32", "bfloat16": "PagedAttentionBF16",
-            "int8": "PagedAttentionInt8"}
+OUTPUTS = ("float32", "bfloat16")  # attention output dtypes (bf16 is rounded by the kernel as it stores)
+# Attention targets by (storage, output dtype), and their symbols.
+_TARGETS = {(storage, out): f"tier2_paged_attention_{code}" + ("_to_bf16" if out == "bfloat16" else "")
+            for storage, code in (("float32", "f32"), ("bfloat16", "bf16"), ("int8", "int8")) for out in OUTPUTS}
+_SYMBOLS = {"float32": "PagedAttentionF32", "bfloat16": "PagedAttentionBF16", "int8": "PagedAttentionInt8"}
 # bf16 is held as its uint16 bits (the kernels read and write bits; XLA's CPU scatter into a bf16
 # buffer converted the whole buffer: 0.4 s for 256 MiB, measured).
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.uint16, "int8": jnp.int8}
+_BF16 = np.dtype(ml_dtypes.bfloat16)  # compared, not named: dtype.name takes 3 us, a few times a call
 
 
 # Append targets by (storage, dtype of the k, v sent): a bf16 pool takes bf16 bits or float32.
@@ -39,9 +43,9 @@ _APPEND_SYMBOLS = {"tier2_kv_append_f32": "KvAppendF32", "tier2_kv_append_bf16":
 @functools.cache
 def _register_kernels() -> None:
   lib = native_build.load_library("paged_attention.cc")
-  for storage, target in _TARGETS.items():
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, _SYMBOLS[storage])),
-                                platform="cpu")
+  for (storage, out), target in _TARGETS.items():
+    symbol = _SYMBOLS[storage] + ("ToBF16" if out == "bfloat16" else "")
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   lib = native_build.load_library("kv_append.cc")
   for target, symbol in _APPEND_SYMBOLS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
@@ -69,26 +73,31 @@ def _write(arrays, page, offset, kv, *, storage, kv_dtype):
   return tuple(call(page, offset, kv, *arrays))
 
 
-@functools.partial(jax.jit, static_argnames=("storage",))
-def _attend(arrays, q, block_tables, positions, *, storage):
-  call = jax.ffi.ffi_call(_TARGETS[storage], jax.ShapeDtypeStruct(q.shape, jnp.float32))
-  return call(q, block_tables, positions, *arrays)
+@functools.partial(jax.jit, static_argnames=("storage", "out_dtype"))
+def _attend(arrays, q, block_tables, positions, *, storage, out_dtype="float32"):
+  """Output float32, or bf16 as its uint16 bits (out_dtype bfloat16)."""
+  out = jax.ShapeDtypeStruct(q.shape, jnp.float32 if out_dtype == "float32" else jnp.uint16)
+  return jax.ffi.ffi_call(_TARGETS[storage, out_dtype], out)(q, block_tables, positions, *arrays)
 
 
-@functools.partial(jax.jit, static_argnames=("storage", "kv_dtype"), donate_argnums=(0,))
-def _write_attend(arrays, page, offset, kv, q, block_tables, positions, *, storage, kv_dtype):
+@functools.partial(jax.jit, static_argnames=("storage", "kv_dtype", "out_dtype"), donate_argnums=(0,))
+def _write_attend(arrays, page, offset, kv, q, block_tables, positions, *, storage, kv_dtype, out_dtype):
   """_write then _attend in one dispatch (a decode call's whole tier-2 work)."""
   arrays = _write(arrays, page, offset, kv, storage=storage, kv_dtype=kv_dtype)
-  return arrays, _attend(arrays, q, block_tables, positions, storage=storage)
+  return arrays, _attend(arrays, q, block_tables, positions, storage=storage, out_dtype=out_dtype)
 
 
-def _as_f32(name: str, x, ndim: int) -> np.ndarray:
+def _check_float(name: str, x, ndim: int) -> np.ndarray:
   x = np.asarray(x)
-  if x.dtype.kind not in "fV" and x.dtype.name != "bfloat16":
+  if x.dtype.kind not in "fV" and x.dtype != _BF16:
     raise TypeError(f"{name}: dtype {x.dtype}, expected float32, bfloat16 or float16")
   if x.ndim != ndim:
     raise ValueError(f"{name}: shape {x.shape}, expected {ndim} dimensions")
-  return np.ascontiguousarray(x, dtype=np.float32)
+  return x
+
+
+def _as_f32(name: str, x, ndim: int) -> np.ndarray:
+  return np.ascontiguousarray(_check_float(name, x, ndim), dtype=np.float32)
 
 
 class KVPool:
@@ -136,9 +145,8 @@ class KVPool:
 
   def write(self, layer: int, slots, k, v) -> None:
     """Store k, v: [n, kv_heads, head_dim] at `slots` (page * page_size + offset)."""
-    page, offset, kv, k, v = self._write_args(layer, slots, k, v)
-    self._layers[layer] = _write(self._layers[layer], page, offset, kv, storage=self.storage,
-                                 kv_dtype=k.dtype.name)
+    page, offset, kv, kv_dtype, k, v = self._write_args(layer, slots, k, v)
+    self._layers[layer] = _write(self._layers[layer], page, offset, kv, storage=self.storage, kv_dtype=kv_dtype)
     # The kernel reads k, v in place: they stay referenced here until it is done, and the caller
     # may reuse their buffer (a shared-memory request) as soon as this returns.
     jax.block_until_ready(self._layers[layer])
@@ -156,23 +164,30 @@ class KVPool:
     args = self._attend_args(layer, q, block_tables, positions)
     return np.asarray(_attend(self._layers[layer], *args, storage=self.storage))[:np.shape(q)[0]]
 
-  def write_attend(self, layer: int, slots, k, v, q, block_tables, positions) -> np.ndarray:
-    """write(layer, slots, k, v) then attend(layer, q, block_tables, positions), in one dispatch."""
-    page, offset, kv, k, v = self._write_args(layer, slots, k, v)
+  def write_attend(self, layer: int, slots, k, v, q, block_tables, positions, out_dtype: str = "float32") -> np.ndarray:
+    """write(layer, slots, k, v) then attend(layer, q, block_tables, positions), in one dispatch; the
+    output in `out_dtype` (one of OUTPUTS: a bf16 reply is rounded by the kernel, not by NumPy, whose
+    cast of a decode call's output took 44 us, measured)."""
+    if out_dtype not in OUTPUTS:
+      raise ValueError(f"out_dtype {out_dtype!r}: expected one of {OUTPUTS}")
+    page, offset, kv, kv_dtype, k, v = self._write_args(layer, slots, k, v)
     attend_args = self._attend_args(layer, q, block_tables, positions)
     self._layers[layer], out = _write_attend(self._layers[layer], page, offset, kv, *attend_args,
-                                             storage=self.storage, kv_dtype=k.dtype.name)
-    return np.asarray(out)[:np.shape(q)[0]]  # waits for the write too: k, v are referenced until then
+                                             storage=self.storage, kv_dtype=kv_dtype, out_dtype=out_dtype)
+    out = np.asarray(out)[:np.shape(q)[0]]  # waits for the write too: k, v are referenced until then
+    return out.view(ml_dtypes.bfloat16) if out_dtype == "bfloat16" else out
 
   def _write_args(self, layer: int, slots, k, v) -> tuple:
-    """(page, offset, kv, k, v) for _write: page and offset padded to a bucketed row count (padding
-    pages are dropped), kv the addresses of k and v (C-contiguous, bf16 as uint16 bits or float32)."""
+    """(page, offset, kv, kv_dtype, k, v) for _write: page and offset padded to a bucketed row count
+    (padding pages are dropped), kv the addresses of k and v (C-contiguous, bf16 as uint16 bits or
+    float32, kv_dtype's name)."""
     self._check_layer(layer)
-    slots = np.asarray(slots, dtype=np.int64).reshape(-1)
+    slots = np.asarray(slots).reshape(-1)  # integers (a page table's int32 as they are)
     if self.storage == "bfloat16" and _is_bf16(k) and _is_bf16(v):
-      k, v = (np.ascontiguousarray(x).view(np.uint16) for x in (k, v))  # stored as is: no widening, half the bytes
+      # Stored as is: no widening, half the bytes.
+      kv_dtype, k, v = "uint16", *(np.ascontiguousarray(x).view(np.uint16) for x in (k, v))
     else:
-      k, v = _as_f32("k", k, 3), _as_f32("v", v, 3)
+      kv_dtype, k, v = "float32", _as_f32("k", k, 3), _as_f32("v", v, 3)
     expected = (slots.shape[0], self.num_kv_heads, self.head_dim)
     for name, x in (("k", k), ("v", v)):
       if x.shape != expected:
@@ -180,17 +195,14 @@ class KVPool:
     if slots.size and (slots.min() < 0 or slots.max() >= self.num_pages * self.page_size):
       bad = slots[(slots < 0) | (slots >= self.num_pages * self.page_size)][0]
       raise IndexError(f"slot {bad} outside the pool's {self.num_pages * self.page_size} slots")
-    n = slots.shape[0]
-    size = _bucket(n)
-    page = np.full(size, self.num_pages, np.int32)  # padding rows: page out of range, dropped
-    offset = np.zeros(size, np.int32)
-    page[:n], offset[:n] = slots // self.page_size, slots % self.page_size
-    return page, offset, _addresses(k, v), k, v
+    padded = np.full(_bucket(slots.shape[0]), self.num_pages * self.page_size, np.int32)
+    padded[:slots.shape[0]] = slots  # padding rows: page out of range, dropped
+    return *np.divmod(padded, self.page_size), _addresses(k, v), kv_dtype, k, v
 
   def _attend_args(self, layer: int, q, block_tables, positions) -> tuple:
     """(q, block_tables, positions) for _attend, rows and pages padded to buckets."""
     self._check_layer(layer)
-    q = _as_f32("q", q, 3)
+    q = _check_float("q", q, 3)
     block_tables = np.asarray(block_tables, dtype=np.int32)
     positions = np.asarray(positions, dtype=np.int32).reshape(-1)
     n, heads, dim = q.shape
@@ -209,7 +221,9 @@ class KVPool:
     tables[:n, :block_tables.shape[1]] = block_tables
     pos = np.full(size, -1, np.int32)  # padding rows: no keys, output zeros
     pos[:n] = positions
-    return _pad_rows(q, size), tables, pos
+    padded = _aligned_empty((size, heads, dim), np.float32)
+    padded[:n] = q  # padding rows' queries are never read
+    return padded, tables, pos
 
 
 def _addresses(*arrays) -> np.ndarray:
@@ -217,14 +231,14 @@ def _addresses(*arrays) -> np.ndarray:
   return np.array([x.ctypes.data for x in arrays], np.uint64).view(np.uint32)
 
 
+def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+  """np.empty starting at a 64-byte boundary: XLA's CPU client takes such an argument without a copy
+  (a jitted call with a 512 KiB q: 6 us against 79 us when q was not aligned, measured)."""
+  nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+  raw = np.empty(nbytes + 64, np.uint8)
+  start = -raw.ctypes.data % 64
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def _is_bf16(x) -> bool:
-  return getattr(x, "dtype", None) is not None and x.dtype.name == "bfloat16"
-
-
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-  """x with zero rows appended up to `rows`."""
-  if len(x) == rows:
-    return x
-  out = np.zeros((rows,) + x.shape[1:], x.dtype)
-  out[:len(x)] = x
-  return out
+  return getattr(x, "dtype", None) == _BF16

@@ -24,6 +24,7 @@ import time
 from concurrent import futures
 
 import grpc
+import ml_dtypes
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -38,6 +39,7 @@ AUTH_METADATA_KEY = "glinthawk-token"
 SERVICE_NAME = "glinthawk.tier2.Tier2"
 SHM_SWEEP_S = 30.0
 PAGE_TABLE_STAGE, POOL_STAGE = 0, 1  # a call's ordered stages (tier2_cpu/turns.py)
+_BF16 = np.dtype(ml_dtypes.bfloat16)  # compared, not named: dtype.name takes 3 us
 RELEASE_WAIT_S = 30.0  # how long a release waits for its sequences' calls in service (under clients' 60 s default)
 
 
@@ -88,7 +90,7 @@ class Tier2Service:
     self.bytes_per_page = o.page_size * self.pool.bytes_per_token
     max_pages = -(-o.max_seq_len // o.page_size)
     self.pages = PageTable(self.pool.num_pages, o.page_size, max_pages)
-    self._lengths: dict[int, np.ndarray] = {}  # seq -> tokens written, per held layer
+    self._lengths: dict[int, list[int]] = {}  # seq -> tokens written, per held layer
     self._lock = threading.Lock()
     self._pool_lock = threading.Lock()
     self._pending: dict[int, int] = {}  # seq -> calls placed on the page table, not yet through the pool
@@ -135,7 +137,7 @@ class Tier2Service:
       except PoolFullError as e:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
       for s in request.seq_ids:
-        self._lengths[s] = np.zeros(self.pool.num_layers, np.int64)
+        self._lengths[s] = [0] * self.pool.num_layers
       return tier2_pb2.AllocateReply(free_pages=self.pages.num_free)
 
   def Release(self, request, context):
@@ -268,20 +270,21 @@ class Tier2Service:
                     f"request {r.request_id}: a (sequence, position) pair appears twice")
     layer = r.layer - self.options.first_layer
     with self._turn(ticket, PAGE_TABLE_STAGE), self._lock:
-      seqs = runs.seqs.tolist()
-      self._check_sequences(r, runs, seqs, layer, context)
+      # Python ints from here: a decode call has a few dozen sequences, and each NumPy call costs
+      # microseconds more than its work (5-20 us each right after a kernel's pass over the KV, measured).
+      seqs, lasts = runs.seqs.tolist(), runs.last.tolist()
+      self._check_sequences(r, runs, seqs, lasts, layer, context)
       try:
-        self.pages.grow(runs.seqs, runs.last)
+        self.pages.grow(seqs, lasts)
       except PoolFullError as e:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request {r.request_id}: {e}")
-      for s, end in zip(seqs, (runs.last + 1).tolist()):
+      for s, last in zip(seqs, lasts):
         lengths = self._lengths[s]
-        lengths[layer] = max(lengths[layer], end)
+        lengths[layer] = max(lengths[layer], last + 1)
       self.requests_served += 1
       self.tokens_served += len(r.seq_ids)
-      slots = self.pages.slots(r.seq_ids, r.positions)
-      width = int(runs.last.max()) // self.options.page_size + 1  # the pool buckets shapes
-      tables = None if r.append_only else self.pages.block_tables(r.seq_ids, width)
+      width = 0 if r.append_only else max(lasts) // self.options.page_size + 1  # the pool buckets shapes
+      slots, tables = self.pages.slots_and_tables(r.seq_ids, r.positions, width)
       for s in seqs:
         self._pending[s] = self._pending.get(s, 0) + 1
     try:
@@ -291,7 +294,8 @@ class Tier2Service:
           self.pool.write(layer, slots, r.k, r.v)
           out = np.empty((0,), r.k.dtype)
         else:
-          out = self.pool.write_attend(layer, slots, r.k, r.v, r.q, tables, r.positions)
+          out = self.pool.write_attend(layer, slots, r.k, r.v, r.q, tables, r.positions,
+                                       "bfloat16" if r.q.dtype == _BF16 else "float32")
         self.kernel_seconds += time.perf_counter() - start
     finally:
       with self._lock:
@@ -315,23 +319,28 @@ class Tier2Service:
     if not o.first_layer <= r.layer < o.layer_end:
       context.abort(grpc.StatusCode.OUT_OF_RANGE,
                     f"request {r.request_id}: layer {r.layer} outside [{o.first_layer}, {o.layer_end})")
-    bad = np.flatnonzero((r.positions < 0) | (r.positions >= o.max_seq_len))
-    if bad.size:
+    if r.positions.view(np.uint32).max() >= o.max_seq_len:  # one pass: negative int32s view as >= 2**31
+      bad = np.flatnonzero((r.positions < 0) | (r.positions >= o.max_seq_len))
       context.abort(grpc.StatusCode.OUT_OF_RANGE,
                     f"request {r.request_id}: token {bad[0]} position {r.positions[bad[0]]} outside "
                     f"[0, {o.max_seq_len})")
 
-  def _check_sequences(self, r: tensor_wire.AttendRequest, runs: "_Runs", seqs: list[int], layer: int,
-                       context) -> None:
-    """Every sequence known, and no position past the keys written so far plus this request's."""
+  def _check_sequences(self, r: tensor_wire.AttendRequest, runs: "_Runs", seqs: list[int], lasts: list[int],
+                       layer: int, context) -> None:
+    """Every sequence known, and no position past the keys written so far plus this request's
+    (seqs, lasts: runs.seqs and runs.last as lists)."""
     unknown = [s for s in seqs if s not in self.pages]
     if unknown:
       context.abort(grpc.StatusCode.NOT_FOUND, f"request {r.request_id}: sequence {unknown[0]} is not allocated")
-    written = np.repeat(np.array([self._lengths[s][layer] for s in seqs], np.int64), runs.counts)
-    # In (sequence, position) order a position is fine if its key exists or the previous one of its
-    # sequence is right before it (pairs are unique, so positions of a sequence increase).
-    bad = np.flatnonzero((runs.positions > written) & ~runs.follows)
-    if bad.size:
+    written = [self._lengths[s][layer] for s in seqs]
+    if runs.follows is None:  # one token a sequence: its key must exist
+      bad = [i for i, (p, w) in enumerate(zip(lasts, written)) if p > w]
+    else:
+      # In (sequence, position) order a position is fine if its key exists or the previous one of its
+      # sequence is right before it (pairs are unique, so positions of a sequence increase).
+      written = np.repeat(np.array(written, np.int64), runs.counts)
+      bad = np.flatnonzero((runs.positions > written) & ~runs.follows).tolist()
+    if bad:
       i = bad[0]
       context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                     f"request {r.request_id}: sequence {runs.seq_ids[i]} layer {r.layer} position "
@@ -341,9 +350,15 @@ class Tier2Service:
 class _Runs:
   """A request's tokens sorted once by (sequence, position): each sequence is a run of increasing
   positions. seqs, counts and last (its largest position) are per run; seq_ids, positions and
-  follows (the token right after the previous one of its run) per sorted token."""
+  follows (the token right after the previous one of its run) per sorted token. When each sequence
+  comes once, in order (a decode call), nothing is sorted and counts and follows are None."""
 
   def __init__(self, seq_ids: np.ndarray, positions: np.ndarray):
+    if (seq_ids[1:] > seq_ids[:-1]).all():
+      self.seq_ids = self.seqs = seq_ids
+      self.positions = self.last = positions
+      self.repeated, self.counts, self.follows = False, None, None
+      return
     order = np.lexsort((positions, seq_ids))
     self.seq_ids, self.positions = seq_ids[order], positions[order]
     same = self.seq_ids[1:] == self.seq_ids[:-1]

@@ -5,7 +5,8 @@
 // dimension of all the page's keys), V [num_pages, kv_heads, page_size, head_dim]; int8 scales
 // [num_pages, kv_heads, page_size] (one per token and KV head). Query token n attends positions
 // 0..positions[n] of the pages listed in block_tables[n]; positions[n] < 0 marks a padding row
-// (output zeros).
+// (output zeros). The output is float32, or bf16 bits rounded to nearest even while it is stored
+// (the server's reply dtype: NumPy's cast of a decode call's output cost more than the rounding here).
 // For each (token, KV head) the kernel streams the pages once for all query heads of the group
 // (GQA), one page per online-softmax update: the transposed K page puts keys in vector lanes, so
 // a page's scores are G vectors of FMAs with broadcast query elements (no horizontal sums), the
@@ -48,6 +49,14 @@ inline float Widen(uint16_t x) {
   return f;
 }
 inline float Widen(int8_t x) { return static_cast<float>(x); }
+
+inline float Narrow(float x, float*) { return x; }
+inline uint16_t Narrow(float x, uint16_t*) {  // bf16 bits: nearest, ties to even; NaN stays a quiet NaN
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return static_cast<uint16_t>(nan ? (u >> 16) | 0x40u : (u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
 
 // exp for x <= 0 (softmax after max subtraction); relative error about 2e-7.
 inline float FastExp(float x) {
@@ -370,10 +379,10 @@ struct Dims {
 };
 
 // One (token, KV head): out[h] for the group's query heads.
-template <typename T>
+template <typename T, typename O>
 ffi::Error AttendOne(const Dims& dm, const float* q, const int32_t* table, int32_t position,
                      const T* k_pool, const T* v_pool, const float* k_scale,
-                     const float* v_scale, int kv_head, int group, float* out,
+                     const float* v_scale, int kv_head, int group, O* out,
                      std::vector<float>& work) {
   const int dim = static_cast<int>(dm.dim);
   const int P = static_cast<int>(dm.page_size);
@@ -431,7 +440,7 @@ ffi::Error AttendOne(const Dims& dm, const float* q, const int32_t* table, int32
   for (int h = 0; h < group; ++h) {
     if (dim % Wide<T>::kStep == 0) Unpermute<T>(acc + h * dim, dim);
     const float inv = 1.0f / l[h];
-    for (int d = 0; d < dim; ++d) out[h * dim + d] = acc[h * dim + d] * inv;
+    for (int d = 0; d < dim; ++d) out[h * dim + d] = Narrow(acc[h * dim + d] * inv, out);
   }
   return ffi::Error::Success();
 }
@@ -439,7 +448,7 @@ ffi::Error AttendOne(const Dims& dm, const float* q, const int32_t* table, int32
 // The (token, KV head) items of a call, split into chunks that the caller and the XLA CPU thread
 // pool's workers take in turn. Workers hold the state through a shared_ptr: one that starts after
 // the call has returned finds no chunk left and touches nothing else.
-template <typename T>
+template <typename T, typename O>
 struct Job {
   Dims dm;
   int group;
@@ -450,7 +459,7 @@ struct Job {
   const T* v_pool;
   const float* k_scale;
   const float* v_scale;
-  float* out;
+  O* out;
   int64_t chunk, num_chunks;
   std::atomic<int64_t> next{0}, done{0};
   std::mutex mu;
@@ -468,7 +477,7 @@ struct Job {
         const int g = static_cast<int>(i % dm.kv_heads);
         const int64_t qoff = (n * dm.heads + static_cast<int64_t>(g) * group) * dm.dim;
         if (positions[n] < 0) {  // padding row: zeros
-          std::fill(out + qoff, out + qoff + group * dm.dim, 0.0f);
+          std::fill(out + qoff, out + qoff + group * dm.dim, O(0));
           continue;
         }
         ffi::Error err = AttendOne(dm, q + qoff, tables + n * dm.max_pages, positions[n], k_pool,
@@ -490,10 +499,10 @@ struct Job {
 // microseconds; a short decode call's whole work is about that).
 constexpr int64_t kKeysPerThread = 16384;
 
-template <typename T>
+template <typename T, typename O>
 ffi::Error Attend(const float* q, const int32_t* tables, const int32_t* positions,
                   const T* k_pool, const T* v_pool, const float* k_scale, const float* v_scale,
-                  float* out, const Dims& dm, ffi::ThreadPool pool) {
+                  O* out, const Dims& dm, ffi::ThreadPool pool) {
   if (dm.kv_heads <= 0 || dm.heads % dm.kv_heads != 0)
     return ffi::Error::InvalidArgument("q heads " + std::to_string(dm.heads) +
                                        " not a multiple of pool kv_heads " +
@@ -513,7 +522,7 @@ ffi::Error Attend(const float* q, const int32_t* tables, const int32_t* position
   const int64_t items = dm.tokens * dm.kv_heads;
   const int64_t threads = std::max<int64_t>(
       1, std::min({pool.num_threads(), keys / kKeysPerThread, items}));
-  auto job = std::make_shared<Job<T>>();
+  auto job = std::make_shared<Job<T, O>>();
   job->dm = dm;
   job->group = group;
   job->q = q;
@@ -547,20 +556,21 @@ Dims GetDims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::S32>& tables
   return Dims{qd[0], qd[1], qd[2], td[1], pd[0], pd[1], pd[2]};
 }
 
-template <ffi::DataType kType>
+template <ffi::DataType kType, ffi::DataType kOut>
 ffi::Error AttendPlain(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> tables,
                        ffi::Buffer<ffi::S32> positions, ffi::Buffer<kType> k_pool,
-                       ffi::Buffer<kType> v_pool, ffi::ResultBuffer<ffi::F32> out,
+                       ffi::Buffer<kType> v_pool, ffi::ResultBuffer<kOut> out,
                        ffi::ThreadPool pool) {
   return Attend(q.typed_data(), tables.typed_data(), positions.typed_data(),
                 k_pool.typed_data(), v_pool.typed_data(), nullptr, nullptr, out->typed_data(),
                 GetDims(q, tables, v_pool), pool);
 }
 
+template <ffi::DataType kOut>
 ffi::Error AttendInt8(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> tables,
                       ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S8> k_pool,
                       ffi::Buffer<ffi::S8> v_pool, ffi::Buffer<ffi::F32> k_scale,
-                      ffi::Buffer<ffi::F32> v_scale, ffi::ResultBuffer<ffi::F32> out,
+                      ffi::Buffer<ffi::F32> v_scale, ffi::ResultBuffer<kOut> out,
                       ffi::ThreadPool pool) {
   return Attend(q.typed_data(), tables.typed_data(), positions.typed_data(),
                 k_pool.typed_data(), v_pool.typed_data(), k_scale.typed_data(),
@@ -569,27 +579,36 @@ ffi::Error AttendInt8(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> tables,
 
 }  // namespace
 
-#define PLAIN_BINDING(T)                                                                  \
+// Bindings by pool storage and output (F32, or bf16 bits as U16: "...ToBF16").
+#define PLAIN_BINDING(T, OUT)                                                             \
   ffi::Ffi::Bind()                                                                        \
       .Arg<ffi::Buffer<ffi::F32>>()                                                       \
       .Arg<ffi::Buffer<ffi::S32>>()                                                       \
       .Arg<ffi::Buffer<ffi::S32>>()                                                       \
       .Arg<ffi::Buffer<T>>()                                                              \
       .Arg<ffi::Buffer<T>>()                                                              \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                       \
+      .Ret<ffi::Buffer<OUT>>()                                                            \
+      .Ctx<ffi::ThreadPool>()
+#define INT8_BINDING(OUT)                                                                 \
+  ffi::Ffi::Bind()                                                                        \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                       \
+      .Arg<ffi::Buffer<ffi::S32>>()                                                       \
+      .Arg<ffi::Buffer<ffi::S32>>()                                                       \
+      .Arg<ffi::Buffer<ffi::S8>>()                                                        \
+      .Arg<ffi::Buffer<ffi::S8>>()                                                        \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                       \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                       \
+      .Ret<ffi::Buffer<OUT>>()                                                            \
       .Ctx<ffi::ThreadPool>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedAttentionF32, AttendPlain<ffi::F32>, PLAIN_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedAttentionF32, (AttendPlain<ffi::F32, ffi::F32>),
+                              PLAIN_BINDING(ffi::F32, ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedAttentionF32ToBF16, (AttendPlain<ffi::F32, ffi::U16>),
+                              PLAIN_BINDING(ffi::F32, ffi::U16));
 // bf16 pools arrive as uint16: XLA's CPU scatter into a bf16 buffer converts the whole buffer.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedAttentionBF16, AttendPlain<ffi::U16>, PLAIN_BINDING(ffi::U16));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedAttentionInt8, AttendInt8,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ctx<ffi::ThreadPool>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedAttentionBF16, (AttendPlain<ffi::U16, ffi::F32>),
+                              PLAIN_BINDING(ffi::U16, ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedAttentionBF16ToBF16, (AttendPlain<ffi::U16, ffi::U16>),
+                              PLAIN_BINDING(ffi::U16, ffi::U16));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedAttentionInt8, AttendInt8<ffi::F32>, INT8_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedAttentionInt8ToBF16, AttendInt8<ffi::U16>, INT8_BINDING(ffi::U16));

@@ -191,13 +191,15 @@ def total_tokens(config, timed_tokens: int) -> int:
 
 
 def sweep_depth(base_row: dict | None, delay_ms: float) -> int:
-  """tier2.in_flight for a delayed run: auto_depth(tier-1 step, round trip + delay); the servers sleep
-  the delay once per tensor call."""
-  from glinthawk_jax.placements.pipelined import auto_depth
+  """tier2.in_flight for a delayed run: the rule of its split's auto mode (spread_depth or auto_depth) on
+  the no-delay run's tier-1 step and round trip + delay (spread_depth without its tier-2 work term, which
+  the row does not hold and the delay outweighs); the servers sleep the delay once per tensor call."""
+  from glinthawk_jax.placements.pipelined import auto_depth, spread_depth
 
   if base_row is None:
     return 0
-  return auto_depth(base_row["tier1_step_ms"] / 1e3, (base_row["mean_rtt_ms"] + delay_ms) / 1e3)
+  rule = spread_depth if base_row["split"] == "spread" else auto_depth
+  return rule(base_row["tier1_step_ms"] / 1e3, (base_row["mean_rtt_ms"] + delay_ms) / 1e3)
 
 
 def kv_bytes_per_token(model, kv_dtype: str) -> int:
@@ -252,8 +254,10 @@ class _Calls:
       r.wait()  # the device's work, not only its dispatch
     seconds = time.perf_counter() - t
     stats = None if before[2] is None else {k: v - before[2][k] for k, v in vars(r.stats).items()}
-    if stats is not None and servers_before is not None:
-      stats.update({k: v - servers_before[k] for k, v in _server_seconds(r).items()})
+    servers_after = _server_seconds(r)
+    if stats is not None and servers_before is not None and \
+        len(servers_after["tier2_busy_s"]) == len(servers_before["tier2_busy_s"]):  # no server lost meanwhile
+      stats.update({k: v - servers_before[k] for k, v in servers_after.items()})
     steady = r.num_compilations == before[0] and before[1] != 0  # depth 0: this call measured it
     self.calls.append(dict(seconds=seconds, out=out, steady=steady, stats=stats))
     if self.fn.__name__ == "prefill":  # tokens, positions, page_ids, offsets, block_tables, context_lens, ...
@@ -321,14 +325,14 @@ def run_one(config, s: dict, timed_tokens: int, variant: str = "") -> dict:
            "local_fraction": config.local_attention_fraction if two_tier else 1.0,
            "local_share": local / max(admitted, 1)}
     if hasattr(runner, "stats"):
-      d = {k: sum(c["stats"][k] for c in last) for k in last[0]["stats"]}
+      d = {k: sum(c["stats"][k] for c in last) for k in last[0]["stats"] if all(k in c["stats"] for c in last)}
       row.update(in_flight=runner.depth, tier1_busy_fraction=d["tier1_s"] / max(decode_s, 1e-9),
                  wire_gb_s=d["tier2_bytes"] / max(decode_s, 1e-9) / 1e9,
                  mean_rtt_ms=1e3 * d["rtt_s"] / max(d["num_round_trips"], 1),
                  tier1_step_ms=1e3 * d["tier1_s"] / max(d["num_steps"], 1),
                  dispatch_ms=1e3 * d["dispatch_s"] / max(d["num_steps"], 1),
                  send_ms=1e3 * d["send_s"] / max(d["num_round_trips"], 1))
-      if "tier2_busy_s" in d:  # server-seconds over the servers' share of the decode time
+      if "tier2_busy_s" in d:  # each server's seconds over the decode time (every timed call kept its servers)
         busy, kernel, span = d["tier2_busy_s"], d["tier2_kernel_s"], max(decode_s, 1e-9)
         row.update(tier2_busy_fraction=busy.mean() / span, tier2_kernel_fraction=kernel.mean() / span,
                    tier2_busy_by_server=(busy / span).round(3).tolist(),
@@ -473,7 +477,7 @@ SETUP_S = {"smoke": 8.0, "gpu": 30.0}
 PREFILL_KV_GB_S = 3.0  # measured rows of the same model and shape replace this guess
 DECODE_SHARE = {"local": 0.5, "callback": 0.005, "pipelined": 0.3}
 FLOORS_S = 15.0  # measuring the host's attention bandwidth, per model and shape
-GUESSED_BASE_ROW = {"tier1_step_ms": 3.0, "mean_rtt_ms": 5.0}  # for the delay sweep's depth in the plan
+GUESSED_BASE_ROW = {"tier1_step_ms": 3.0, "mean_rtt_ms": 5.0, "split": "spread"}  # for the delay sweep's depth in the plan
 
 
 def plan(args) -> list[tuple]:
@@ -496,7 +500,7 @@ def plan(args) -> list[tuple]:
 
 def run_settings(args, s: dict, placement: str, delay: float, base_row: dict | None) -> tuple:
   """(timed tokens, in-flight depth or None, decode steps per call or None) of a run. Under delay the depth is
-  the one auto mode would choose from the no-delay run's tier-1 step and round trip plus the delay
+  the one auto mode would choose (sweep_depth) from the no-delay run's tier-1 step and round trip plus the delay
   (measuring it at 200 ms would take minutes), one step a call; callback runs one step a call (slow)."""
   if delay > 0:
     return args.sweep_output_len, sweep_depth(base_row, delay), 1
@@ -595,9 +599,10 @@ def main(argv=None):
     floors = results["floors"][key]
     if args.floor_each_run:
       after = host_attention_gb_s(args, model, s, config.tier2.kv_dtype, config.tier2.huge_pages)
-      row.update(floor_before_gb_s=floors["host_attention_gb_s"], floor_after_gb_s=after)
-      floors = dict(floors, host_attention_gb_s=(floors["host_attention_gb_s"] + after) / 2)
-      results["floors"][key] = dict(results["floors"][key], host_attention_gb_s=after)  # the next run's "before"
+      before = floors.get("latest_host_attention_gb_s", floors["host_attention_gb_s"])
+      row.update(floor_before_gb_s=before, floor_after_gb_s=after)
+      floors = dict(floors, host_attention_gb_s=(before + after) / 2)
+      results["floors"][key]["latest_host_attention_gb_s"] = after  # the next run's "before"
     add_floors(row, model, s, floors, config.dtype, config.tier2.kv_dtype)
     row["host_attention_gb_s"] = floors["host_attention_gb_s"]
     results["runs"].append(row)

@@ -49,3 +49,11 @@ def test_no_more_sequences_than_pages():
   with pytest.raises(PoolFullError, match="2 pages"):
     table.add([3])
   assert table.num_sequences == 2
+
+
+def test_a_sequence_past_its_page_limit_changes_nothing():
+  table = PageTable(num_pages=8, page_size=4, max_pages_per_seq=2)
+  table.add([1, 2])
+  with pytest.raises(PoolFullError, match="sequence 2 would need 4 pages, more than the 2"):
+    table.grow(np.array([1, 2]), np.array([3, 12]))
+  assert table.num_free == 8  # sequence 1's page was not taken either

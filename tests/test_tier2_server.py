@@ -119,6 +119,15 @@ def test_token_order_and_repeated_sequences_match_reference(channel):
     tol = 1e-5 if dtype == np.float32 else 1e-2  # a bf16 reply is rounded to 8 bits of mantissa
     np.testing.assert_allclose(out, ref.attend(1, seq_ids, positions, q, k, v), rtol=tol, atol=tol)
   stub.Release(tier2_pb2.ReleaseRequest(seq_ids=[20, 21, 22]), timeout=10)
+  # Fresh sequences on the released block-table rows, past a page: many tokens a sequence, then one each.
+  stub.Allocate(tier2_pb2.AllocateRequest(seq_ids=[23, 24, 25]), timeout=10)
+  chunk = [s for s in (23, 24, 25) for _ in range(18)], [p for _ in range(3) for p in range(18)]
+  for seq_ids, positions in (chunk, ([23, 24, 25], [18, 18, 18])):
+    q, k, v = _tokens(rng, seq_ids, positions)
+    payload = tensor_wire.encode_request(4, 1, seq_ids, positions, q, k, v)
+    out = tensor_wire.decode_reply(_attend(channel, payload), q.shape, np.float32)
+    np.testing.assert_allclose(out, ref.attend(1, seq_ids, positions, q, k, v), rtol=1e-5, atol=1e-5)
+  stub.Release(tier2_pb2.ReleaseRequest(seq_ids=[23, 24, 25]), timeout=10)
 
 
 def _good_payload(rng, seq=1, position=0):

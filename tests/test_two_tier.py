@@ -84,11 +84,13 @@ def test_pipelined_replies_placed_on_the_device_as_they_arrive_match_local(serve
     assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == want
 
 
-def test_pipelined_copies_through_pinned_host_memory_match_local(servers, local_tokens):
+@pytest.mark.parametrize("pinned", [True, False])
+def test_pipelined_copies_through_pinned_or_pageable_host_memory_match_local(servers, local_tokens, pinned):
   prompts, want = local_tokens
-  with Engine(_config("pipelined", servers, in_flight=3, pinned_copies=True)) as engine:
+  with Engine(_config("pipelined", servers, in_flight=3, pinned_copies=pinned)) as engine:
     assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == want
-    assert engine.runner._to_host(jax.numpy.ones(2)).sharding.memory_kind == "pinned_host"
+    copy = engine.runner._to_host(jax.numpy.ones(2))
+    assert (copy.sharding.memory_kind == "pinned_host") == pinned
 
 
 def test_pipelined_with_a_short_switch_interval_matches_local_and_restores_it(servers, local_tokens):

@@ -77,6 +77,10 @@ class PageTable:
       n = p // self.page_size + 1
       if n > need.get(s, self._held[s]):
         need[s] = n
+    wide = [s for s, n in need.items() if n > self.max_pages_per_seq]
+    if wide:
+      raise PoolFullError(f"sequence {wide[0]} would need {need[wide[0]]} pages, more than the "
+                          f"{self.max_pages_per_seq} a sequence may hold")
     extra = {s: n - self._held[s] for s, n in need.items()}
     total = sum(extra.values())
     if total > len(self._free):

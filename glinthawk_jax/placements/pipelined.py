@@ -103,7 +103,7 @@ class PipelinedRunner:
 
   def __init__(self, model, client: Tier2Client, decode_steps: int, in_flight: int, timeout_s: float,
                layout: Layout | None = None, local: LocalPagedAttention | None = None, spread: bool = False,
-               send_thread: bool = True, pinned_copies: bool = False):
+               send_thread: bool = True, pinned_copies: bool = True):
     self.client = client
     self.spread = spread  # decode micro-batches span every shard (tier2.split "spread") instead of few
     self.decode_steps = decode_steps
@@ -352,7 +352,8 @@ class PipelinedRunner:
     their q, k, v, so the accelerator's queue holds the next step while the host sends the last."""
     waiting = list(micros)  # not started yet
     active: list[_Micro] = []
-    before = (dataclasses.replace(self.stats), len(self.compiled_shapes), self._servers_busy() if measure else None)
+    before = (dataclasses.replace(self.stats), len(self.compiled_shapes),
+              self._servers_busy() if measure and self.spread else None)
     while waiting or active:
       ready = sorted((m for m in active if m.pending.done()), key=lambda m: (len(m.results), m.layer),
                      reverse=True)
@@ -380,9 +381,10 @@ class PipelinedRunner:
       t1_s, rtt_s = (s.tier1_s - b.tier1_s) / max(s.num_steps - b.num_steps, 1), (s.rtt_s - b.rtt_s) / rounds
       if self.spread:
         busy = self._servers_busy()  # a server sees 1 / layer_slices of the round trips
-        work_s = 0.0 if busy is None or before[2] is None or len(busy) != len(before[2]) else \
+        work_s = 0.0 if busy is None or before[2] is None or not busy.size or len(busy) != len(before[2]) else \
             float(np.max(busy - before[2])) * self.layout.layer_slices / rounds
-        self.depth = spread_depth(t1_s, rtt_s, work_s)
+        # At most the round trip: servers shared with another client must not flatten the bound to depth 1.
+        self.depth = spread_depth(t1_s, rtt_s, min(work_s, rtt_s))
       else:
         self.depth = auto_depth(t1_s, rtt_s)
 
@@ -562,7 +564,9 @@ def spread_depth(t1_s: float, rtt_s: float, work_s: float = 0.0) -> int:
   each span every shard take about rtt / k at tier 2, so a layer takes at least max(k t1 (tier 1 serves
   each), t1 + rtt / k (one micro-batch's cycle), work (tier 2 serves the whole batch)): the k in
   [1, MAX_IN_FLIGHT] that minimizes it, the smallest of equals, since each micro-batch costs every server
-  a call's host work (on an H200 host 2 micro-batches gave 0.80 efficiency, 4 gave 0.76-0.79)."""
+  a call's host work. On an H200 host (docs/BENCHMARKS.md) 2 against more, in one call each: Llama-2-7B
+  0.800 against 0.76-0.79 (4), 0.78 and 0.65 against 0.71 (3); Llama-3-8B 0.59 and 0.77 against 0.67, 0.61
+  and 0.64 against 0.56 (3): better in 4 of 5 comparisons, within a drift as large."""
   t1_s = max(t1_s, 1e-6)
   return min(range(1, MAX_IN_FLIGHT + 1), key=lambda k: (max(k * t1_s, t1_s + rtt_s / k, work_s), k))
 

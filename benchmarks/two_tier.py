@@ -32,7 +32,8 @@ wire B/tok/layer = q, k, v out plus the attention output back, per token and lay
 bytes read by the attention kernels / decode time; t2 busy = the servers' time with a tensor request in
 service (their Stats; overlapping requests count once) / (servers x timed decode time), t2 kern = the
 time in the KV pool's append and attention over the same (each server's: tier2_busy_by_server and
-tier2_kernel_by_server in the JSON). The delay sweep reruns pipelined (short shape,
+tier2_kernel_by_server in the JSON); turn ms = mean / max of tier 1's turnarounds, a micro-batch's last
+tier-2 reply in to its next q, k, v sent (meanwhile tier 2 serves only the other micro-batches). The delay sweep reruns pipelined (short shape,
 first model, one decode step per call) on servers started with tier2.inject_delay_ms, at the in-flight depth
 auto mode's rule gives for the no-delay run's step time and round trip plus the delay.
 
@@ -245,6 +246,8 @@ class _Calls:
     import numpy as np
 
     r = self.runner
+    if hasattr(r, "stats"):
+      r.stats.max_turnaround_s = 0.0  # the longest of this call's
     before = (r.num_compilations, getattr(r, "depth", None), dict(vars(r.stats)) if hasattr(r, "stats") else None)
     servers_before = _server_seconds(r)
     t = time.perf_counter()
@@ -253,7 +256,8 @@ class _Calls:
     if self.fn.__name__ == "prefill":
       r.wait()  # the device's work, not only its dispatch
     seconds = time.perf_counter() - t
-    stats = None if before[2] is None else {k: v - before[2][k] for k, v in vars(r.stats).items()}
+    stats = None if before[2] is None else {k: v if k.startswith("max_") else v - before[2][k]
+                                            for k, v in vars(r.stats).items()}
     servers_after = _server_seconds(r)
     if stats is not None and servers_before is not None and \
         len(servers_after["tier2_busy_s"]) == len(servers_before["tier2_busy_s"]):  # no server lost meanwhile
@@ -325,10 +329,13 @@ def run_one(config, s: dict, timed_tokens: int, variant: str = "") -> dict:
            "local_fraction": config.local_attention_fraction if two_tier else 1.0,
            "local_share": local / max(admitted, 1)}
     if hasattr(runner, "stats"):
-      d = {k: sum(c["stats"][k] for c in last) for k in last[0]["stats"] if all(k in c["stats"] for c in last)}
+      d = {k: (max if k.startswith("max_") else sum)(c["stats"][k] for c in last) for k in last[0]["stats"]
+           if all(k in c["stats"] for c in last)}
       row.update(in_flight=runner.depth, tier1_busy_fraction=d["tier1_s"] / max(decode_s, 1e-9),
                  wire_gb_s=d["tier2_bytes"] / max(decode_s, 1e-9) / 1e9,
                  mean_rtt_ms=1e3 * d["rtt_s"] / max(d["num_round_trips"], 1),
+                 mean_turnaround_ms=1e3 * d["turnaround_s"] / max(d["num_turnarounds"], 1),
+                 max_turnaround_ms=1e3 * d["max_turnaround_s"],
                  tier1_step_ms=1e3 * d["tier1_s"] / max(d["num_steps"], 1),
                  dispatch_ms=1e3 * d["dispatch_s"] / max(d["num_steps"], 1),
                  send_ms=1e3 * d["send_s"] / max(d["num_round_trips"], 1))
@@ -638,12 +645,19 @@ def save(results: dict, path: str, started: float) -> None:
   write_json(path, results)
 
 
+def _turnaround(row: dict) -> str:
+  """"mean / max" ms of tier 1's turnarounds (last reply in to the next q, k, v sent), "" without them."""
+  if "mean_turnaround_ms" not in row:
+    return ""
+  return f"{row['mean_turnaround_ms']:.1f} / {row['max_turnaround_ms']:.0f}"
+
+
 def print_table(results: dict) -> None:
   print(f"\nTwo-tier generation on {results['device']}, {results['host_cores']} host cores, "
         f"{results['args']['spawn']} tier-2 processes (srv: this row's), {results['elapsed_s']:.0f} s")
   head = (f"{'model':>10} {'shape':>5} {'batch':>5} {'ctx':>5} {'placement':>9} {'split':>6} {'delay':>5} {'srv':>3} "
           f"{'pf s':>6} {'dec tok/s':>9} {'local':>5} {'depth':>5} {'t1 busy':>7} {'step ms':>7} {'disp ms':>7} "
-          f"{'send ms':>7} {'rtt ms':>6} {'t2 busy':>7} {'t2 kern':>7} {'t2 KV GB/s':>10} {'wire B':>7} {'t1 fl ms':>8} {'t2 fl ms':>8} "
+          f"{'send ms':>7} {'rtt ms':>6} {'turn ms':>11} {'t2 busy':>7} {'t2 kern':>7} {'t2 KV GB/s':>10} {'wire B':>7} {'t1 fl ms':>8} {'t2 fl ms':>8} "
           f"{'bound':>6} {'eff':>6} {'pf GB/s':>7} {'run s':>5} variant")
   print(head)
   for r in results["runs"]:
@@ -653,6 +667,7 @@ def print_table(results: dict) -> None:
           f"{r['local_share']:>5.2f} "
           f"{f('in_flight', 'd'):>5} {f('tier1_busy_fraction', '.2f'):>7} {f('tier1_step_ms', '.2f'):>7} "
           f"{f('dispatch_ms', '.2f'):>7} {f('send_ms', '.2f'):>7} {f('mean_rtt_ms', '.2f'):>6} "
+          f"{_turnaround(r):>11} "
           f"{f('tier2_busy_fraction', '.2f'):>7} {f('tier2_kernel_fraction', '.2f'):>7} "
           f"{f('tier2_kv_gb_s', '.2f'):>10} "
           f"{f('wire_bytes_per_token_layer', 'd'):>7} {r['tier1_floor_ms']:>8.2f} {r['tier2_floor_ms']:>8.2f} "

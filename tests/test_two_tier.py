@@ -109,6 +109,8 @@ def test_pipelined_auto_in_flight_measures_a_depth(servers, local_tokens):
   with Engine(c) as engine:
     assert [o.token_ids for o in engine.generate(prompts[:3], GREEDY)] == want[:3]
     assert 1 <= engine.runner.depth <= 8
+    s = engine.runner.stats  # every step after a micro-batch's first waited for a reply: turnarounds
+    assert s.num_turnarounds > 0 and 0 < s.turnaround_s / s.num_turnarounds <= s.max_turnaround_s
 
 
 def test_spread_split_measures_its_depth_and_interleaves_the_shards(servers, local_tokens):

@@ -73,6 +73,7 @@ class _Micro:
   layer: int = -1  # the layer whose attention `pending` computes
   pending: futures.Future | None = None
   sent_at: float = 0.0
+  replied_at: float = 0.0  # when tier 2's last reply of the previous step arrived (0: none yet)
   q_shape: tuple = ()  # the padded q [R', T, H, D] of the last step
   index: tuple | slice = ()  # (rows, cols) of the real tokens in it (or their rows), () until the step's first send
   real_ids: np.ndarray | None = None  # their sequence ids and positions
@@ -92,6 +93,11 @@ class PipelineStats:
   send_s: float = 0.0  # handing q, k, v to the tier-2 client (split by shard, packed, sent)
   wait_s: float = 0.0  # tier 1 idle, waiting for a tier-2 reply
   rtt_s: float = 0.0  # sum of tier-2 round trips (send to reply)
+  # Tier 1's turnarounds: a micro-batch's last tier-2 reply arriving to its next step's q, k, v sent. While
+  # one lasts, tier 2 has only the other micro-batches' calls to serve.
+  turnaround_s: float = 0.0
+  max_turnaround_s: float = 0.0
+  num_turnarounds: int = 0
   num_steps: int = 0
   num_round_trips: int = 0
   tier2_bytes: int = 0  # q, k, v sent plus attention outputs received
@@ -487,6 +493,11 @@ class PipelinedRunner:
       with self._stats_lock:
         self.stats.tier1_s += sent - t
         self.stats.send_s += m.sent_at - sent
+        if m.replied_at:
+          turn = m.sent_at - m.replied_at
+          self.stats.turnaround_s += turn
+          self.stats.max_turnaround_s = max(self.stats.max_turnaround_s, turn)
+          self.stats.num_turnarounds += 1
         self.stats.tier2_bytes += 2 * q.nbytes + 2 * k.nbytes
     except BaseException as e:  # noqa: BLE001 (raised on the main thread by m.pending.result())
       reply.set_exception(e)
@@ -507,6 +518,7 @@ class PipelinedRunner:
     except BaseException as e:  # noqa: BLE001 (raised on the main thread by m.pending.result())
       reply.set_exception(e)
       return
+    m.replied_at = time.perf_counter()
     reply.set_result(out)
 
   def _real_tokens(self, m: _Micro):

@@ -33,9 +33,10 @@ bytes read by the attention kernels / decode time; t2 busy = the servers' time w
 service (their Stats; overlapping requests count once) / (servers x timed decode time), t2 kern = the
 time in the KV pool's append and attention over the same (each server's: tier2_busy_by_server and
 tier2_kernel_by_server in the JSON); turn ms = mean / max of tier 1's turnarounds, a micro-batch's last
-tier-2 reply in to its next q, k, v sent (meanwhile tier 2 serves only the other micro-batches). The delay sweep reruns pipelined (short shape,
-first model, one decode step per call) on servers started with tier2.inject_delay_ms, at the in-flight depth
-auto mode's rule gives for the no-delay run's step time and round trip plus the delay.
+tier-2 reply in to its next q, k, v sent (meanwhile tier 2 serves only the other micro-batches). The delay
+sweep reruns pipelined (short shape, first model, one decode step per call) on servers started with
+tier2.inject_delay_ms, at the in-flight depth auto mode's rule gives for the no-delay run's step time and
+round trip plus the delay.
 
 Pipelined runs once per --splits value (config.tier2.split): "spread" micro-batches each span every tier-2
 shard (tier 2 works on all shards at once; depth from spread_depth), "shards" ones hold one or two shards

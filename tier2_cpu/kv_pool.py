@@ -30,7 +30,7 @@ _SYMBOLS = {"float32": "PagedAttentionF32", "bfloat16": "PagedAttentionBF16", "i
 # bf16 is held as its uint16 bits (the kernels read and write bits; XLA's CPU scatter into a bf16
 # buffer converted the whole buffer: 0.4 s for 256 MiB, measured).
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.uint16, "int8": jnp.int8}
-_BF16 = np.dtype(ml_dtypes.bfloat16)  # compared, not named: dtype.name takes 3 us, a few times a call
+BF16 = np.dtype(ml_dtypes.bfloat16)  # compared, not named: dtype.name takes 3 us, a few times a call
 
 
 # Append targets by (storage, dtype of the k, v sent): a bf16 pool takes bf16 bits or float32.
@@ -89,7 +89,7 @@ def _write_attend(arrays, page, offset, kv, q, block_tables, positions, *, stora
 
 def _check_float(name: str, x, ndim: int) -> np.ndarray:
   x = np.asarray(x)
-  if x.dtype.kind not in "fV" and x.dtype != _BF16:
+  if x.dtype.kind not in "fV" and x.dtype != BF16:
     raise TypeError(f"{name}: dtype {x.dtype}, expected float32, bfloat16 or float16")
   if x.ndim != ndim:
     raise ValueError(f"{name}: shape {x.shape}, expected {ndim} dimensions")
@@ -241,4 +241,4 @@ def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def _is_bf16(x) -> bool:
-  return getattr(x, "dtype", None) == _BF16
+  return getattr(x, "dtype", None) == BF16

@@ -1,6 +1,6 @@
 """Compile tier 2's C++ kernels with g++ at first use and load them; the .so is cached under
-tier2_cpu/_build/, keyed by a hash of the source, the flags, the JAX FFI headers and the CPU's flags
-(the code is built with -march=native)."""
+tier2_cpu/_build/, keyed by a hash of the source, csrc's own headers, the flags, the JAX FFI headers and
+the CPU's flags (the code is built with -march=native)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def load_library(source: str) -> ctypes.CDLL:
   src = CSRC / source
   include = jax.ffi.include_dir()
   key = hashlib.sha256()
-  for part in (src.read_bytes(), " ".join(CXXFLAGS).encode(), include.encode(),
+  headers = [h.read_bytes() for h in sorted(CSRC.glob("*.h"))]  # included by the sources
+  for part in (src.read_bytes(), *headers, " ".join(CXXFLAGS).encode(), include.encode(),
                _cpu_flags().encode()):
     key.update(part)
   lib = BUILD_DIR / f"{src.stem}-{key.hexdigest()[:16]}.so"

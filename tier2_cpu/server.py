@@ -24,12 +24,11 @@ import time
 from concurrent import futures
 
 import grpc
-import ml_dtypes
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from glinthawk_jax.protos import shm_wire, tensor_wire, tier2_pb2, tier2_pb2_grpc
-from tier2_cpu.kv_pool import KVPool
+from tier2_cpu.kv_pool import BF16, KVPool
 from tier2_cpu.page_table import PageTable, PoolFullError
 from tier2_cpu.shm_doorbell import AbortContext, CallError, Doorbell
 from tier2_cpu.shm_sessions import ShmSessions
@@ -39,7 +38,6 @@ AUTH_METADATA_KEY = "glinthawk-token"
 SERVICE_NAME = "glinthawk.tier2.Tier2"
 SHM_SWEEP_S = 30.0
 PAGE_TABLE_STAGE, POOL_STAGE = 0, 1  # a call's ordered stages (tier2_cpu/turns.py)
-_BF16 = np.dtype(ml_dtypes.bfloat16)  # compared, not named: dtype.name takes 3 us
 RELEASE_WAIT_S = 30.0  # how long a release waits for its sequences' calls in service (under clients' 60 s default)
 
 
@@ -295,7 +293,7 @@ class Tier2Service:
           out = np.empty((0,), r.k.dtype)
         else:
           out = self.pool.write_attend(layer, slots, r.k, r.v, r.q, tables, r.positions,
-                                       "bfloat16" if r.q.dtype == _BF16 else "float32")
+                                       "bfloat16" if r.q.dtype == BF16 else "float32")
         self.kernel_seconds += time.perf_counter() - start
     finally:
       with self._lock:

@@ -34,6 +34,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -51,13 +52,7 @@ inline float ConvertRow(const uint16_t* x, uint16_t* out, int64_t dim) {
   return 1.0f;
 }
 inline float ConvertRow(const float* x, uint16_t* out, int64_t dim) {
-  for (int64_t d = 0; d < dim; ++d) {
-    uint32_t u;
-    std::memcpy(&u, &x[d], sizeof u);
-    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // nearest, ties to even
-    out[d] = static_cast<uint16_t>(nan ? (u >> 16) | 0x40u : rounded);  // NaN stays a quiet NaN
-  }
+  for (int64_t d = 0; d < dim; ++d) out[d] = RoundToBF16(x[d]);
   return 1.0f;
 }
 inline float ConvertRow(const float* x, int8_t* out, int64_t dim) {

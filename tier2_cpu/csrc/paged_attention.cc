@@ -32,6 +32,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -51,12 +52,7 @@ inline float Widen(uint16_t x) {
 inline float Widen(int8_t x) { return static_cast<float>(x); }
 
 inline float Narrow(float x, float*) { return x; }
-inline uint16_t Narrow(float x, uint16_t*) {  // bf16 bits: nearest, ties to even; NaN stays a quiet NaN
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-  return static_cast<uint16_t>(nan ? (u >> 16) | 0x40u : (u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
+inline uint16_t Narrow(float x, uint16_t*) { return RoundToBF16(x); }
 
 // exp for x <= 0 (softmax after max subtraction); relative error about 2e-7.
 inline float FastExp(float x) {

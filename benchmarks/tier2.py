@@ -8,9 +8,10 @@ bandwidth in the same run.
   python benchmarks/tier2.py --skip_rpc --kinds float32,bfloat16,int8 --seconds 1  # kernel only
 
 Rows: `copy` (numpy copyto, read+write bytes), `float32` / `bfloat16` / `int8` (KVPool.attend,
-C++ kernel via the XLA FFI; bytes = stored K,V (+scales) read), `float32_xla` (the same decode
-attention as a jitted gather over pages + einsum in XLA, for comparison), and `append_<storage>`
-(KVPool.write of --append-tokens tokens, bf16 k, v into a bf16 pool, float32 into the others; bytes =
+C++ kernel via the XLA FFI; bytes = stored K,V (+scales) read; calls rotate over pools of
+--working_set_gb in all, 8 by default: past the last-level cache, as a server's pool is), `float32_xla`
+(the same decode attention as a jitted gather over pages + einsum in XLA, for comparison), and
+`append_<storage>` (KVPool.write of --append-tokens tokens, bf16 k, v into a bf16 pool, float32 into the others; bytes =
 stored K,V (+scales) written). GB/s sums over processes.
 """
 
@@ -27,6 +28,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import datetime  # noqa: E402
+import itertools  # noqa: E402
 import multiprocessing as mp  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
@@ -38,6 +40,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from glinthawk_jax.json_file import write_json  # noqa: E402
 from tier2_cpu.process import huge_page_env  # noqa: E402
+
+# The attention rows' pools in total: far past a last-level cache (300 MiB on the H200 host), where a
+# server's pool of every layer and sequence is. On that host one call's sequences a process read 2% faster
+# in the floor's layout (30 single-core processes) and 9% faster in 7 servers' (docs/BENCHMARKS.md).
+WORKING_SET_BYTES = 8 << 30
 
 KINDS = ("copy", "float32", "float32_xla", "float32_xla_dense", "bfloat16", "int8", "append_bfloat16",
          "append_float32", "append_int8")
@@ -62,20 +69,33 @@ def _copy_case(cfg):
 
 
 def _pool_case(cfg, storage):
+  """KVPool.attend of `batch` sequences of `context` tokens, each call reading the next of as many such
+  sets as cfg["pool_bytes"] holds (at least one): a pool past the last-level cache times memory, as a
+  server's pool of every layer and sequence does, not the cache."""
   from tier2_cpu.kv_pool import KVPool
   b, ctx, ps = cfg["batch"], cfg["context"], cfg["page_size"]
   kv, h, d = cfg["kv_heads"], cfg["heads"], cfg["head_dim"]
-  pages_per_seq = ctx // ps
-  pool = KVPool(1, b * pages_per_seq, ps, kv, d, storage)
+  pages_per_set = b * (ctx // ps)
+  sets = pool_sets(cfg, storage)
+  pool = KVPool(1, sets * pages_per_set, ps, kv, d, storage)
   rng = np.random.default_rng(0)
   chunk = min(ctx, 1024)
   k = rng.standard_normal((chunk, kv, d), np.float32)
-  for start in range(0, b * ctx, chunk):
+  for start in range(0, sets * b * ctx, chunk):
     pool.write(0, np.arange(start, start + chunk), k, k)
-  tables = np.arange(b * pages_per_seq, dtype=np.int32).reshape(b, pages_per_seq)
+  tables = np.arange(sets * pages_per_set, dtype=np.int32).reshape(sets, b, ctx // ps)
   q = rng.standard_normal((b, h, d), np.float32)
   pos = np.full(b, ctx - 1, np.int32)
-  return (lambda: pool.attend(0, q, tables, pos)), b * ctx * pool.bytes_per_token
+  calls = itertools.count()
+  return (lambda: pool.attend(0, q, tables[next(calls) % sets], pos)), b * ctx * pool.bytes_per_token
+
+
+def pool_sets(cfg, storage) -> int:
+  """How many sets of `batch` sequences of `context` tokens _pool_case's pool holds (at least one)."""
+  from tier2_cpu.kv_pool import KVPool
+  pages_per_set = cfg["batch"] * (cfg["context"] // cfg["page_size"])
+  return max(1, KVPool.pages_for_budget(cfg.get("pool_bytes", 0), 1, cfg["page_size"], cfg["kv_heads"],
+                                        cfg["head_dim"], storage) // pages_per_set)
 
 
 def _append_case(cfg, storage):
@@ -90,7 +110,7 @@ def _append_case(cfg, storage):
   dtype = ml_dtypes.bfloat16 if storage == "bfloat16" else np.float32
   k, v = (rng.standard_normal((n, kv, d), np.float32).astype(dtype) for _ in range(2))
   slots = [r * pages * ps + np.arange(n) for r in range(8)]
-  calls = iter(range(1 << 62))
+  calls = itertools.count()
   return (lambda: pool.write(0, slots[next(calls) % 8], k, v)), n * pool.bytes_per_token
 
 
@@ -171,7 +191,8 @@ def _environment(changes: dict[str, str]):
 
 def kernel_rows(cfg: dict, procs: list[int]) -> list[dict]:
   """One row per (kind, process count): total GB/s and mean seconds per call. Each process has
-  cfg["cores_per_proc"] cores (default 1), as many kernel threads."""
+  cfg["cores_per_proc"] cores (default 1), as many kernel threads, and an attention pool of its share of
+  cfg["working_set_bytes"] (default 0: one call's sequences only)."""
   ctx = mp.get_context("spawn")
   cores = sorted(os.sched_getaffinity(0))
   per = cfg.get("cores_per_proc", 1)
@@ -181,7 +202,8 @@ def kernel_rows(cfg: dict, procs: list[int]) -> list[dict]:
       print(f"skipping {n} processes of {per} cores: only {len(cores)} cores available", file=sys.stderr)
       continue
     barrier, results = ctx.Barrier(n), ctx.Queue()
-    workers = [ctx.Process(target=_worker, args=(set(cores[i * per:(i + 1) * per]), cfg, barrier, results))
+    mine = dict(cfg, pool_bytes=cfg.get("working_set_bytes", 0) // n)
+    workers = [ctx.Process(target=_worker, args=(set(cores[i * per:(i + 1) * per]), mine, barrier, results))
                for i in range(n)]
     with _environment(huge_page_env(cfg.get("huge_pages", False))):  # read at the workers' startup
       for w in workers:
@@ -211,7 +233,8 @@ def _device_name() -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="tier2.json", help="JSON file for every number")
-  parser.add_argument("--tiny", action="store_true", help="small sizes, 1-2 processes, seconds")
+  parser.add_argument("--tiny", action="store_true",
+                      help="small sizes, 1-2 processes, one call's sequences a process (no working set), seconds")
   parser.add_argument("--procs", default="1,4,8,16", help="process counts")
   parser.add_argument("--cores_per_proc", type=int, default=1,
                       help="cores (and kernel threads) of each process; > 1 is laid out like a tier-2 server")
@@ -225,16 +248,20 @@ def main() -> None:
   parser.add_argument("--append-tokens", type=int, default=2048, help="tokens per append_* write")
   parser.add_argument("--kinds", default=",".join(KINDS), help=f"subset of {KINDS}")
   parser.add_argument("--skip_rpc", action="store_true", help="kernel rows only, no RPC rows")
+  parser.add_argument("--working_set_gb", type=float, default=WORKING_SET_BYTES / 2**30,
+                      help="attention pools' total size over the processes, calls rotating through it (0: one "
+                      "call's sequences each, partly cache-resident)")
   parser.add_argument("--no_huge_pages", action="store_true",
                       help="pools on 4 KiB pages (default: transparent huge pages, as servers with tier2.huge_pages)")
   args = parser.parse_args()
   cfg = {"batch": args.batch, "context": args.context, "heads": args.heads,
          "kv_heads": args.kv_heads, "head_dim": args.head_dim, "page_size": args.page_size,
          "append_tokens": args.append_tokens, "seconds": args.seconds, "copy_bytes": 256 << 20,
-         "kinds": args.kinds.split(","), "huge_pages": not args.no_huge_pages, "cores_per_proc": args.cores_per_proc}
+         "kinds": args.kinds.split(","), "huge_pages": not args.no_huge_pages, "cores_per_proc": args.cores_per_proc,
+         "working_set_bytes": int(args.working_set_gb * 2**30)}
   procs = [int(p) for p in args.procs.split(",")]
   if args.tiny:
-    cfg.update(batch=2, context=512, seconds=0.3, copy_bytes=16 << 20, append_tokens=256)
+    cfg.update(batch=2, context=512, seconds=0.3, copy_bytes=16 << 20, append_tokens=256, working_set_bytes=0)
     procs = [1, 2]
   rows = kernel_rows(cfg, procs)
   try:

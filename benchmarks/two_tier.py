@@ -21,7 +21,7 @@ Floors, both measured in this run before any server starts:
           (jitted a + 1 over 1 GiB, read + write bytes / time);
   tier 2: one decode step reads every sequence's KV: KV bytes / the host's attention bandwidth, measured
           with benchmarks/tier2.py's kernel (KVPool.attend in --spawn pinned processes, the model's
-          heads and the run's KV dtype).
+          heads and the run's KV dtype, their pools 8 GiB in all: past the cache, as the servers' are).
 Each run is one Engine and one generate: prompts are prefilled once, the first decode calls compile (and,
 with an auto depth, measure it and compile its shapes; `warm_calls`), the last ones are timed. Pipeline
 efficiency = decode tokens/s of the timed calls / (batch / max(tier-1 floor, tier-2 floor)). `pf GB/s`
@@ -42,7 +42,9 @@ Pipelined runs once per --splits value (config.tier2.split): "spread" micro-batc
 shard (tier 2 works on all shards at once; depth from spread_depth), "shards" ones hold one or two shards
 each (fewer calls per micro-batch). The sweeps use the first value.
 --variants reruns pipelined with config overrides, e.g. "tier2.pin_tier1=True;tier2.pin_tier1=False"
-(an A/B in one call; the table's last column names the variant).
+(an A/B in one call; the table's last column names the variant). --sample_stacks samples tier 1's Python
+threads during each pipelined run's timed calls (benchmarks/stack_samples.py) and prints their commonest
+stacks (with the sampler's GIL use the run itself runs slower: a profile, not a measurement).
 
 --local_fraction F sets config.local_attention_fraction of every two-tier run (the share of sequences
 whose KV and attention stay on tier 1). Floors then split the KV read: tier 1 adds F of it at the
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime
 import functools
 import gc
@@ -64,6 +67,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import stack_samples  # noqa: E402
 from glinthawk_jax.json_file import write_json  # noqa: E402
 from glinthawk_jax.sim import cost_model  # noqa: E402
 from glinthawk_jax.sim.measure import wire_dtype  # noqa: E402
@@ -100,6 +104,9 @@ def parse_args(argv=None):
   p.add_argument("--floor_each_run", action="store_true",
                  help="measure the host attention floor again after every run; a run's efficiency then uses the "
                  "mean of the floors measured right before and right after it (the host's bandwidth drifts)")
+  p.add_argument("--sample_stacks", action="store_true",
+                 help="sample tier 1's Python threads during the timed pipelined decode calls (every 2 ms): each "
+                 "thread's commonest stacks printed and in the JSON (benchmarks/stack_samples.py)")
   p.add_argument("--plan", action="store_true", help="print the runs and their rough estimates, run nothing")
   p.add_argument("--roundtrip", action="store_true",
                  help="only the per-layer round trip of the pipelined path on a small model (CPU)")
@@ -216,8 +223,9 @@ def wire_bytes_per_token_layer(model, dtype: str) -> int:
 
 def host_attention_gb_s(args, model, s: dict, kv_dtype: str, huge_pages: bool) -> float:
   """The tier-2 kernel's KV-read GB/s summed over pinned single-core processes on the cores tier 2 may
-  use (host cores - 2; benchmarks/tier2.py): the host's best, whatever the server layout."""
-  from benchmarks.tier2 import kernel_rows
+  use (host cores - 2; benchmarks/tier2.py), their pools WORKING_SET_BYTES in all (past the cache, as the
+  servers' are): the host's best, whatever the server layout."""
+  from benchmarks.tier2 import WORKING_SET_BYTES, kernel_rows
 
   cores = len(os.sched_getaffinity(0))
   procs = min(args.spawn, cores) if args.smoke else max(1, cores - 2)
@@ -225,7 +233,7 @@ def host_attention_gb_s(args, model, s: dict, kv_dtype: str, huge_pages: bool) -
   cfg = {"batch": max(1, min(s["batch"] // procs, 16)), "context": max(16, context // 16 * 16),
          "heads": model.num_heads, "kv_heads": model.num_kv_heads, "head_dim": model.head_dim,
          "page_size": 16, "seconds": 0.3 if args.smoke else 1.0, "copy_bytes": 16 << 20, "kinds": [kv_dtype],
-         "huge_pages": huge_pages}
+         "huge_pages": huge_pages, "working_set_bytes": 0 if args.smoke else WORKING_SET_BYTES}
   return kernel_rows(cfg, [procs])[0]["gb_per_s"]
 
 
@@ -237,10 +245,10 @@ def warm_calls(config) -> int:
 
 class _Calls:
   """Wraps runner.decode or runner.prefill: seconds, result, whether it compiled or measured the depth (not
-  steady), and the pipeline stats of every call."""
+  steady), the pipeline stats of every call, and with `samples` (a StackSamples) its threads' stacks."""
 
-  def __init__(self, runner, name: str):
-    self.runner, self.fn, self.calls = runner, getattr(runner, name), []
+  def __init__(self, runner, name: str, samples=None):
+    self.runner, self.fn, self.calls, self.samples = runner, getattr(runner, name), [], samples
     setattr(runner, name, self)
 
   def __call__(self, *args, **kwargs):
@@ -251,12 +259,15 @@ class _Calls:
       r.stats.max_turnaround_s = 0.0  # the longest of this call's
     before = (r.num_compilations, getattr(r, "depth", None), dict(vars(r.stats)) if hasattr(r, "stats") else None)
     servers_before = _server_seconds(r)
+    if self.samples:
+      self.samples.start()
     t = time.perf_counter()
     out = self.fn(*args, **kwargs)
     out = None if out is None else np.asarray(out)
     if self.fn.__name__ == "prefill":
       r.wait()  # the device's work, not only its dispatch
     seconds = time.perf_counter() - t
+    stacks = self.samples.stop() if self.samples else None
     stats = None if before[2] is None else {k: v if k.startswith("max_") else v - before[2][k]
                                             for k, v in vars(r.stats).items()}
     servers_after = _server_seconds(r)
@@ -264,7 +275,7 @@ class _Calls:
         len(servers_after["tier2_busy_s"]) == len(servers_before["tier2_busy_s"]):  # no server lost meanwhile
       stats.update({k: v - servers_before[k] for k, v in servers_after.items()})
     steady = r.num_compilations == before[0] and before[1] != 0  # depth 0: this call measured it
-    self.calls.append(dict(seconds=seconds, out=out, steady=steady, stats=stats))
+    self.calls.append(dict(seconds=seconds, out=out, steady=steady, stats=stats, stacks=stacks))
     if self.fn.__name__ == "prefill":  # tokens, positions, page_ids, offsets, block_tables, context_lens, ...
       positions, context_lens = np.asarray(args[1]), np.asarray(args[5])
       self.calls[-1]["tokens"] = int(np.maximum(context_lens - positions[:, 0], 0).sum())
@@ -289,9 +300,10 @@ def prefill_rate(calls: list[dict]) -> float:
   return sum(c["tokens"] for c in steady) / max(sum(c["seconds"] for c in steady), 1e-9)
 
 
-def run_one(config, s: dict, timed_tokens: int, variant: str = "") -> dict:
+def run_one(config, s: dict, timed_tokens: int, variant: str = "", sample_stacks: bool = False) -> dict:
   """One Engine, one generate: warm_calls(config) decode calls (compile; measure the auto depth), then
-  the timed calls (timed_tokens / decode_steps_per_call of them). Prompts are prefilled once."""
+  the timed calls (timed_tokens / decode_steps_per_call of them). Prompts are prefilled once. With
+  sample_stacks (pipelined), the row's "stacks" are tier 1's threads' commonest stacks in the timed calls."""
   import numpy as np
 
   from glinthawk_jax.engine import Engine
@@ -302,9 +314,10 @@ def run_one(config, s: dict, timed_tokens: int, variant: str = "") -> dict:
   steps = config.engine.decode_steps_per_call
   warm, timed = warm_calls(config), -(-timed_tokens // steps)
   start = time.perf_counter()
-  with Engine(config) as engine:
+  sampling = sample_stacks and config.placement == "pipelined"
+  with Engine(config) as engine, (stack_samples.StackSamples() if sampling else contextlib.nullcontext()) as samples:
     setup_s = time.perf_counter() - start
-    calls, prefills = _Calls(engine.runner, "decode"), _Calls(engine.runner, "prefill")
+    calls, prefills = _Calls(engine.runner, "decode", samples), _Calls(engine.runner, "prefill")
     t = time.perf_counter()
     outs = engine.generate(prompts, SamplingParams(max_tokens=(warm + timed) * steps, ignore_eos=True))
     wall = time.perf_counter() - t
@@ -329,6 +342,8 @@ def run_one(config, s: dict, timed_tokens: int, variant: str = "") -> dict:
            "decode_s": decode_s, "decode_tok_s": s["batch"] * timed * steps / max(decode_s, 1e-9),
            "local_fraction": config.local_attention_fraction if two_tier else 1.0,
            "local_share": local / max(admitted, 1)}
+    if samples:
+      row["stacks"] = stack_samples.top([c["stacks"] for c in last])
     if hasattr(runner, "stats"):
       d = {k: (max if k.startswith("max_") else sum)(c["stats"][k] for c in last) for k in last[0]["stats"]
            if all(k in c["stats"] for c in last)}
@@ -591,7 +606,7 @@ def main(argv=None):
       print(f"{key}: device copy {copy_gb_s:.0f} GB/s, host attention "
             f"{results['floors'][key]['host_attention_gb_s']:.1f} GB/s", flush=True)
     try:
-      row = {"model": model_name, "shape": shape_name, **run_one(config, s, timed, variant)}
+      row = {"model": model_name, "shape": shape_name, **run_one(config, s, timed, variant, args.sample_stacks)}
     except Exception as e:  # noqa: BLE001 (one failed run must not lose the others' numbers)
       if args.smoke:
         raise
@@ -617,6 +632,8 @@ def main(argv=None):
     save(results, args.out, started)
     print(f"  {label}: {row['decode_tok_s']:.1f} decode tok/s, efficiency {row['efficiency']:.3f}, "
           f"{row['total_s']:.0f} s (estimated {estimate:.0f}; {time.perf_counter() - started:.0f} s so far)", flush=True)
+    if "stacks" in row:
+      stack_samples.print_top(row["stacks"])
   results["plot"] = plot(results["runs"], os.path.splitext(args.out)[0] + "_delay.png")
   save(results, args.out, started)
   print_table(results)

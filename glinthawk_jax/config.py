@@ -110,7 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
   # prefill's K, V reached tier 2 at 11.6 GB/s against 1.3 (docs/BENCHMARKS.md); decode the same within noise.
   c.tier2.pinned_copies = True
   # Pipelined: the interpreter's thread switch interval while the engine runs (0 = Python's 5 ms). Shorter
-  # hands the GIL sooner to the thread that dispatches tier 1's steps when the sender or reply threads hold it.
+  # hands the GIL sooner to the thread that dispatches tier 1's steps when the sender or reply threads hold it
+  # (0.5 ms changed nothing on the H200 host's long shapes, docs/BENCHMARKS.md).
   c.tier2.switch_interval_ms = 0.0
   c.tier2.serve_threads = 1  # calls a spawned server serves at once (2: one's host work beside another's kernel)
   c.tier2.timeout_s = 60.0  # deadline of every tier-2 call

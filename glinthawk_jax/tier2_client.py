@@ -26,7 +26,10 @@ AUTH_METADATA_KEY = "glinthawk-token"  # same key as tier2_cpu/server.py
 _UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 TRANSPORTS = ("grpc", "shm", "auto")
 MAX_CALLS_IN_FLIGHT = 16  # tensor calls to one shard at once (threads, each blocked on one call)
-THREAD_WRITE_BYTES = 4 << 20  # shared-memory requests from this size are written on the shard's thread
+# Shared-memory requests from this size are written on the shard's thread, beside the other shards'. A decode
+# micro-batch's (0.2-0.4 MiB a shard) is not: written on its 7 shards' threads (at 128 KiB) it ran no faster
+# on an H200 host, Llama-3-8B 740 and 731 against 762 tok/s, Llama-2-7B equal (docs/BENCHMARKS.md, v17).
+THREAD_WRITE_BYTES = 4 << 20
 
 
 class Tier2Error(RuntimeError):

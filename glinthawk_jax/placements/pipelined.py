@@ -82,6 +82,7 @@ class _Micro:
   results: list = dataclasses.field(default_factory=list)  # sampled tokens [R] of each decode step
   block_tables: np.ndarray | None = None  # [R, W] pages of tier 1's cache; None without LOCAL_ROW rows
   local_out: jax.Array | None = None  # local attention [R', T, H, D] of m.layer (LOCAL_ROW rows valid)
+  positions_on_device: dict = dataclasses.field(default_factory=dict)  # by layer slice: a step's positions there
 
 
 @dataclasses.dataclass
@@ -370,7 +371,7 @@ class PipelinedRunner:
             active.remove(m)
       elif waiting and len(active) < max(self.depth, 1):
         m = waiting.pop(0)
-        m.tokens, m.positions = _pad(m.tokens), _pad(m.positions)
+        m.tokens, m.positions, m.positions_on_device = _pad(m.tokens), _pad(m.positions), {}
         if m.sampling is not None:
           m.sampling = tuple(_pad(a) for a in m.sampling)
         if m.block_tables is not None:
@@ -404,9 +405,17 @@ class PipelinedRunner:
     except (grpc.RpcError, Tier2Error, KeyError):
       return None
 
+  def _positions_on(self, m: _Micro, layer: int) -> jax.Array:
+    """m's positions on the devices of `layer`'s slice (whose pre-attention reads them), copied there once a
+    step: jit copies a NumPy argument at every dispatch."""
+    s = self.layout.slice_of(layer)
+    if s not in m.positions_on_device:
+      m.positions_on_device[s] = jax.device_put(m.positions, self.layout.replicated(s))
+    return m.positions_on_device[s]
+
   def _dispatch_first(self, m: _Micro):
     return self._attend_locally(m, 0, self._launch("first", self._first, self.outer, self.layers[0], m.tokens,
-                                                   m.positions))
+                                                   self._positions_on(m, 0)))
 
   def _dispatch(self, m: _Micro, attn: np.ndarray, greedy_only: bool):
     """Enqueues m's next tier-1 step after the attention of m.layer: (kind, device outputs), or None
@@ -415,7 +424,8 @@ class PipelinedRunner:
       nxt = self.layout.slice_of(m.layer + 1)
       step = self._middle if self.layout.slice_of(m.layer) == nxt else functools.partial(self._cross, nxt)
       return self._attend_locally(m, m.layer + 1, self._launch("middle", step, self.layers[m.layer],
-                                                               self.layers[m.layer + 1], m.x, attn, m.positions))
+                                                               self.layers[m.layer + 1], m.x, attn,
+                                                               self._positions_on(m, m.layer + 1)))
     if m.sampling is None:
       return None
     return self._launch("last", functools.partial(self._last, greedy_only=greedy_only), self.outer_last,
@@ -459,6 +469,7 @@ class PipelinedRunner:
         return False
       # The next decode step of this micro-batch starts at once, without waiting for the others.
       m.tokens, m.positions, m.context_lens = tokens[:, None], m.positions + 1, m.context_lens + 1
+      m.positions_on_device = {}
       m.index = ()
       m.sampling = m.sampling[:4] + (m.sampling[4] + 1,)
       return self._complete(m, self._dispatch_first(m))

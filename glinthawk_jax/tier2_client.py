@@ -19,16 +19,17 @@ import grpc
 import numpy as np
 
 from glinthawk_jax.protos import shm_wire, tensor_wire, tier2_pb2, tier2_pb2_grpc
-from glinthawk_jax.protos.shm_session import ShmSession
+from glinthawk_jax.protos.shm_session import ShmSession, write_and_ring
 
 MAX_MESSAGE_BYTES = 2**31 - 1
 AUTH_METADATA_KEY = "glinthawk-token"  # same key as tier2_cpu/server.py
 _UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 TRANSPORTS = ("grpc", "shm", "auto")
 MAX_CALLS_IN_FLIGHT = 16  # tensor calls to one shard at once (threads, each blocked on one call)
-# Shared-memory requests from this size are written on the shard's thread, beside the other shards'. A decode
-# micro-batch's (0.2-0.4 MiB a shard) is not: written on its 7 shards' threads (at 128 KiB) it ran no faster
-# on an H200 host, Llama-3-8B 740 and 731 against 762 tok/s, Llama-2-7B equal (docs/BENCHMARKS.md, v17).
+# Shared-memory requests from this size are written on the shard's thread, beside the other shards'; smaller
+# ones (a decode micro-batch's, 0.2-0.4 MiB a shard) all in one native call (shm_session.write_and_ring).
+# Written on the 7 shards' threads instead (at 128 KiB) they ran no faster on an H200 host: Llama-3-8B 740
+# and 731 against 762 tok/s, Llama-2-7B equal (docs/BENCHMARKS.md, v17).
 THREAD_WRITE_BYTES = 4 << 20
 
 
@@ -96,11 +97,10 @@ class _Shard:
         raise Tier2Error(self.address, None, f"shared memory: {e}") from None
 
   def send(self, parts, reply_bytes: int, timeout: float, consume) -> futures.Future:
-    """One tensor request: a Future of consume(reply bytes), or of its grpc.RpcError. Blocking calls
-    on this shard's threads: grpc's `.future()` starts a thread per call (about 1 ms each)."""
+    """One tensor request (over shared memory: a large one, written on this shard's thread): a Future of
+    consume(reply bytes), or of its grpc.RpcError. Blocking calls on this shard's threads: grpc's
+    `.future()` starts a thread per call (about 1 ms each)."""
     if self.shm:
-      if sum(p.nbytes for p in parts) < THREAD_WRITE_BYTES:
-        return self.shm.call(shm_wire.ATTEND, parts, reply_bytes, timeout, consume)
       return self._shm_call_on_thread(parts, reply_bytes, timeout, consume)
     payload = b"".join(p.tobytes() for p in parts)
     return self.executor.submit(
@@ -365,17 +365,27 @@ class Tier2Client:
         if not result.done():
           result.set_exception(error)
 
+    batch = []  # small shared-memory requests: written and rung together, after the loop
     for i, take, count, ids, pos in parts:
       shard = self.shards[i]
       request = tensor_wire.request_parts(next(self._request_ids), layer, ids, pos,
                                           None if append_only else q[take], k[take], v[take],
                                           num_heads=self.num_heads, contiguous=False)
       reply_bytes = 0 if append_only else count * out[0].nbytes
+      consume = functools.partial(place, take, count)
+      request_bytes = sum(p.nbytes for p in request)
       try:
-        call = shard.send(request, reply_bytes, timeout, functools.partial(place, take, count))
+        if shard.shm and request_bytes < THREAD_WRITE_BYTES:
+          prepared = shard.shm.prepare(shm_wire.ATTEND, request_bytes, reply_bytes, timeout, consume)
+          batch.append((prepared, request))
+          call = prepared.future
+        else:
+          call = shard.send(request, reply_bytes, timeout, consume)
       except grpc.RpcError as e:
+        write_and_ring(batch)  # the requests already in slots still go
         raise _error(shard.address, e) from None
       call.add_done_callback(lambda c, shard=shard: on_done(c, shard))
+    write_and_ring(batch)
     return result
 
   def attend(self, layer: int, seq_ids, positions, q, k, v, timeout_s: float | None = None):

@@ -1,5 +1,6 @@
 """Shared-memory tensor transport against real tier-2 server processes on loopback."""
 
+import ctypes
 import os
 import socket
 import subprocess
@@ -11,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from glinthawk_jax.protos import shm_wire, tensor_wire, tier2_pb2, tier2_pb2_grpc
+from glinthawk_jax.protos import shm_session, shm_wire, tensor_wire, tier2_pb2, tier2_pb2_grpc
 from glinthawk_jax.protos.shm_session import ShmSession
 from glinthawk_jax.tier2_client import ShardUnavailableError, Tier2Client, Tier2Error
 from tests.test_tier2_server import BAD, BAD_REQUESTS, _good_payload
@@ -54,13 +55,20 @@ def test_transport_negotiation(servers):
     Tier2Client([on], **DIMS, transport="udp")
 
 
+@pytest.mark.parametrize("writer", ["native", "python"])
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
-def test_shm_is_bit_identical_to_grpc(servers, dtype):
-  """Same inputs to twin sequences over both transports; slots start small and must grow."""
+def test_shm_is_bit_identical_to_grpc(servers, dtype, writer, monkeypatch):
+  """Same inputs to twin sequences over both transports; slots start small and must grow. q, k, v are
+  views of one array (strided rows, as the pipelined runner sends them), written by shm_ring.cc or, when
+  it cannot be built, by NumPy."""
+  if writer == "python":
+    monkeypatch.setattr(shm_session, "_native", lambda: None)
+  else:
+    assert shm_session._native() is not None
   clients = [Tier2Client([servers[0]], **DIMS, transport=t, shm_slot_bytes=4096) for t in ("grpc", "shm")]
   try:
     assert [c.transports for c in clients] == [["grpc"], ["shm"]]
-    base = 100 if dtype == np.float32 else 200
+    base = (100 if dtype == np.float32 else 200) + (50 if writer == "python" else 0)
     seqs = [[base + 1, base + 2], [base + 11, base + 12]]  # grpc's, shm's
     for client, mine in zip(clients, seqs):
       client.allocate(mine)
@@ -69,7 +77,8 @@ def test_shm_is_bit_identical_to_grpc(servers, dtype):
     steps += [([0, 1], [40 + t, 7 + t]) for t in range(3)]
     for which, positions in steps:
       n = len(which)
-      q, k, v = (rng.standard_normal((n, h, 16)).astype(dtype) for h in (4, 2, 2))
+      qkv = rng.standard_normal((n, 4 + 2 + 2, 16)).astype(dtype)
+      q, k, v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
       for layer in range(2):
         outs = [c.attend(layer, np.asarray(mine)[which], positions, q, k, v)
                 for c, mine in zip(clients, seqs)]
@@ -290,3 +299,25 @@ def test_a_large_request_that_cannot_get_a_slot_fails_its_future(servers, monkey
     future = client.append_async(0, np.full(n, 7), np.arange(n), k, k)
     with pytest.raises(Tier2Error, match="No space left"):
       future.result(timeout=30)
+
+
+@pytest.mark.parametrize("make", [
+    lambda a: a[:, :3],  # rows of a fused q, k, v: strided
+    lambda a: a[2:5],  # contiguous rows
+    lambda a: a[:, 1:2, :],  # one head a row
+    lambda a: a[:1, 2:],  # one row
+    lambda a: a[:0],  # no rows
+    lambda a: a.transpose(1, 0, 2),  # rows not contiguous within: copied first
+    lambda a: a[:, :, ::2],  # elements strided
+    lambda a: a[:, 0, 0],  # 1-D, strided
+    lambda a: a.reshape(-1),  # 1-D
+])
+def test_native_rows_describe_the_parts_bytes(make):
+  """write_and_ring's row-by-row description of a part reads back its C-order bytes."""
+  part = make(np.arange(6 * 5 * 4, dtype=np.uint16).reshape(6, 5, 4))
+  kept, rows, row_bytes, stride = shm_session._rows(part)
+  base = kept.__array_interface__["data"][0]
+  memory = np.frombuffer((ctypes.c_char * max(1, (rows - 1) * stride + row_bytes)).from_address(base), np.uint8) \
+      if rows else np.zeros(0, np.uint8)
+  got = b"".join(memory[r * stride:r * stride + row_bytes].tobytes() for r in range(rows))
+  assert got == np.ascontiguousarray(part).tobytes()

@@ -1,6 +1,6 @@
-"""Compile tier 2's C++ kernels with g++ at first use and load them; the .so is cached under
-tier2_cpu/_build/, keyed by a hash of the source, csrc's own headers, the flags, the JAX FFI headers and
-the CPU's flags (the code is built with -march=native)."""
+"""Compile tier 2's C++ kernels (and the shared-memory client's batch writer, shm_ring.cc) with g++ at
+first use and load them; the .so is cached under tier2_cpu/_build/, keyed by a hash of the source, csrc's
+own headers, the flags, the JAX FFI headers and the CPU's flags (the code is built with -march=native)."""
 
 from __future__ import annotations
 

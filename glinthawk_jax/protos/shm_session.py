@@ -2,15 +2,19 @@
 
 A session holds one region per request slot; a call takes a free slot (a new one if all are in
 flight, a bigger one if the request does not fit), writes the request into it and rings the
-server's doorbell from the caller's thread; one reader thread per session takes the replies,
+server's doorbell from the caller's thread (`write_and_ring` does the writes and rings of calls to
+several servers in one native call, csrc/shm_ring.cc); one reader thread per session takes the replies,
 completes the calls' futures and frees each slot once its reply has been consumed. The server maps
 each region before the client unlinks its name, so no file outlives a crash of either side.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import heapq
+import logging
 import os
 import secrets
 import select
@@ -20,6 +24,7 @@ import time
 from concurrent import futures
 
 import grpc
+import numpy as np
 
 from glinthawk_jax.protos import shm_wire, tier2_pb2
 from glinthawk_jax.protos.tensor_wire import WireError
@@ -57,6 +62,16 @@ class _Call:
   request_bytes: int
   consume: object
   deadline: float
+  future: futures.Future
+
+
+@dataclasses.dataclass
+class Prepared:
+  """A call with its slot taken and its reply awaited (ShmSession.prepare): its request goes at offset 0
+  of `region`, then `notify` (empty: the call failed already) to its session's doorbell."""
+  session: "ShmSession"
+  region: shm_wire.Region
+  notify: bytes
   future: futures.Future
 
 
@@ -116,27 +131,43 @@ class ShmSession:
     `consume` runs on the session's reader thread. Raises grpc.RpcError at once if a slot could not
     be attached.
     """
-    request_bytes = sum(p.nbytes for p in parts)
+    call = self.prepare(op, sum(p.nbytes for p in parts), reply_bytes, timeout_s, consume)
+    call.region.write_parts(parts)
+    self.ring(call)
+    return call.future
+
+  def prepare(self, op: int, request_bytes: int, reply_bytes: int, timeout_s: float,
+              consume=bytes) -> "Prepared":
+    """The first half of `call`: takes a slot for a request of `request_bytes` and awaits its reply; the
+    caller then writes the request at the slot's offset 0 and rings (`ring`, or `write_and_ring` for
+    several sessions at once). Raises as `call` does."""
     slot = self._take(shm_wire.region_bytes(request_bytes, reply_bytes))
-    slot.region.write_parts(parts)
     future: futures.Future = futures.Future()
     future.set_running_or_notify_cancel()
     call = _Call(slot, request_bytes, consume, time.monotonic() + timeout_s, future)
     with self._lock:
       if self._broken:
         future.set_exception(self._broken)  # the slot is in doubt: not given back
-        return future
+        return Prepared(self, slot.region, b"", future)
       self._calls[slot.index] = call
       heapq.heappush(self._deadlines, (call.deadline, slot.index))
       wake = call.deadline < self._wake_at
-    try:
-      if wake:
+    if wake:
+      try:
         self._wake.send(b"\0")
+      except OSError as e:
+        self._fail_all(ShmCallError(grpc.StatusCode.UNAVAILABLE, f"shm doorbell: {e}"))
+    return Prepared(self, slot.region, shm_wire.NOTIFY.pack(self.session, slot.index, op, request_bytes), future)
+
+  def ring(self, call: "Prepared") -> None:
+    """Sends a prepared call's NOTIFY (once its request is in the slot)."""
+    if not call.notify:
+      return  # failed in prepare
+    try:
       with self._send_lock:
-        self._sock.sendall(shm_wire.NOTIFY.pack(self.session, slot.index, op, request_bytes))
+        self._sock.sendall(call.notify)
     except OSError as e:
       self._fail_all(ShmCallError(grpc.StatusCode.UNAVAILABLE, f"shm doorbell: {e}"))
-    return future
 
   def _read_replies(self) -> None:
     """The reader thread: completes calls as their replies come, fails them at their deadlines."""
@@ -269,3 +300,77 @@ class ShmSession:
     finally:
       region.unlink()
     return _Slot(index, generation, region)
+
+
+def write_and_ring(calls: list[tuple[Prepared, list[np.ndarray]]]) -> None:
+  """Writes each prepared call's request parts (tensor_wire.request_parts, strided views allowed) into its
+  slot and rings its session, call after call: in one native call without the GIL (csrc/shm_ring.cc)
+  when it builds, else part by part in Python (each copy and send takes the GIL back)."""
+  calls = [(call, parts) for call, parts in calls if call.notify]
+  if not calls:
+    return
+  lib = _native()
+  if lib is None:
+    for call, parts in calls:
+      call.region.write_parts(parts)
+      call.session.ring(call)
+    return
+  copies, keep = [], []
+  for r, (call, parts) in enumerate(calls):
+    offset = 0
+    for part in parts:
+      part, rows, row_bytes, stride = _rows(part)
+      keep.append(part)
+      copies.append([call.region.address + offset, part.__array_interface__["data"][0], rows, row_bytes, stride, -1])
+      offset += part.nbytes
+    if offset > call.region.size:
+      raise ValueError(f"shm request of {offset} bytes overruns its {call.region.size}-byte slot")
+    copies[-1][5] = r
+  copies = np.array(copies, np.int64)
+  messages = np.frombuffer(b"".join(call.notify for call, _ in calls), np.uint8)
+  at = messages.ctypes.data
+  rings = np.array([(call.session._sock.fileno(), at + r * shm_wire.NOTIFY.size, shm_wire.NOTIFY.size)
+                    for r, (call, _) in enumerate(calls)], np.int64)
+  errors = np.zeros(len(calls), np.int32)
+  locks = list({id(call.session): call.session._send_lock for call, _ in calls}.items())
+  locks.sort()  # one order for every batch
+  for _, lock in locks:
+    lock.acquire()
+  try:
+    lib.ShmWriteAndRing(copies.ctypes.data, len(copies), rings.ctypes.data, errors.ctypes.data)
+  finally:
+    for _, lock in locks:
+      lock.release()
+  for (call, _), err in zip(calls, errors.tolist()):
+    if err:
+      call.session._fail_all(ShmCallError(grpc.StatusCode.UNAVAILABLE, f"shm doorbell: {os.strerror(err)}"))
+
+
+def _rows(part: np.ndarray) -> tuple[np.ndarray, int, int, int]:
+  """(part, rows, bytes a row, row stride in bytes) for a copy row by row: a part whose rows (first axis)
+  are each contiguous as it is, any other as a contiguous copy of one row."""
+  if part.ndim >= 2 and part.shape[0] > 1:
+    expected = part.itemsize
+    for axis in range(part.ndim - 1, 0, -1):
+      if part.shape[axis] > 1 and part.strides[axis] != expected:
+        break
+      expected *= part.shape[axis]
+    else:
+      return part, part.shape[0], part.nbytes // part.shape[0], part.strides[0]
+  part = np.ascontiguousarray(part)
+  return part, 1, part.nbytes, part.nbytes
+
+
+@functools.cache
+def _native():
+  """csrc/shm_ring.cc's library, or None (logged once) when it cannot be built."""
+  from tier2_cpu import native_build  # noqa: PLC0415 (builds on first use)
+
+  try:
+    lib = native_build.load_library("shm_ring.cc")
+  except native_build.NativeBuildError as e:
+    logging.warning("shared-memory requests written from Python: %s", e)
+    return None
+  lib.ShmWriteAndRing.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+  lib.ShmWriteAndRing.restype = None
+  return lib

@@ -107,6 +107,7 @@ class Region:
     finally:
       os.close(fd)
     self.array = np.frombuffer(self._map, np.uint8)
+    self.address = self.array.ctypes.data  # of byte 0, for native writers
 
   def unlink(self) -> None:
     """Removes the name (the mappings stay valid); no error if it is already gone."""

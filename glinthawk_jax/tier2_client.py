@@ -20,6 +20,7 @@ import numpy as np
 
 from glinthawk_jax.protos import shm_wire, tensor_wire, tier2_pb2, tier2_pb2_grpc
 from glinthawk_jax.protos.shm_session import ShmSession, write_and_ring
+from glinthawk_jax.protos.shm_session import native_writer as shm_native_writer
 
 MAX_MESSAGE_BYTES = 2**31 - 1
 AUTH_METADATA_KEY = "glinthawk-token"  # same key as tier2_cpu/server.py
@@ -89,6 +90,7 @@ class _Shard:
     """Starts a shared-memory session; if not `required`, a failure leaves the shard on gRPC."""
     try:
       self.shm = ShmSession(self.control, self.metadata, self.timeout_s, slot_bytes)
+      shm_native_writer()  # built now, not in the first call's deadline
     except grpc.RpcError as e:
       if required:
         raise _error(self.address, e) from None
@@ -366,26 +368,27 @@ class Tier2Client:
           result.set_exception(error)
 
     batch = []  # small shared-memory requests: written and rung together, after the loop
-    for i, take, count, ids, pos in parts:
-      shard = self.shards[i]
-      request = tensor_wire.request_parts(next(self._request_ids), layer, ids, pos,
-                                          None if append_only else q[take], k[take], v[take],
-                                          num_heads=self.num_heads, contiguous=False)
-      reply_bytes = 0 if append_only else count * out[0].nbytes
-      consume = functools.partial(place, take, count)
-      request_bytes = sum(p.nbytes for p in request)
-      try:
-        if shard.shm and request_bytes < THREAD_WRITE_BYTES:
-          prepared = shard.shm.prepare(shm_wire.ATTEND, request_bytes, reply_bytes, timeout, consume)
-          batch.append((prepared, request))
-          call = prepared.future
-        else:
-          call = shard.send(request, reply_bytes, timeout, consume)
-      except grpc.RpcError as e:
-        write_and_ring(batch)  # the requests already in slots still go
-        raise _error(shard.address, e) from None
-      call.add_done_callback(lambda c, shard=shard: on_done(c, shard))
-    write_and_ring(batch)
+    try:
+      for i, take, count, ids, pos in parts:
+        shard = self.shards[i]
+        request = tensor_wire.request_parts(next(self._request_ids), layer, ids, pos,
+                                            None if append_only else q[take], k[take], v[take],
+                                            num_heads=self.num_heads, contiguous=False)
+        reply_bytes = 0 if append_only else count * out[0].nbytes
+        consume = functools.partial(place, take, count)
+        request_bytes = sum(p.nbytes for p in request)
+        try:
+          if shard.shm and request_bytes < THREAD_WRITE_BYTES:
+            prepared = shard.shm.prepare(shm_wire.ATTEND, request_bytes, reply_bytes, timeout, consume)
+            batch.append((prepared, request))
+            call = prepared.future
+          else:
+            call = shard.send(request, reply_bytes, timeout, consume)
+        except grpc.RpcError as e:
+          raise _error(shard.address, e) from None
+        call.add_done_callback(lambda c, shard=shard: on_done(c, shard))
+    finally:
+      write_and_ring(batch)  # also the requests prepared before a shard failed
     return result
 
   def attend(self, layer: int, seq_ids, positions, q, k, v, timeout_s: float | None = None):

@@ -62,9 +62,9 @@ def test_shm_is_bit_identical_to_grpc(servers, dtype, writer, monkeypatch):
   views of one array (strided rows, as the pipelined runner sends them), written by shm_ring.cc or, when
   it cannot be built, by NumPy."""
   if writer == "python":
-    monkeypatch.setattr(shm_session, "_native", lambda: None)
+    monkeypatch.setattr(shm_session, "native_writer", lambda: None)
   else:
-    assert shm_session._native() is not None
+    assert shm_session.native_writer() is not None
   clients = [Tier2Client([servers[0]], **DIMS, transport=t, shm_slot_bytes=4096) for t in ("grpc", "shm")]
   try:
     assert [c.transports for c in clients] == [["grpc"], ["shm"]]
@@ -321,3 +321,31 @@ def test_native_rows_describe_the_parts_bytes(make):
       if rows else np.zeros(0, np.uint8)
   got = b"".join(memory[r * stride:r * stride + row_bytes].tobytes() for r in range(rows))
   assert got == np.ascontiguousarray(part).tobytes()
+
+
+@pytest.mark.parametrize("writer", ["native", "python"])
+def test_a_batch_that_cannot_be_written_fails_its_calls_and_frees_their_slots(servers, writer, monkeypatch):
+  """Parts that are not the prepared request's bytes: write_and_ring raises, every call of the batch fails
+  at once (none waits for its deadline) and its slot is reused; the session keeps serving."""
+  if writer == "python":
+    monkeypatch.setattr(shm_session, "native_writer", lambda: None)
+  with grpc.insecure_channel(servers[0]) as ch:
+    session = ShmSession(tier2_pb2_grpc.Tier2Stub(ch), None, 10)
+    try:
+      payload = np.frombuffer(b"\0" * 64, np.uint8)
+      calls = [session.prepare(shm_wire.ECHO, 64, 64, 10) for _ in range(2)]
+      assert session.num_slots == 2
+      start = time.perf_counter()
+      with pytest.raises(ValueError, match="128 bytes for a 64-byte request"):
+        shm_session.write_and_ring([(calls[0], [payload]), (calls[1], [payload, payload])])
+      if writer == "python":  # writes and rings call by call: the first went
+        assert len(calls.pop(0).future.result(timeout=10)) == 64
+      for call in calls:
+        with pytest.raises(ValueError, match="128 bytes"):
+          call.future.result(timeout=1)
+      assert time.perf_counter() - start < 2
+      echoes = [session.call(shm_wire.ECHO, [payload], 64, 10) for _ in range(2)]
+      assert [len(f.result(timeout=10)) for f in echoes] == [64, 64]
+      assert session.num_slots == 2  # the failed call's slot (and the answered one's), reused
+    finally:
+      session.close()

@@ -10,6 +10,7 @@ each region before the client unlinks its name, so no file outlives a crash of e
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -67,12 +68,18 @@ class _Call:
 
 @dataclasses.dataclass
 class Prepared:
-  """A call with its slot taken and its reply awaited (ShmSession.prepare): its request goes at offset 0
-  of `region`, then `notify` (empty: the call failed already) to its session's doorbell."""
+  """A call with its slot taken and its reply awaited (ShmSession.prepare): its request of request_bytes
+  goes at offset 0 of `slot`'s region, then `notify` (empty: the call failed already) to its session's
+  doorbell."""
   session: "ShmSession"
-  region: shm_wire.Region
+  slot: _Slot
+  request_bytes: int
   notify: bytes
   future: futures.Future
+
+  @property
+  def region(self) -> shm_wire.Region:
+    return self.slot.region
 
 
 class ShmSession:
@@ -148,7 +155,7 @@ class ShmSession:
     with self._lock:
       if self._broken:
         future.set_exception(self._broken)  # the slot is in doubt: not given back
-        return Prepared(self, slot.region, b"", future)
+        return Prepared(self, slot, request_bytes, b"", future)
       self._calls[slot.index] = call
       heapq.heappush(self._deadlines, (call.deadline, slot.index))
       wake = call.deadline < self._wake_at
@@ -157,7 +164,8 @@ class ShmSession:
         self._wake.send(b"\0")
       except OSError as e:
         self._fail_all(ShmCallError(grpc.StatusCode.UNAVAILABLE, f"shm doorbell: {e}"))
-    return Prepared(self, slot.region, shm_wire.NOTIFY.pack(self.session, slot.index, op, request_bytes), future)
+    return Prepared(self, slot, request_bytes, shm_wire.NOTIFY.pack(self.session, slot.index, op, request_bytes),
+                    future)
 
   def ring(self, call: "Prepared") -> None:
     """Sends a prepared call's NOTIFY (once its request is in the slot)."""
@@ -168,6 +176,19 @@ class ShmSession:
         self._sock.sendall(call.notify)
     except OSError as e:
       self._fail_all(ShmCallError(grpc.StatusCode.UNAVAILABLE, f"shm doorbell: {e}"))
+
+  def abandon(self, call: "Prepared", error: BaseException) -> None:
+    """Fails a prepared call that was never rung with `error`; its slot is free again."""
+    with self._lock:
+      mine = self._calls.get(call.slot.index)
+      if mine is not None and mine.future is call.future:
+        del self._calls[call.slot.index]
+      else:
+        mine = None
+    if mine is not None:
+      self._give_back(call.slot)
+    if not call.future.done():
+      call.future.set_exception(error)
 
   def _read_replies(self) -> None:
     """The reader thread: completes calls as their replies come, fails them at their deadlines."""
@@ -250,7 +271,8 @@ class ShmSession:
       self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread
     except OSError:
       pass
-    self._sock.close()
+    with self._send_lock:  # write_and_ring sends to the descriptor number: not once it may be reused
+      self._sock.close()
     self._wake.close()
 
   def _detach(self) -> None:
@@ -305,45 +327,63 @@ class ShmSession:
 def write_and_ring(calls: list[tuple[Prepared, list[np.ndarray]]]) -> None:
   """Writes each prepared call's request parts (tensor_wire.request_parts, strided views allowed) into its
   slot and rings its session, call after call: in one native call without the GIL (csrc/shm_ring.cc)
-  when it builds, else part by part in Python (each copy and send takes the GIL back)."""
+  when it builds, else part by part in Python (each copy and send takes the GIL back). A call that could
+  not be sent fails (its session's calls all do if its doorbell is gone); none is left waiting."""
   calls = [(call, parts) for call, parts in calls if call.notify]
-  if not calls:
-    return
-  lib = _native()
-  if lib is None:
-    for call, parts in calls:
-      call.region.write_parts(parts)
-      call.session.ring(call)
-    return
+  try:
+    lib = native_writer()
+    if lib is None:
+      while calls:
+        call, parts = calls[0]
+        _check_size(call, sum(part.nbytes for part in parts))
+        call.region.write_parts(parts)
+        calls.pop(0)
+        call.session.ring(call)
+      return
+    copies, keep = _copies(calls)
+    messages = np.frombuffer(b"".join(call.notify for call, _ in calls), np.uint8)
+    errors = np.zeros(len(calls), np.int32)
+    with contextlib.ExitStack() as held:
+      for _, lock in sorted({id(call.session): call.session._send_lock for call, _ in calls}.items()):
+        held.enter_context(lock)  # one order for every batch
+      fds = [call.session._sock.fileno() for call, _ in calls]  # -1: closed (sends fail with EBADF)
+      rings = np.array([(fd, messages.ctypes.data + r * shm_wire.NOTIFY.size, shm_wire.NOTIFY.size)
+                        for r, fd in enumerate(fds)], np.int64)
+      lib.ShmWriteAndRing(copies.ctypes.data, len(copies), rings.ctypes.data, errors.ctypes.data)
+    del keep  # the sources, alive until the copies are done
+  except BaseException as e:
+    for call, _ in calls:
+      call.session.abandon(call, e if isinstance(e, Exception) else ShmCallError(grpc.StatusCode.CANCELLED, repr(e)))
+    raise
+  for (call, _), err in zip(calls, errors.tolist()):
+    if err:
+      call.session._fail_all(ShmCallError(grpc.StatusCode.UNAVAILABLE, f"shm doorbell: {os.strerror(err)}"))
+
+
+def _copies(calls: list[tuple[Prepared, list[np.ndarray]]]) -> tuple[np.ndarray, list[np.ndarray]]:
+  """shm_ring.cc's ShmCopy rows for the calls' parts (each call's last row rings it) and the arrays they
+  read; raises ValueError if a call's parts are not its request's bytes."""
   copies, keep = [], []
   for r, (call, parts) in enumerate(calls):
+    if not parts:
+      raise ValueError("shm request with no parts")
     offset = 0
     for part in parts:
       part, rows, row_bytes, stride = _rows(part)
       keep.append(part)
-      copies.append([call.region.address + offset, part.__array_interface__["data"][0], rows, row_bytes, stride, -1])
+      copies.append([call.region.address + offset, part.__array_interface__["data"][0], rows, row_bytes, stride,
+                     -1])
       offset += part.nbytes
-    if offset > call.region.size:
-      raise ValueError(f"shm request of {offset} bytes overruns its {call.region.size}-byte slot")
+    _check_size(call, offset)
     copies[-1][5] = r
-  copies = np.array(copies, np.int64)
-  messages = np.frombuffer(b"".join(call.notify for call, _ in calls), np.uint8)
-  at = messages.ctypes.data
-  rings = np.array([(call.session._sock.fileno(), at + r * shm_wire.NOTIFY.size, shm_wire.NOTIFY.size)
-                    for r, (call, _) in enumerate(calls)], np.int64)
-  errors = np.zeros(len(calls), np.int32)
-  locks = list({id(call.session): call.session._send_lock for call, _ in calls}.items())
-  locks.sort()  # one order for every batch
-  for _, lock in locks:
-    lock.acquire()
-  try:
-    lib.ShmWriteAndRing(copies.ctypes.data, len(copies), rings.ctypes.data, errors.ctypes.data)
-  finally:
-    for _, lock in locks:
-      lock.release()
-  for (call, _), err in zip(calls, errors.tolist()):
-    if err:
-      call.session._fail_all(ShmCallError(grpc.StatusCode.UNAVAILABLE, f"shm doorbell: {os.strerror(err)}"))
+  return np.array(copies, np.int64), keep
+
+
+def _check_size(call: Prepared, nbytes: int) -> None:
+  """ValueError unless `nbytes` of parts are the prepared request's bytes (so they fit its slot)."""
+  if nbytes != call.request_bytes or nbytes > call.region.size:
+    raise ValueError(f"shm request parts of {nbytes} bytes for a {call.request_bytes}-byte request in a "
+                     f"{call.region.size}-byte slot")
 
 
 def _rows(part: np.ndarray) -> tuple[np.ndarray, int, int, int]:
@@ -362,13 +402,13 @@ def _rows(part: np.ndarray) -> tuple[np.ndarray, int, int, int]:
 
 
 @functools.cache
-def _native():
+def native_writer():
   """csrc/shm_ring.cc's library, or None (logged once) when it cannot be built."""
   from tier2_cpu import native_build  # noqa: PLC0415 (builds on first use)
 
   try:
     lib = native_build.load_library("shm_ring.cc")
-  except native_build.NativeBuildError as e:
+  except (native_build.NativeBuildError, OSError) as e:  # no g++, a read-only build folder, a noexec mount
     logging.warning("shared-memory requests written from Python: %s", e)
     return None
   lib.ShmWriteAndRing.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]

@@ -109,6 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Pipelined: q, k, v and prefill K, V copied to pinned host memory, not pageable: on an H200 host the bulk
   # prefill's K, V reached tier 2 at 11.6 GB/s against 1.3 (docs/BENCHMARKS.md); decode the same within noise.
   c.tier2.pinned_copies = True
+  # Shared-memory requests of a tensor call written and rung in one native call without the GIL
+  # (tier2_cpu/csrc/shm_ring.cc; built with g++ at first use); False: NumPy writes, one part at a time.
+  c.tier2.native_writer = True
   # Pipelined: the interpreter's thread switch interval while the engine runs (0 = Python's 5 ms). Shorter
   # hands the GIL sooner to the thread that dispatches tier 1's steps when the sender or reply threads hold it
   # (0.5 ms changed nothing on the H200 host's long shapes, docs/BENCHMARKS.md).

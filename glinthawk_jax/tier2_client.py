@@ -90,7 +90,6 @@ class _Shard:
     """Starts a shared-memory session; if not `required`, a failure leaves the shard on gRPC."""
     try:
       self.shm = ShmSession(self.control, self.metadata, self.timeout_s, slot_bytes)
-      shm_native_writer()  # built now, not in the first call's deadline
     except grpc.RpcError as e:
       if required:
         raise _error(self.address, e) from None
@@ -163,17 +162,20 @@ class Tier2Client:
     transport: "grpc" (tensors in the RPCs), "shm" (shared memory with every server; fails if one
       cannot) or "auto" (shared memory with loopback servers that offer it, else gRPC).
     shm_slot_bytes: first size of each shared-memory slot (grown to the largest request).
+    native_writer: a call's small shared-memory requests written and rung in one native call
+      (shm_session.write_and_ring); False: by NumPy, part by part.
   """
 
   def __init__(self, addresses, *, num_layers: int, num_heads: int, num_kv_heads: int,
                head_dim: int, layers: tuple[int, int] | None = None, timeout_s: float = 30.0,
                auth_token: str = "", tls_ca: str = "", transport: str = "auto",
-               shm_slot_bytes: int = 1 << 20):
+               shm_slot_bytes: int = 1 << 20, native_writer: bool = True):
     if transport not in TRANSPORTS:
       raise ValueError(f"transport={transport!r}: expected one of {TRANSPORTS}")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.layers = layers or (0, num_layers)
     self.timeout_s = timeout_s
+    self.native_writer = native_writer
     metadata = ((AUTH_METADATA_KEY, auth_token),) if auth_token else None
     credentials = _tls_credentials(tls_ca)
     self.shards = [_Shard(a, metadata, timeout_s, credentials) for a in addresses]
@@ -200,6 +202,8 @@ class Tier2Client:
           raise Tier2Error(shard.address, None, "transport='shm' but the server runs with --shm=false")
         if transport == "shm" or (transport == "auto" and reply.shm and _is_loopback(shard.address)):
           shard.open_shm(required=transport == "shm", slot_bytes=shm_slot_bytes)
+      if native_writer and any(shard.shm for shard in self.shards):
+        shm_native_writer()  # built now, not within the first call's deadline
     except Exception:
       self.close()
       raise
@@ -388,7 +392,7 @@ class Tier2Client:
           raise _error(shard.address, e) from None
         call.add_done_callback(lambda c, shard=shard: on_done(c, shard))
     finally:
-      write_and_ring(batch)  # also the requests prepared before a shard failed
+      write_and_ring(batch, native=self.native_writer)  # also the requests prepared before a shard failed
     return result
 
   def attend(self, layer: int, seq_ids, positions, q, k, v, timeout_s: float | None = None):

@@ -107,7 +107,8 @@ class Tier2Servers:
       for group, layers in zip(groups, ranges):
         self.fleets.append(Tier2Client.for_model(group, model, layers=layers, timeout_s=t.timeout_s,
                                              transport=t.transport, auth_token=t.auth_token,
-                                             tls_ca=t.tls_ca))  # set with addresses only
+                                             tls_ca=t.tls_ca,  # set with addresses only
+                                             native_writer=t.native_writer))
       if slices == 1:
         self.client = self.fleets[0]
     except BaseException:

@@ -57,15 +57,13 @@ def test_transport_negotiation(servers):
 
 @pytest.mark.parametrize("writer", ["native", "python"])
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
-def test_shm_is_bit_identical_to_grpc(servers, dtype, writer, monkeypatch):
+def test_shm_is_bit_identical_to_grpc(servers, dtype, writer):
   """Same inputs to twin sequences over both transports; slots start small and must grow. q, k, v are
-  views of one array (strided rows, as the pipelined runner sends them), written by shm_ring.cc or, when
-  it cannot be built, by NumPy."""
-  if writer == "python":
-    monkeypatch.setattr(shm_session, "native_writer", lambda: None)
-  else:
-    assert shm_session.native_writer() is not None
-  clients = [Tier2Client([servers[0]], **DIMS, transport=t, shm_slot_bytes=4096) for t in ("grpc", "shm")]
+  views of one array (strided rows, as the pipelined runner sends them), written by shm_ring.cc or by
+  NumPy (tier2.native_writer=False, or no g++)."""
+  assert shm_session.native_writer() is not None  # g++ is there: "native" is the native writer
+  clients = [Tier2Client([servers[0]], **DIMS, transport=t, shm_slot_bytes=4096, native_writer=writer == "native")
+             for t in ("grpc", "shm")]
   try:
     assert [c.transports for c in clients] == [["grpc"], ["shm"]]
     base = (100 if dtype == np.float32 else 200) + (50 if writer == "python" else 0)
@@ -324,11 +322,9 @@ def test_native_rows_describe_the_parts_bytes(make):
 
 
 @pytest.mark.parametrize("writer", ["native", "python"])
-def test_a_batch_that_cannot_be_written_fails_its_calls_and_frees_their_slots(servers, writer, monkeypatch):
+def test_a_batch_that_cannot_be_written_fails_its_calls_and_frees_their_slots(servers, writer):
   """Parts that are not the prepared request's bytes: write_and_ring raises, every call of the batch fails
   at once (none waits for its deadline) and its slot is reused; the session keeps serving."""
-  if writer == "python":
-    monkeypatch.setattr(shm_session, "native_writer", lambda: None)
   with grpc.insecure_channel(servers[0]) as ch:
     session = ShmSession(tier2_pb2_grpc.Tier2Stub(ch), None, 10)
     try:
@@ -337,7 +333,7 @@ def test_a_batch_that_cannot_be_written_fails_its_calls_and_frees_their_slots(se
       assert session.num_slots == 2
       start = time.perf_counter()
       with pytest.raises(ValueError, match="128 bytes for a 64-byte request"):
-        shm_session.write_and_ring([(calls[0], [payload]), (calls[1], [payload, payload])])
+        shm_session.write_and_ring([(calls[0], [payload]), (calls[1], [payload, payload])], native=writer == "native")
       if writer == "python":  # writes and rings call by call: the first went
         assert len(calls.pop(0).future.result(timeout=10)) == 64
       for call in calls:

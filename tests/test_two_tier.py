@@ -93,6 +93,13 @@ def test_pipelined_copies_through_pinned_or_pageable_host_memory_match_local(ser
     assert (copy.sharding.memory_kind == "pinned_host") == pinned
 
 
+def test_pipelined_with_the_numpy_shm_writer_matches_local(servers, local_tokens):
+  prompts, want = local_tokens
+  with Engine(_config("pipelined", servers, in_flight=3, native_writer=False)) as engine:
+    assert not engine.tier2.client.native_writer
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == want
+
+
 def test_pipelined_with_a_short_switch_interval_matches_local_and_restores_it(servers, local_tokens):
   prompts, want = local_tokens
   before = sys.getswitchinterval()

@@ -324,14 +324,15 @@ class ShmSession:
     return _Slot(index, generation, region)
 
 
-def write_and_ring(calls: list[tuple[Prepared, list[np.ndarray]]]) -> None:
+def write_and_ring(calls: list[tuple[Prepared, list[np.ndarray]]], native: bool = True) -> None:
   """Writes each prepared call's request parts (tensor_wire.request_parts, strided views allowed) into its
-  slot and rings its session, call after call: in one native call without the GIL (csrc/shm_ring.cc)
-  when it builds, else part by part in Python (each copy and send takes the GIL back). A call that could
-  not be sent fails (its session's calls all do if its doorbell is gone); none is left waiting."""
+  slot and rings its session, call after call: with `native`, in one native call without the GIL
+  (csrc/shm_ring.cc) when it builds, else part by part in Python (each copy and send takes the GIL
+  back). A call that could not be sent fails (its session's calls all do if its doorbell is gone); none
+  is left waiting."""
   calls = [(call, parts) for call, parts in calls if call.notify]
   try:
-    lib = native_writer()
+    lib = native_writer() if native else None
     if lib is None:
       while calls:
         call, parts = calls[0]

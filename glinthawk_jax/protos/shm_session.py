@@ -139,8 +139,7 @@ class ShmSession:
     be attached.
     """
     call = self.prepare(op, sum(p.nbytes for p in parts), reply_bytes, timeout_s, consume)
-    call.region.write_parts(parts)
-    self.ring(call)
+    write_and_ring([(call, parts)], native=False)  # as before: NumPy copies (they drop the GIL while they run)
     return call.future
 
   def prepare(self, op: int, request_bytes: int, reply_bytes: int, timeout_s: float,
@@ -180,12 +179,10 @@ class ShmSession:
   def abandon(self, call: "Prepared", error: BaseException) -> None:
     """Fails a prepared call that was never rung with `error`; its slot is free again."""
     with self._lock:
-      mine = self._calls.get(call.slot.index)
-      if mine is not None and mine.future is call.future:
+      registered = getattr(self._calls.get(call.slot.index), "future", None) is call.future
+      if registered:
         del self._calls[call.slot.index]
-      else:
-        mine = None
-    if mine is not None:
+    if registered:
       self._give_back(call.slot)
     if not call.future.done():
       call.future.set_exception(error)

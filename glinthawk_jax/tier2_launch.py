@@ -22,7 +22,7 @@ from glinthawk_jax.tier2_slices import SlicedTier2Client
 from models.model_config import ModelConfig
 
 _MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-               "num_kv_heads", "head_dim")
+               "num_kv_heads", "head_dim", "max_position_embeddings")
 
 
 def server_args(config: ml_collections.ConfigDict, model: ModelConfig, cpus: str,

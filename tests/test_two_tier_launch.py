@@ -140,3 +140,18 @@ def test_spawned_servers_hold_their_pool_on_huge_pages_as_configured(huge_pages,
   finally:
     servers.close()
   assert (huge_kib >= 0.5 * 0.25 * 2**20) == huge_pages  # most of the 256 MiB pool, or little of it
+
+
+def test_spawned_servers_take_a_context_past_the_tiny_configs():
+  from configs import tiny
+  from glinthawk_jax.config import model_config
+  from glinthawk_jax.tier2_launch import Tier2Servers
+
+  c = tiny.get_config()  # servers start from configs/tiny.py, whose model allows 2048 positions
+  c.placement, c.tier2.spawn, c.tier2.kv_cache_gb = "pipelined", 1, 0.05
+  c.model.max_position_embeddings, c.engine.max_model_len = 8192, 4096
+  servers = Tier2Servers(c, model_config(c))
+  try:
+    assert servers.client.allocate([0], expected_tokens=3000) == [0]
+  finally:
+    servers.close()

@@ -18,6 +18,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 TIER2_KV_DTYPES = ("float32", "bfloat16", "int8")
 TIER2_TRANSPORTS = ("auto", "grpc", "shm")
 TIER2_SPLITS = ("shards", "spread")  # how the pipelined runner cuts a decode batch (placements/pipelined.py)
+TIER2_HOST_COPIES = ("fused", "pinned", "pageable")  # how its q, k, v reach the host (placements/pipelined.py)
 ROLES = ("colocated", "prefill", "decode")
 TRANSFER_FAILURE_POLICIES = ("recompute", "fail")
 MAX_IN_FLIGHT = 8
@@ -106,9 +107,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Spawned servers' KV pools on transparent huge pages (glibc.malloc.hugetlb=1; the host's THP mode must
   # be always or madvise): the kernel read 1-5% faster on an H200 host (docs/BENCHMARKS.md).
   c.tier2.huge_pages = True
-  # Pipelined: q, k, v and prefill K, V copied to pinned host memory, not pageable: on an H200 host the bulk
-  # prefill's K, V reached tier 2 at 11.6 GB/s against 1.3 (docs/BENCHMARKS.md); decode the same within noise.
-  c.tier2.pinned_copies = True
+  # Pipelined: how q, k, v and prefill K, V reach the host. "fused": a decode step's own program copies its
+  # q, k, v into pinned host memory (one dispatch a step instead of two: dispatch 0.9-1.2 ms against 1.3-1.6
+  # and decode tok/s higher in 6 of 8 interleaved pairs on an H200 host, docs/BENCHMARKS.md; prefill's K, V
+  # as "pinned"); "pinned": a device_put into pinned host memory after each step (the bulk prefill's K, V
+  # reached tier 2 at 11.6 GB/s against 1.3 pageable); "pageable": copy_to_host_async.
+  c.tier2.host_copy = "fused"
   # Shared-memory requests of a tensor call written and rung in one native call without the GIL
   # (tier2_cpu/csrc/shm_ring.cc; built with g++ at first use); False: NumPy writes, one part at a time.
   c.tier2.native_writer = True
@@ -223,6 +227,7 @@ def _validate_tier2(t, slices: int) -> None:
   if not isinstance(t.in_flight, int) or not 0 <= t.in_flight <= MAX_IN_FLIGHT:
     raise ConfigError(f"tier2.in_flight={t.in_flight!r}: expected an integer in [0, {MAX_IN_FLIGHT}]")
   _one_of("tier2.split", t.split, TIER2_SPLITS)
+  _one_of("tier2.host_copy", t.host_copy, TIER2_HOST_COPIES)
   if t.inject_delay_ms < 0:
     raise ConfigError(f"tier2.inject_delay_ms={t.inject_delay_ms}: expected >= 0")
   for key in ("auth_token", "tls_ca"):

@@ -129,7 +129,7 @@ class Engine:
       return ModelRunner(model, backend, ec.decode_steps_per_call, ec.layer_loop, self.layout)
     return PipelinedRunner(model, self.tier2.client, ec.decode_steps_per_call, t.in_flight, t.timeout_s,
                            self.layout, local, spread=t.split == "spread", send_thread=t.send_thread,
-                           pinned_copies=t.pinned_copies)
+                           host_copy=t.host_copy)
 
   def close(self) -> None:
     """Stops the tier-2 servers this engine spawned (no-op for placement local) and restores the

@@ -29,6 +29,7 @@ def test_shipped_configs_have_the_real_parameter_counts(module, params_billion):
     ("splitwise.prefills_in_flight", 0, "splitwise.prefills_in_flight=0"),
     ("splitwise.layers_per_call", 0, "splitwise.layers_per_call=0"),
     ("splitwise.prefill_rows", 0, "splitwise.prefill_rows=0"),
+    ("tier2.host_copy", "unpinned", "tier2.host_copy='unpinned': expected one of fused, pinned, pageable"),
 ])
 def test_bad_values_name_the_key(key, value, message):
   config = tiny.get_config()

@@ -27,13 +27,13 @@ def _shared(placement, addresses, fraction, **engine):
   return c
 
 
-@pytest.mark.parametrize("placement,fraction,pinned", [("pipelined", 0.5, False), ("pipelined", 0.25, False),
-                                                       ("pipelined", 0.5, True), ("callback", 0.5, False)])
-def test_shared_greedy_tokens_match_local_and_use_both_sides(servers, local_tokens, placement, fraction, pinned):
+@pytest.mark.parametrize("placement,fraction,host_copy", [("pipelined", 0.5, "pageable"), ("pipelined", 0.25, "pinned"),
+                                                          ("pipelined", 0.5, "fused"), ("callback", 0.5, "fused")])
+def test_shared_greedy_tokens_match_local_and_use_both_sides(servers, local_tokens, placement, fraction, host_copy):
   prompts, want = local_tokens
   served_before = _tokens_served(servers)
   c = _shared(placement, servers, fraction)
-  c.tier2.pinned_copies = pinned  # the host copies pinned; local attention still reads the device's q, k, v
+  c.tier2.host_copy = host_copy  # local attention still reads the device's q, k, v
   with Engine(c) as engine:
     got = [o.token_ids for o in engine.generate(prompts, GREEDY)]
     stats = engine.stats

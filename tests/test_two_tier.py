@@ -84,13 +84,16 @@ def test_pipelined_replies_placed_on_the_device_as_they_arrive_match_local(serve
     assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == want
 
 
-@pytest.mark.parametrize("pinned", [True, False])
-def test_pipelined_copies_through_pinned_or_pageable_host_memory_match_local(servers, local_tokens, pinned):
+@pytest.mark.parametrize("host_copy", ["fused", "pinned", "pageable"])
+def test_pipelined_copies_to_the_host_every_way_match_local(servers, local_tokens, host_copy):
   prompts, want = local_tokens
-  with Engine(_config("pipelined", servers, in_flight=3, pinned_copies=pinned)) as engine:
+  with Engine(_config("pipelined", servers, in_flight=3, host_copy=host_copy)) as engine:
     assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == want
-    copy = engine.runner._to_host(jax.numpy.ones(2))
-    assert (copy.sharding.memory_kind == "pinned_host") == pinned
+    runner = engine.runner  # a first step's host copy of q, k, v: where it lives, and that it is q, k, v
+    _, (_, qkv, copy) = runner._launch("first", runner._first, runner.outer, runner.layers[0],
+                                       np.zeros((8, 1), np.int32), jax.numpy.zeros((8, 1), jax.numpy.int32))
+    assert (copy.sharding.memory_kind == "pinned_host") == (host_copy != "pageable")
+    np.testing.assert_array_equal(np.asarray(copy), np.asarray(qkv))
 
 
 def test_pipelined_with_the_numpy_shm_writer_matches_local(servers, local_tokens):

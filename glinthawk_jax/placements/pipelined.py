@@ -6,7 +6,7 @@ Steps (each compiled once per shape and reused for every layer; layer weights ar
   middle: post-attention of layer L + pre-attention of L + 1  -> x, q, k, v
   last:   post-attention of the last layer + logits + sampling -> tokens
   bulk:   a whole layer over a prompt's first chunk, attention local (causal) -> x, k, v
-After a step, q, k, v go to the host (`copy_to_host_async`, or with tier2.pinned_copies a copy into the
+After a step, q, k, v go to the host (tier2.host_copy: by default the step's own program copies them into the
 accelerator's pinned host memory, which DMA fills faster than pageable memory) and to tier 2 (`attend_async`, which
 appends K, V and returns the attention output) from a sender thread (tier2.send_thread), so the main
 thread only dispatches; the thread that completes a decode step's tier-2 call puts its output on the
@@ -99,6 +99,7 @@ class PipelineStats:
   turnaround_s: float = 0.0
   max_turnaround_s: float = 0.0
   num_turnarounds: int = 0
+  reply_s: float = 0.0  # a decode step's attention output readied for the next step (padded, put on the device)
   num_steps: int = 0
   num_round_trips: int = 0
   tier2_bytes: int = 0  # q, k, v sent plus attention outputs received
@@ -110,7 +111,7 @@ class PipelinedRunner:
 
   def __init__(self, model, client: Tier2Client, decode_steps: int, in_flight: int, timeout_s: float,
                layout: Layout | None = None, local: LocalPagedAttention | None = None, spread: bool = False,
-               send_thread: bool = True, pinned_copies: bool = True):
+               send_thread: bool = True, host_copy: str = "fused"):
     self.client = client
     self.spread = spread  # decode micro-batches span every shard (tier2.split "spread") instead of few
     self.decode_steps = decode_steps
@@ -132,11 +133,12 @@ class PipelinedRunner:
                                                            (layers[0], outers[0], outers[-1]))
     self.layers = [tuple(jax.tree_util.tree_leaves(layer)) for layer in layers]
     self.outer, self.outer_last = (tuple(jax.tree_util.tree_leaves(t)) for t in (outers[0], outers[-1]))
-    self._first = jax.jit(self._first_fn)
-    self._middle = jax.jit(self._middle_fn)
+    self._host_copy = host_copy
+    self._first = jax.jit(self._copying(self._first_fn))
+    self._middle = jax.jit(self._copying(self._middle_fn))
     self._last = jax.jit(self._last_fn, static_argnames=("greedy_only",))
     self._post = jax.jit(lambda layer, x, attn: self._layer(layer).post_attention(x, attn))
-    self._pre = jax.jit(lambda layer, x, positions: _fuse(self._layer(layer).pre_attention(x, positions)))
+    self._pre = jax.jit(self._copying(lambda layer, x, positions: (x, _fuse(self._layer(layer).pre_attention(x, positions)))))
     self._embed = jax.jit(lambda outer, tokens: self._model(self.outer_def, outer).embed(tokens))
     self._bulk = jax.jit(self._bulk_fn)
     # Tier 1's paged cache of local sequences, one backend and pool per layer slice.
@@ -155,7 +157,6 @@ class PipelinedRunner:
     self._place_replies = jax.default_backend() != "cpu"
     # One thread: sends in order. Without it the main thread sends, after each dispatch.
     self._sender = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier1-send") if send_thread else None
-    self._pinned = pinned_copies
     self.compiled_shapes: set[tuple] = set()
 
   @property
@@ -172,6 +173,18 @@ class PipelinedRunner:
     """The model module (embedding, final norm, logits) from a slice's flat outer weights."""
     return nnx.merge(self.graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
 
+  def _copying(self, step):
+    """`step` (returning x, q, k, v) with, under host_copy "fused", q, k, v's pinned-host copy as a third
+    output of the same program."""
+    if self._host_copy != "fused":
+      return step
+
+    def with_copy(*args):
+      x, qkv = step(*args)
+      return x, qkv, jax.device_put(qkv, jax.memory.Space.Host)
+
+    return with_copy
+
   def _first_fn(self, outer, layer, tokens, positions):
     x = self._model(self.outer_def, outer).embed(tokens)
     return x, _fuse(self._layer(layer).pre_attention(x, positions))
@@ -187,8 +200,7 @@ class PipelinedRunner:
 
   def _cross(self, next_slice, layer, next_layer, x, attn, positions):
     """The middle step across a slice boundary: post-attention on one slice, pre-attention on the next."""
-    x = self.layout.to_slice(self._post(layer, x, attn), next_slice)
-    return x, self._pre(next_layer, x, positions)
+    return self._pre(next_layer, self.layout.to_slice(self._post(layer, x, attn), next_slice), positions)
 
   def _bulk_fn(self, layer, x, positions, counts):
     layer = self._layer(layer)
@@ -438,7 +450,7 @@ class PipelinedRunner:
     out = fn(*args)
     if kind == "last":
       out.copy_to_host_async()
-    else:  # x, q, k, v on the device (local attention reads them there), and q, k, v's host copy
+    elif len(out) == 2:  # x, q, k, v on the device (local attention reads them there), and q, k, v's host copy
       out = (*out, self._to_host(out[1]))
     with self._stats_lock:
       self.stats.dispatch_s += time.perf_counter() - t
@@ -449,7 +461,7 @@ class PipelinedRunner:
   def _to_host(self, x: jax.Array) -> jax.Array:
     """Starts x's copy to the host: x itself (its NumPy copy on the way) or, with pinned copies, x in pinned
     host memory (np.asarray of it then reads host memory; for np.asarray only, no device compute)."""
-    if self._pinned:
+    if self._host_copy != "pageable":
       return jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))
     x.copy_to_host_async()
     return x
@@ -518,6 +530,7 @@ class PipelinedRunner:
   def _arrived(self, m: _Micro, layer: int, reply: futures.Future, call: futures.Future) -> None:
     """On the thread that completed tier 2's call: its attention output to `reply`, for a decode step
     already padded to m's rows [R, 1, H, D] and (not on the CPU) on its way to the device."""
+    t = time.perf_counter()
     try:
       out = call.result()
       if isinstance(m.index, slice):
@@ -530,6 +543,8 @@ class PipelinedRunner:
       reply.set_exception(e)
       return
     m.replied_at = time.perf_counter()
+    with self._stats_lock:
+      self.stats.reply_s += m.replied_at - t
     reply.set_result(out)
 
   def _real_tokens(self, m: _Micro):

@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import dataclasses
 import datetime
 import functools
 import gc
@@ -113,6 +114,9 @@ def parse_args(argv=None):
   p.add_argument("--roundtrip_batch", type=int, default=32, help="sequences in the --roundtrip run")
   p.add_argument("--append", action="store_true",
                  help="only the bulk prefill's K, V append to tier 2 (CPU): GB/s of the runner's host path")
+  p.add_argument("--long_context", type=int, default=0,
+                 help="the long shape's context, a power of two (default 512 for MHA models, 1024 for GQA: a decode "
+                 "step reads 64 GiB of KV on Llama-2-7B, 32 GiB on Llama-3-8B; 2048 gives 8B 7B's 64 GiB)")
   p.add_argument("--host_ram_gb", type=float, default=110.0, help="cap on all tier-2 pools together")
   p.add_argument("--local_fraction", type=float, default=0.0,
                  help="config.local_attention_fraction of the two-tier runs (0 = all KV on tier 2)")
@@ -165,8 +169,8 @@ def shape(args, name: str, model) -> dict:
         dict(output=args.output_len)
   if name == "short":
     return dict(batch=64, prompt=128, output=args.output_len)
-  context = 1024 if model.num_kv_heads < model.num_heads else 512  # MHA KV is 4x GQA's: fit host RAM
-  # a decode step reads 64 GiB (7B) or 32 GiB (8B) of KV here
+  # MHA KV is 4x GQA's: fit host RAM. A decode step reads 64 GiB (7B) or 32 GiB (8B) of KV by default.
+  context = args.long_context or (1024 if model.num_kv_heads < model.num_heads else 512)
   return dict(batch=256, prompt=context - 32, output=max(args.decode_steps, args.output_len // 2))
 
 
@@ -258,7 +262,7 @@ class _Calls:
     if hasattr(r, "stats"):
       r.stats.max_turnaround_s = 0.0  # the longest of this call's
     before = (r.num_compilations, getattr(r, "depth", None), dict(vars(r.stats)) if hasattr(r, "stats") else None)
-    servers_before = _server_seconds(r)
+    servers_before, timings_before = _server_seconds(r), _client_timings(r)
     if self.samples:
       self.samples.start()
     t = time.perf_counter()
@@ -274,12 +278,27 @@ class _Calls:
     if stats is not None and servers_before is not None and \
         len(servers_after["tier2_busy_s"]) == len(servers_before["tier2_busy_s"]):  # no server lost meanwhile
       stats.update({k: v - servers_before[k] for k, v in servers_after.items()})
+    if stats is not None and timings_before is not None:
+      for name, after in _client_timings(r).items():
+        stats.update({f"{name}_s": after.total_s - timings_before[name].total_s,
+                      f"num_{name}s": after.count - timings_before[name].count})
     steady = r.num_compilations == before[0] and before[1] != 0  # depth 0: this call measured it
     self.calls.append(dict(seconds=seconds, out=out, steady=steady, stats=stats, stacks=stacks))
     if self.fn.__name__ == "prefill":  # tokens, positions, page_ids, offsets, block_tables, context_lens, ...
       positions, context_lens = np.asarray(args[1]), np.asarray(args[5])
       self.calls[-1]["tokens"] = int(np.maximum(context_lens - positions[:, 0], 0).sum())
     return out
+
+
+def _client_timings(runner) -> dict | None:
+  """The tier-2 client's counters so far, as Durations: "spread" (a call's first to last shard reply read),
+  "server_spread" (the servers' first to last reply sent), "lag" (a server sending a shared-memory reply to
+  tier 1 reading it); None without a Tier2Client."""
+  client = getattr(runner, "client", None)
+  if not hasattr(client, "reply_spread"):
+    return None
+  return {"spread": dataclasses.replace(client.reply_spread),
+          "server_spread": dataclasses.replace(client.server_spread), "lag": client.reply_lag()}
 
 
 def _server_seconds(runner) -> dict | None:
@@ -354,7 +373,12 @@ def run_one(config, s: dict, timed_tokens: int, variant: str = "", sample_stacks
                  max_turnaround_ms=1e3 * d["max_turnaround_s"],
                  tier1_step_ms=1e3 * d["tier1_s"] / max(d["num_steps"], 1),
                  dispatch_ms=1e3 * d["dispatch_s"] / max(d["num_steps"], 1),
-                 send_ms=1e3 * d["send_s"] / max(d["num_round_trips"], 1))
+                 send_ms=1e3 * d["send_s"] / max(d["num_round_trips"], 1),
+                 reply_ms=1e3 * d["reply_s"] / max(d["num_round_trips"], 1))
+      if "spread_s" in d:
+        row.update(reply_spread_ms=1e3 * d["spread_s"] / max(d["num_spreads"], 1),
+                   server_spread_ms=1e3 * d["server_spread_s"] / max(d["num_server_spreads"], 1),
+                   reply_lag_ms=1e3 * d["lag_s"] / max(d["num_lags"], 1))
       if "tier2_busy_s" in d:  # each server's seconds over the decode time (every timed call kept its servers)
         busy, kernel, span = d["tier2_busy_s"], d["tier2_kernel_s"], max(decode_s, 1e-9)
         row.update(tier2_busy_fraction=busy.mean() / span, tier2_kernel_fraction=kernel.mean() / span,
@@ -675,7 +699,7 @@ def print_table(results: dict) -> None:
         f"{results['args']['spawn']} tier-2 processes (srv: this row's), {results['elapsed_s']:.0f} s")
   head = (f"{'model':>10} {'shape':>5} {'batch':>5} {'ctx':>5} {'placement':>9} {'split':>6} {'delay':>5} {'srv':>3} "
           f"{'pf s':>6} {'dec tok/s':>9} {'local':>5} {'depth':>5} {'t1 busy':>7} {'step ms':>7} {'disp ms':>7} "
-          f"{'send ms':>7} {'rtt ms':>6} {'turn ms':>11} {'t2 busy':>7} {'t2 kern':>7} {'t2 KV GB/s':>10} {'wire B':>7} {'t1 fl ms':>8} {'t2 fl ms':>8} "
+          f"{'send ms':>7} {'rtt ms':>6} {'turn ms':>11} {'sprd ms':>7} {'srv sprd':>8} {'lag ms':>6} {'rep ms':>6} {'t2 busy':>7} {'t2 kern':>7} {'t2 KV GB/s':>10} {'wire B':>7} {'t1 fl ms':>8} {'t2 fl ms':>8} "
           f"{'bound':>6} {'eff':>6} {'pf GB/s':>7} {'run s':>5} variant")
   print(head)
   for r in results["runs"]:
@@ -685,7 +709,7 @@ def print_table(results: dict) -> None:
           f"{r['local_share']:>5.2f} "
           f"{f('in_flight', 'd'):>5} {f('tier1_busy_fraction', '.2f'):>7} {f('tier1_step_ms', '.2f'):>7} "
           f"{f('dispatch_ms', '.2f'):>7} {f('send_ms', '.2f'):>7} {f('mean_rtt_ms', '.2f'):>6} "
-          f"{_turnaround(r):>11} "
+          f"{_turnaround(r):>11} {f('reply_spread_ms', '.2f'):>7} {f('server_spread_ms', '.2f'):>8} {f('reply_lag_ms', '.2f'):>6} {f('reply_ms', '.2f'):>6} "
           f"{f('tier2_busy_fraction', '.2f'):>7} {f('tier2_kernel_fraction', '.2f'):>7} "
           f"{f('tier2_kv_gb_s', '.2f'):>10} "
           f"{f('wire_bytes_per_token_layer', 'd'):>7} {r['tier1_floor_ms']:>8.2f} {r['tier2_floor_ms']:>8.2f} "

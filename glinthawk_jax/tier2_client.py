@@ -13,11 +13,13 @@ import functools
 import ipaddress
 import itertools
 import threading
+import time
 from concurrent import futures
 
 import grpc
 import numpy as np
 
+from glinthawk_jax.durations import Durations
 from glinthawk_jax.protos import shm_wire, tensor_wire, tier2_pb2, tier2_pb2_grpc
 from glinthawk_jax.protos.shm_session import ShmSession, write_and_ring
 from glinthawk_jax.protos.shm_session import native_writer as shm_native_writer
@@ -183,6 +185,10 @@ class Tier2Client:
       raise ValueError("addresses: expected at least one tier-2 server")
     self._placement: dict[int, int] = {}
     self._lock = threading.Lock()
+    # Over the tensor calls that span several shards: a call's first shard reply read to its last (how long
+    # its fastest shards' answers wait for the slowest), and, where every reply came through shared memory,
+    # the servers' first reply sent to their last (the part of it that is the servers'). Updated under _lock.
+    self.reply_spread, self.server_spread = Durations(), Durations()
     self._request_ids = itertools.count()
     request = tier2_pb2.HandshakeRequest(
         protocol_version=tensor_wire.PROTOCOL_VERSION,
@@ -339,7 +345,7 @@ class Tier2Client:
     if not parts:
       result.set_result(None if append_only else out)
       return result
-    pending = [len(parts)]
+    pending, first_reply_at, server_sent_at = [len(parts)], [], []
     lock = threading.Lock()
     timeout = self.timeout_s if timeout_s is None else timeout_s
 
@@ -361,9 +367,15 @@ class Tier2Client:
       except Exception as e:  # noqa: BLE001 (e.g. OSError attaching a shared-memory slot on a shard's thread)
         _fail(Tier2Error(shard.address, None, f"{type(e).__name__}: {e}"))
         return
+      now = time.perf_counter()
       with lock:
         pending[0] -= 1
+        if not first_reply_at:
+          first_reply_at.append(now)
+        server_sent_at.append(getattr(call, "server_sent_at", None))  # None: not a shared-memory reply
         if pending[0] == 0 and not result.done():
+          if len(parts) > 1:
+            self._add_spread(now - first_reply_at[0], server_sent_at)
           result.set_result(None if append_only else out)
 
     def _fail(error):
@@ -394,6 +406,16 @@ class Tier2Client:
     finally:
       write_and_ring(batch, native=self.native_writer)  # also the requests prepared before a shard failed
     return result
+
+  def _add_spread(self, seconds: float, server_sent_at: list) -> None:
+    with self._lock:
+      self.reply_spread.add(seconds)
+      if None not in server_sent_at:
+        self.server_spread.add(max(server_sent_at) - min(server_sent_at))
+
+  def reply_lag(self) -> Durations:
+    """Over the shared-memory replies so far: a server sending a reply to this process reading it."""
+    return sum((shard.shm.reply_lag() for shard in self.shards if shard.shm), Durations())
 
   def attend(self, layer: int, seq_ids, positions, q, k, v, timeout_s: float | None = None):
     """Blocking attend_async."""

@@ -131,6 +131,23 @@ def test_async_futures_overlap(gqa):
   gqa.release([1, 2, 3])
 
 
+def test_reply_spread_counts_the_calls_over_several_shards(gqa):
+  shards = gqa.allocate([1, 2, 3, 4])
+  one_shard = [s for s in (1, 2, 3, 4) if gqa.shard_of(s) == shards[0]]
+  q, k = np.ones((4, 4, 16), np.float32), np.ones((4, 2, 16), np.float32)
+  gqa.attend(0, [1, 2, 3, 4], [0] * 4, q, k, k)  # two or three shards
+  gqa.attend(1, [1, 2, 3, 4], [0] * 4, q, k, k)
+  spread, lag = gqa.reply_spread, gqa.reply_lag()
+  assert spread.count == 2 and 0 < spread.total_s <= 2 * spread.max_s
+  if all(t == "shm" for t in gqa.transports):  # each shard's reply read after the server sent it
+    assert lag.count >= 4 and 0 < lag.total_s <= lag.count * lag.max_s
+    assert gqa.server_spread.count == 2 and 0 < gqa.server_spread.total_s <= 2 * gqa.server_spread.max_s
+  n = len(one_shard)
+  gqa.attend(0, one_shard, [1] * n, q[:n], k[:n], k[:n])  # one shard: nothing to wait for
+  assert gqa.reply_spread.count == 2 and gqa.server_spread.count in (0, 2)
+  gqa.release([1, 2, 3, 4])
+
+
 def test_errors_are_typed_and_name_the_server(servers):
   with pytest.raises(HandshakeError, match="num_kv_heads"):
     Tier2Client(servers[:1], **MHA)

@@ -171,7 +171,8 @@ class _RawDoorbell:
 
   def ring(self, message: bytes) -> grpc.StatusCode:
     self.sock.sendall(message)
-    _, status, size = shm_wire.REPLY.unpack(shm_wire.recv_exact(self.sock, shm_wire.REPLY.size))
+    _, status, size, sent_at = shm_wire.REPLY.unpack(shm_wire.recv_exact(self.sock, shm_wire.REPLY.size))
+    assert 0 <= time.monotonic() - sent_at < 30  # the server's clock is this host's monotonic clock
     if status:
       shm_wire.recv_exact(self.sock, size)  # the error message
     return {c.value[0]: c for c in grpc.StatusCode}[status]

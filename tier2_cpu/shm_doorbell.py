@@ -16,6 +16,7 @@ import secrets
 import socket
 import struct
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -133,7 +134,7 @@ class Doorbell:
       message, status = f"{type(e).__name__}: {e}".encode(), grpc.StatusCode.UNKNOWN.value[0]
     try:
       with send_lock:
-        conn.sendall(shm_wire.REPLY.pack(slot, status, len(message) if status else size) + message)
+        conn.sendall(shm_wire.REPLY.pack(slot, status, len(message) if status else size, time.monotonic()) + message)
     except OSError:
       return False
     return status == 0

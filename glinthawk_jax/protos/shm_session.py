@@ -27,6 +27,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 
+from glinthawk_jax.durations import Durations
 from glinthawk_jax.protos import shm_wire, tier2_pb2
 from glinthawk_jax.protos.tensor_wire import WireError
 
@@ -48,6 +49,12 @@ class ShmCallError(grpc.RpcError):
 
   def details(self) -> str:
     return self._details
+
+
+class ShmFuture(futures.Future):
+  """A shared-memory call's Future; once answered, server_sent_at is the server's time.monotonic() when it
+  sent the reply (one clock for the whole host)."""
+  server_sent_at: float | None = None
 
 
 @dataclasses.dataclass
@@ -107,13 +114,14 @@ class ShmSession:
     self._wake, self._woken = socket.socketpair()
     self._num_slots = 0
     self._doorbell = ""
+    self._reply_lag = Durations()  # the server sending each reply to the reader thread reading it
     self._free.append(self._attach(self._new_index(), 0, slot_bytes))  # fails here, not mid-batch
     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
       self._sock.settimeout(timeout_s)
       self._sock.connect(shm_wire.doorbell_address(self._doorbell))
       self._sock.sendall(shm_wire.HELLO.pack(self.session))
-      _, status, size = shm_wire.REPLY.unpack(shm_wire.recv_exact(self._sock, shm_wire.REPLY.size))
+      _, status, size, _ = shm_wire.REPLY.unpack(shm_wire.recv_exact(self._sock, shm_wire.REPLY.size))
       if status:
         raise ShmCallError(_STATUS.get(status, grpc.StatusCode.UNKNOWN),
                            shm_wire.recv_exact(self._sock, size).decode(errors="replace"))
@@ -129,10 +137,15 @@ class ShmSession:
   def num_slots(self) -> int:
     return self._num_slots
 
+  def reply_lag(self) -> Durations:
+    """A copy of the replies' lag so far: the server sending each to this session's reader reading it."""
+    with self._lock:
+      return dataclasses.replace(self._reply_lag)
+
   def call(self, op: int, parts, reply_bytes: int, timeout_s: float, consume=bytes) -> futures.Future:
     """Sends the request `parts` (tensor_wire.request_parts) through a slot.
 
-    Returns a Future of `consume(reply)`, where `reply` is a memoryview of the reply bytes in the
+    Returns a ShmFuture of `consume(reply)`, where `reply` is a memoryview of the reply bytes in the
     slot, valid only during the call (the default copies it to bytes); the Future fails with a
     grpc.RpcError (ShmCallError) carrying the server's status, or with what `consume` raised.
     `consume` runs on the session's reader thread. Raises grpc.RpcError at once if a slot could not
@@ -148,7 +161,7 @@ class ShmSession:
     caller then writes the request at the slot's offset 0 and rings (`ring`, or `write_and_ring` for
     several sessions at once). Raises as `call` does."""
     slot = self._take(shm_wire.region_bytes(request_bytes, reply_bytes))
-    future: futures.Future = futures.Future()
+    future = ShmFuture()
     future.set_running_or_notify_cancel()
     call = _Call(slot, request_bytes, consume, time.monotonic() + timeout_s, future)
     with self._lock:
@@ -201,11 +214,14 @@ class ShmSession:
           raise ConnectionError("doorbell closed by the server")
         if len(header) < shm_wire.REPLY.size:
           header += shm_wire.recv_exact(self._sock, shm_wire.REPLY.size - len(header))
-        slot, status, size = shm_wire.REPLY.unpack(header)
+        slot, status, size, sent_at = shm_wire.REPLY.unpack(header)
+        lag = time.monotonic() - sent_at
         message = shm_wire.recv_exact(self._sock, size).decode(errors="replace") if status else ""
         with self._lock:
           call = self._calls.pop(slot, None)
+          self._reply_lag.add(lag)
         if call is not None:  # None: a call that already expired
+          call.future.server_sent_at = sent_at
           self._complete(call, status, size, message)
     except Exception as e:  # noqa: BLE001 (OSError, ValueError after close(), a bug: never leave calls hanging)
       self._fail_all(ShmCallError(grpc.StatusCode.UNAVAILABLE, f"shm doorbell: {e}"))

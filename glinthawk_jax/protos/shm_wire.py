@@ -7,8 +7,10 @@ doorbell, an abstract Unix stream socket named in ShmAttachReply: the client con
 answers a REPLY for slot HELLO_SLOT), then per call writes the request bytes (tensor_wire's layout,
 unchanged) at offset 0 of a free slot and sends NOTIFY; the server decodes the request in place,
 writes the reply bytes (tensor_wire's layout) at reply_offset(request bytes) and sends REPLY: the
-slot, a status (a grpc.StatusCode's number, 0 = OK) and the length of the reply in the slot, or of
-the error message that follows REPLY on the socket. Replies may come in any order. A socket message
+slot, a status (a grpc.StatusCode's number, 0 = OK), the length of the reply in the slot, or of
+the error message that follows REPLY on the socket, and the server's CLOCK_MONOTONIC when it sent the
+reply (one clock for every process of the host: the client measures how late it reads replies).
+Replies may come in any order. A socket message
 costs about 30 us where a gRPC notification cost about 0.6 ms on loopback (Python, 2-core host).
 
 Clean-up: a name lives in /dev/shm only from a slot's creation until ShmAttach returns (a client
@@ -36,8 +38,9 @@ ATTEND, ECHO = 1, 2  # NOTIFY's op: tensor_wire's Attend, or Echo (transport mea
 # session, slot, op, request bytes.
 NOTIFY = struct.Struct("<QIIQ")
 HELLO = struct.Struct("<Q")  # session, the first message on a doorbell connection
-# slot, status (grpc.StatusCode number, 0 = OK), reply bytes in the slot or error message bytes after.
-REPLY = struct.Struct("<IiQ")
+# slot, status (grpc.StatusCode number, 0 = OK), reply bytes in the slot or error message bytes after,
+# the server's time.monotonic() at sending.
+REPLY = struct.Struct("<IiQd")
 HELLO_SLOT = 0xFFFFFFFF  # REPLY's slot for the answer to HELLO
 _ALIGN = 64
 _NAME = re.compile(r"^gt2shm-[0-9a-f]+-[0-9a-f]+-\d+-\d+$")

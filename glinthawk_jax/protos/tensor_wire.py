@@ -18,7 +18,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: shm_wire's REPLY carries the server's send time
 MAGIC = b"GT2A"
 APPEND_MAGIC = b"GT2K"
 # magic, version, dtype code, (pad), request id, layer, num tokens N, heads H, kv heads KV, head dim D.

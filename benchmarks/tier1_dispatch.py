@@ -1,5 +1,5 @@
-"""Tier 1's host cost per pipelined step, alone: what the dispatching, sending and reply threads spend per
-micro-batch and layer, without tier 2 or other threads competing for the GIL.
+"""Tier 1's host cost per pipelined step, alone: a middle step's launch, its q, k, v reaching the host, and a
+reply's copy to the device, per micro-batch and layer, without tier 2 or other threads competing for the GIL.
 
 Builds the pipelined runner's jitted steps for a model's shapes (random weights, --layers layers, the real
 dims) under each tier2.host_copy mode and times, over --iters calls each: the middle step's dispatch as the
@@ -39,10 +39,13 @@ def parse_args(argv=None):
   p.add_argument("--model", default="llama3_8b", help="config module under configs/")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--rows", type=int, default=128, help="a micro-batch's rows (one decode token each)")
-  p.add_argument("--layers", type=int, default=2, help="layers built (the dims are the model's)")
+  p.add_argument("--layers", type=int, default=2, help="layers built, >= 2 (the dims are the model's)")
   p.add_argument("--iters", type=int, default=200)
   p.add_argument("--out", default="tier1_dispatch.json")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.layers < 2 or args.rows < 1 or args.iters < 1:
+    p.error("--layers must be at least 2 (a middle step spans two), --rows and --iters at least 1")
+  return args
 
 
 def mean_us(fn, iters: int) -> float:

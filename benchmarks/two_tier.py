@@ -14,7 +14,8 @@ larger calls than one server per core (each shard a micro-batch touches costs ti
 
 Per model (Llama-2-7B and Llama-3-8B shapes, random weights, bf16 weights and tier-2 KV) it runs two
 shapes: `short` (batch 64, prompt 128: tier 1 dominates) and `long` (batch 256, context ~1024 for GQA,
-~512 for MHA, so the tier-2 pools fit 128 GiB of host RAM: tier 2 dominates, Glinthawk's regime).
+~512 for MHA, so the tier-2 pools fit 128 GiB of host RAM: tier 2 dominates, Glinthawk's regime;
+--long_context sets another, e.g. 2048 for the GQA model's decode step to read the MHA one's 64 GiB).
 
 Floors, both measured in this run before any server starts:
   tier 1: one decode step reads the weights once: weight bytes / the device's copy bandwidth
@@ -33,7 +34,10 @@ bytes read by the attention kernels / decode time; t2 busy = the servers' time w
 service (their Stats; overlapping requests count once) / (servers x timed decode time), t2 kern = the
 time in the KV pool's append and attention over the same (each server's: tier2_busy_by_server and
 tier2_kernel_by_server in the JSON); turn ms = mean / max of tier 1's turnarounds, a micro-batch's last
-tier-2 reply in to its next q, k, v sent (meanwhile tier 2 serves only the other micro-batches). The delay
+tier-2 reply in to its next q, k, v sent (meanwhile tier 2 serves only the other micro-batches); sprd ms =
+a micro-batch's first shard reply read to its last, srv sprd = the servers' first reply sent to their last
+(shared memory: the servers stamp their replies), lag ms = a server sending a reply to tier 1 reading it,
+rep ms = the last reply's output readied for the next step (padded, put on the device). The delay
 sweep reruns pipelined (short shape, first model, one decode step per call) on servers started with
 tier2.inject_delay_ms, at the in-flight depth auto mode's rule gives for the no-delay run's step time and
 round trip plus the delay.
@@ -56,7 +60,6 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import dataclasses
 import datetime
 import functools
 import gc
@@ -115,8 +118,9 @@ def parse_args(argv=None):
   p.add_argument("--append", action="store_true",
                  help="only the bulk prefill's K, V append to tier 2 (CPU): GB/s of the runner's host path")
   p.add_argument("--long_context", type=int, default=0,
-                 help="the long shape's context, a power of two (default 512 for MHA models, 1024 for GQA: a decode "
-                 "step reads 64 GiB of KV on Llama-2-7B, 32 GiB on Llama-3-8B; 2048 gives 8B 7B's 64 GiB)")
+                 help="the long shape's context, a power of two >= 64 (default 512 for MHA models, 1024 for GQA: a "
+                 "decode step reads 64 GiB of KV on Llama-2-7B, 32 GiB on Llama-3-8B; 2048 gives Llama-3-8B the "
+                 "64 GiB of Llama-2-7B's default)")
   p.add_argument("--host_ram_gb", type=float, default=110.0, help="cap on all tier-2 pools together")
   p.add_argument("--local_fraction", type=float, default=0.0,
                  help="config.local_attention_fraction of the two-tier runs (0 = all KV on tier 2)")
@@ -136,6 +140,8 @@ def parse_args(argv=None):
   cores = len(os.sched_getaffinity(0))
   args.spawn = args.spawn or (2 if args.smoke or args.roundtrip else max(1, (cores - 2) // 4))
   args.spawn_sweep = [int(n) for n in args.spawn_sweep.split(",") if n]
+  if args.long_context and (args.long_context < 64 or args.long_context & (args.long_context - 1)):
+    p.error(f"--long_context {args.long_context}: expected a power of two >= 64")
   args.output_len = args.output_len or (8 if args.smoke else 16)
   delays = args.delays if args.delays is not None else ("0,20" if args.smoke else "0,5,20,50,100,200")
   args.delays = [float(d) for d in delays.split(",") if d]
@@ -291,14 +297,9 @@ class _Calls:
 
 
 def _client_timings(runner) -> dict | None:
-  """The tier-2 client's counters so far, as Durations: "spread" (a call's first to last shard reply read),
-  "server_spread" (the servers' first to last reply sent), "lag" (a server sending a shared-memory reply to
-  tier 1 reading it); None without a Tier2Client."""
+  """The tier-2 client's reply counters so far (Tier2Client.timings), None without a tier-2 client."""
   client = getattr(runner, "client", None)
-  if not hasattr(client, "reply_spread"):
-    return None
-  return {"spread": dataclasses.replace(client.reply_spread),
-          "server_spread": dataclasses.replace(client.server_spread), "lag": client.reply_lag()}
+  return client.timings() if hasattr(client, "timings") else None
 
 
 def _server_seconds(runner) -> dict | None:

@@ -108,10 +108,10 @@ def base_config() -> ml_collections.ConfigDict:
   # be always or madvise): the kernel read 1-5% faster on an H200 host (docs/BENCHMARKS.md).
   c.tier2.huge_pages = True
   # Pipelined: how q, k, v and prefill K, V reach the host. "fused": a decode step's own program copies its
-  # q, k, v into pinned host memory (one dispatch a step instead of two: dispatch 0.9-1.2 ms against 1.3-1.6
-  # and decode tok/s higher in 6 of 8 interleaved pairs on an H200 host, docs/BENCHMARKS.md; prefill's K, V
-  # as "pinned"); "pinned": a device_put into pinned host memory after each step (the bulk prefill's K, V
-  # reached tier 2 at 11.6 GB/s against 1.3 pageable); "pageable": copy_to_host_async.
+  # q, k, v into pinned host memory (one dispatch a step instead of two; on an H200 host less dispatch time in
+  # 7 of 8 interleaved pairs and more decode tok/s in 6, docs/BENCHMARKS.md; prefill's K, V as "pinned");
+  # "pinned": a device_put into pinned host memory after each step (the bulk prefill's K, V reached tier 2
+  # at 11.6 GB/s against 1.3 pageable); "pageable": copy_to_host_async.
   c.tier2.host_copy = "fused"
   # Shared-memory requests of a tensor call written and rung in one native call without the GIL
   # (tier2_cpu/csrc/shm_ring.cc; built with g++ at first use); False: NumPy writes, one part at a time.

@@ -21,7 +21,7 @@ import numpy as np
 
 from glinthawk_jax.durations import Durations
 from glinthawk_jax.protos import shm_wire, tensor_wire, tier2_pb2, tier2_pb2_grpc
-from glinthawk_jax.protos.shm_session import ShmSession, write_and_ring
+from glinthawk_jax.protos.shm_session import ShmFuture, ShmSession, write_and_ring
 from glinthawk_jax.protos.shm_session import native_writer as shm_native_writer
 
 MAX_MESSAGE_BYTES = 2**31 - 1
@@ -112,7 +112,7 @@ class _Shard:
   def _shm_call_on_thread(self, parts, reply_bytes: int, timeout: float, consume) -> futures.Future:
     """shm.call on this shard's thread: a large request's copy into the slot runs beside the other shards'
     (numpy copies release the GIL) instead of on the caller's thread, one shard after another."""
-    result: futures.Future = futures.Future()
+    result = ShmFuture()
     result.set_running_or_notify_cancel()
 
     def run():
@@ -127,6 +127,7 @@ class _Shard:
         elif c.exception() is not None:
           result.set_exception(c.exception())
         else:
+          result.server_sent_at = c.server_sent_at
           result.set_result(c.result())
 
       call.add_done_callback(relay)
@@ -185,10 +186,7 @@ class Tier2Client:
       raise ValueError("addresses: expected at least one tier-2 server")
     self._placement: dict[int, int] = {}
     self._lock = threading.Lock()
-    # Over the tensor calls that span several shards: a call's first shard reply read to its last (how long
-    # its fastest shards' answers wait for the slowest), and, where every reply came through shared memory,
-    # the servers' first reply sent to their last (the part of it that is the servers'). Updated under _lock.
-    self.reply_spread, self.server_spread = Durations(), Durations()
+    self._spread, self._server_spread = Durations(), Durations()  # see timings(); under _lock
     self._request_ids = itertools.count()
     request = tier2_pb2.HandshakeRequest(
         protocol_version=tensor_wire.PROTOCOL_VERSION,
@@ -409,13 +407,20 @@ class Tier2Client:
 
   def _add_spread(self, seconds: float, server_sent_at: list) -> None:
     with self._lock:
-      self.reply_spread.add(seconds)
+      self._spread.add(seconds)
       if None not in server_sent_at:
-        self.server_spread.add(max(server_sent_at) - min(server_sent_at))
+        self._server_spread.add(max(server_sent_at) - min(server_sent_at))
 
-  def reply_lag(self) -> Durations:
-    """Over the shared-memory replies so far: a server sending a reply to this process reading it."""
-    return sum((shard.shm.reply_lag() for shard in self.shards if shard.shm), Durations())
+  def timings(self) -> dict[str, Durations]:
+    """Copies of the reply counters so far. Over the tensor calls that span several shards: "spread", a
+    call's first shard reply read to its last (how long its fastest shards' answers wait for the slowest);
+    "server_spread", where every reply came through shared memory, the servers' first reply sent to their
+    last (the servers' part of it). Over the shared-memory replies: "lag", a server sending one to this
+    process reading it."""
+    with self._lock:
+      spread, server_spread = dataclasses.replace(self._spread), dataclasses.replace(self._server_spread)
+    lag = sum((shard.shm.reply_lag() for shard in self.shards if shard.shm), Durations())
+    return {"spread": spread, "server_spread": server_spread, "lag": lag}
 
   def attend(self, layer: int, seq_ids, positions, q, k, v, timeout_s: float | None = None):
     """Blocking attend_async."""

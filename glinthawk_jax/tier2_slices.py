@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from concurrent import futures
 
+from glinthawk_jax.durations import Durations
 from glinthawk_jax.tier2_client import Tier2Client, Tier2Error
 
 
@@ -74,6 +75,11 @@ class SlicedTier2Client:
 
   def stats(self) -> list[dict]:
     return [row for c in self.clients for row in c.stats()]
+
+  def timings(self) -> dict[str, Durations]:
+    """Tier2Client.timings summed over the slices' fleets."""
+    per_client = [c.timings() for c in self.clients]
+    return {name: sum((t[name] for t in per_client), Durations()) for name in per_client[0]}
 
   def close(self) -> None:
     for c in self.clients:

@@ -33,7 +33,7 @@ def test_shared_greedy_tokens_match_local_and_use_both_sides(servers, local_toke
   prompts, want = local_tokens
   served_before = _tokens_served(servers)
   c = _shared(placement, servers, fraction)
-  c.tier2.host_copy = host_copy  # local attention still reads the device's q, k, v
+  c.tier2.host_copy = host_copy  # pipelined's local attention still reads the device's q, k, v; callback ignores it
   with Engine(c) as engine:
     got = [o.token_ids for o in engine.generate(prompts, GREEDY)]
     stats = engine.stats

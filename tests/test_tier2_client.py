@@ -6,9 +6,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from glinthawk_jax import tier2_client
 from glinthawk_jax.config import model_config
 from glinthawk_jax.tier2_client import (HandshakeError, KVCacheFullError, ShardUnavailableError,
                                         Tier2Client, Tier2Error)
+from glinthawk_jax.tier2_slices import SlicedTier2Client
 from configs import tiny
 from tests.tier2_reference import ReferenceKV
 from tier2_cpu.process import start_servers, stop_servers
@@ -131,21 +133,38 @@ def test_async_futures_overlap(gqa):
   gqa.release([1, 2, 3])
 
 
-def test_reply_spread_counts_the_calls_over_several_shards(gqa):
+@pytest.mark.parametrize("on_shard_threads", [False, True])
+def test_reply_timings_count_the_calls_over_several_shards(gqa, monkeypatch, on_shard_threads):
+  if on_shard_threads:  # every request written on its shard's thread, as large ones are
+    monkeypatch.setattr(tier2_client, "THREAD_WRITE_BYTES", 0)
   shards = gqa.allocate([1, 2, 3, 4])
   one_shard = [s for s in (1, 2, 3, 4) if gqa.shard_of(s) == shards[0]]
   q, k = np.ones((4, 4, 16), np.float32), np.ones((4, 2, 16), np.float32)
   gqa.attend(0, [1, 2, 3, 4], [0] * 4, q, k, k)  # two or three shards
   gqa.attend(1, [1, 2, 3, 4], [0] * 4, q, k, k)
-  spread, lag = gqa.reply_spread, gqa.reply_lag()
-  assert spread.count == 2 and 0 < spread.total_s <= 2 * spread.max_s
-  if all(t == "shm" for t in gqa.transports):  # each shard's reply read after the server sent it
-    assert lag.count >= 4 and 0 < lag.total_s <= lag.count * lag.max_s
-    assert gqa.server_spread.count == 2 and 0 < gqa.server_spread.total_s <= 2 * gqa.server_spread.max_s
+  t = gqa.timings()
+  assert t["spread"].count == 2 and 0 < t["spread"].total_s <= 2 * t["spread"].max_s
+  assert gqa.transports == ["shm"] * 3  # loopback servers: each reply read after the server sent it
+  assert t["lag"].count >= 4 and 0 < t["lag"].total_s <= t["lag"].count * t["lag"].max_s
+  assert t["server_spread"].count == 2 and 0 < t["server_spread"].total_s <= 2 * t["server_spread"].max_s
   n = len(one_shard)
   gqa.attend(0, one_shard, [1] * n, q[:n], k[:n], k[:n])  # one shard: nothing to wait for
-  assert gqa.reply_spread.count == 2 and gqa.server_spread.count in (0, 2)
+  assert gqa.timings()["spread"].count == 2
   gqa.release([1, 2, 3, 4])
+
+
+def test_sliced_client_sums_its_fleets_timings(servers):
+  with Tier2Client.for_model(servers[:2], CFG) as first, Tier2Client.for_model(servers[2:3], CFG) as second:
+    sliced = SlicedTier2Client([first, second], layers_per_slice=1)  # layer 0 on two shards, layer 1 on one
+    sliced.allocate([1, 2])
+    assert sorted(first.shard_of(s) for s in (1, 2)) == [0, 1]
+    q, k = np.ones((2, 4, 16), np.float32), np.ones((2, 2, 16), np.float32)
+    for layer in (0, 1):
+      sliced.attend(layer, [1, 2], [0, 0], q, k, k)
+    t = sliced.timings()
+    assert t["spread"].count == t["server_spread"].count == 1 and t["lag"].count == 3
+    assert t["lag"].max_s == max(first.timings()["lag"].max_s, second.timings()["lag"].max_s)
+    sliced.release([1, 2])
 
 
 def test_errors_are_typed_and_name_the_server(servers):

@@ -89,9 +89,10 @@ def test_pipelined_copies_to_the_host_every_way_match_local(servers, local_token
   prompts, want = local_tokens
   with Engine(_config("pipelined", servers, in_flight=3, host_copy=host_copy)) as engine:
     assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == want
-    runner = engine.runner  # a first step's host copy of q, k, v: where it lives, and that it is q, k, v
-    _, (_, qkv, copy) = runner._launch("first", runner._first, runner.outer, runner.layers[0],
-                                       np.zeros((8, 1), np.int32), jax.numpy.zeros((8, 1), jax.numpy.int32))
+    runner = engine.runner  # a first step's host copy of q, k, v: who made it, where it lives, that it is q, k, v
+    args = (runner.outer, runner.layers[0], np.zeros((8, 1), np.int32), jax.numpy.zeros((8, 1), jax.numpy.int32))
+    assert len(runner._first(*args)) == (3 if host_copy == "fused" else 2)  # fused: the step's program copies
+    _, (_, qkv, copy) = runner._launch("first", runner._first, *args)
     assert (copy.sharding.memory_kind == "pinned_host") == (host_copy != "pageable")
     np.testing.assert_array_equal(np.asarray(copy), np.asarray(qkv))
 

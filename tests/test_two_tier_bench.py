@@ -22,3 +22,14 @@ def test_two_tier_smoke_samples_tier1_stacks(tmp_path):
   main = row["stacks"]["MainThread"]
   assert main and all(0 < fraction <= 1 and frames for fraction, frames in main)
   assert any("pipelined.py" in frames for _, frames in main)
+
+
+def test_tier1_dispatch_times_every_host_copy_mode(tmp_path):
+  out = tmp_path / "t1.json"
+  subprocess.run([sys.executable, "benchmarks/tier1_dispatch.py", "--model", "tiny", "--dtype", "float32",
+                  "--rows", "4", "--iters", "3", "--out", str(out)],
+                 cwd=REPO, check=True, timeout=300, capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  results = json.loads(out.read_text())
+  assert [m["host_copy"] for m in results["modes"]] == ["fused", "pinned", "pageable"]
+  assert all(m["launch_us"] > 0 and m["step_us"] > 0 and m["device_pace_us"] > 0 for m in results["modes"])
+  assert results["reply_device_put_us"] > 0 and results["modes"][0]["qkv_bytes"] == 4 * (4 + 2 * 2) * 16 * 4

@@ -99,7 +99,7 @@ class PipelineStats:
   turnaround_s: float = 0.0
   max_turnaround_s: float = 0.0
   num_turnarounds: int = 0
-  reply_s: float = 0.0  # a decode step's attention output readied for the next step (padded, put on the device)
+  reply_s: float = 0.0  # tier 2's attention outputs readied for the next step (padded, put on the device)
   num_steps: int = 0
   num_round_trips: int = 0
   tier2_bytes: int = 0  # q, k, v sent plus attention outputs received
@@ -138,7 +138,7 @@ class PipelinedRunner:
     self._middle = jax.jit(self._copying(self._middle_fn))
     self._last = jax.jit(self._last_fn, static_argnames=("greedy_only",))
     self._post = jax.jit(lambda layer, x, attn: self._layer(layer).post_attention(x, attn))
-    self._pre = jax.jit(self._copying(lambda layer, x, positions: (x, _fuse(self._layer(layer).pre_attention(x, positions)))))
+    self._pre = jax.jit(self._copying(self._pre_fn))
     self._embed = jax.jit(lambda outer, tokens: self._model(self.outer_def, outer).embed(tokens))
     self._bulk = jax.jit(self._bulk_fn)
     # Tier 1's paged cache of local sequences, one backend and pool per layer slice.
@@ -174,14 +174,14 @@ class PipelinedRunner:
     return nnx.merge(self.graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
 
   def _copying(self, step):
-    """`step` (returning x, q, k, v) with, under host_copy "fused", q, k, v's pinned-host copy as a third
+    """`step`, whose last output is q, k, v, with under host_copy "fused" their pinned-host copy as one more
     output of the same program."""
     if self._host_copy != "fused":
       return step
 
     def with_copy(*args):
-      x, qkv = step(*args)
-      return x, qkv, jax.device_put(qkv, jax.memory.Space.Host)
+      *outputs, qkv = step(*args)
+      return (*outputs, qkv, jax.device_put(qkv, jax.memory.Space.Host))
 
     return with_copy
 
@@ -198,9 +198,14 @@ class PipelinedRunner:
     logits = self._model(self.outer_last_def, outer).logits(x[:, -1])
     return sample(logits, temperature, top_k, top_p, seeds, token_index, greedy_only)
 
+  def _pre_fn(self, layer, x, positions):
+    """Pre-attention alone (after a slice boundary): (q, k, v,)."""
+    return (_fuse(self._layer(layer).pre_attention(x, positions)),)
+
   def _cross(self, next_slice, layer, next_layer, x, attn, positions):
     """The middle step across a slice boundary: post-attention on one slice, pre-attention on the next."""
-    return self._pre(next_layer, self.layout.to_slice(self._post(layer, x, attn), next_slice), positions)
+    x = self.layout.to_slice(self._post(layer, x, attn), next_slice)
+    return (x, *self._pre(next_layer, x, positions))
 
   def _bulk_fn(self, layer, x, positions, counts):
     layer = self._layer(layer)
@@ -450,8 +455,8 @@ class PipelinedRunner:
     out = fn(*args)
     if kind == "last":
       out.copy_to_host_async()
-    elif len(out) == 2:  # x, q, k, v on the device (local attention reads them there), and q, k, v's host copy
-      out = (*out, self._to_host(out[1]))
+    elif self._host_copy != "fused":  # x and q, k, v on the device (local attention reads them there), then
+      out = (*out, self._to_host(out[1]))  # q, k, v's host copy ("fused": the step made it)
     with self._stats_lock:
       self.stats.dispatch_s += time.perf_counter() - t
       self.stats.tier1_s += time.perf_counter() - t
@@ -459,8 +464,8 @@ class PipelinedRunner:
     return kind, out
 
   def _to_host(self, x: jax.Array) -> jax.Array:
-    """Starts x's copy to the host: x itself (its NumPy copy on the way) or, with pinned copies, x in pinned
-    host memory (np.asarray of it then reads host memory; for np.asarray only, no device compute)."""
+    """Starts x's copy to the host: x in pinned host memory (np.asarray of it then reads host memory; for
+    np.asarray only, no device compute), or with host_copy "pageable" x itself (its NumPy copy on the way)."""
     if self._host_copy != "pageable":
       return jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))
     x.copy_to_host_async()

@@ -37,7 +37,8 @@ tier2_kernel_by_server in the JSON); turn ms = mean / max of tier 1's turnaround
 tier-2 reply in to its next q, k, v sent (meanwhile tier 2 serves only the other micro-batches); sprd ms =
 a micro-batch's first shard reply read to its last, srv sprd = the servers' first reply sent to their last
 (shared memory: the servers stamp their replies), lag ms = a server sending a reply to tier 1 reading it,
-rep ms = the last reply's output readied for the next step (padded, put on the device). The delay
+rep ms = the last reply's output readied for the next step (padded, put on the device); server_lateness_ms
+in the JSON: per server, how long after a call's first server it sent its reply. The delay
 sweep reruns pipelined (short shape, first model, one decode step per call) on servers started with
 tier2.inject_delay_ms, at the in-flight depth auto mode's rule gives for the no-delay run's step time and
 round trip plus the delay.
@@ -297,9 +298,12 @@ class _Calls:
 
 
 def _client_timings(runner) -> dict | None:
-  """The tier-2 client's reply counters so far (Tier2Client.timings), None without a tier-2 client."""
+  """The tier-2 client's reply counters so far (Tier2Client.timings, then server_lateness as "lateness0",
+  "lateness1", ...), None without a tier-2 client."""
   client = getattr(runner, "client", None)
-  return client.timings() if hasattr(client, "timings") else None
+  if not hasattr(client, "timings"):
+    return None
+  return client.timings() | {f"lateness{i}": d for i, d in enumerate(client.server_lateness())}
 
 
 def _server_seconds(runner) -> dict | None:
@@ -377,9 +381,11 @@ def run_one(config, s: dict, timed_tokens: int, variant: str = "", sample_stacks
                  send_ms=1e3 * d["send_s"] / max(d["num_round_trips"], 1),
                  reply_ms=1e3 * d["reply_s"] / max(d["num_round_trips"], 1))
       if "spread_s" in d:
-        row.update(reply_spread_ms=1e3 * d["spread_s"] / max(d["num_spreads"], 1),
-                   server_spread_ms=1e3 * d["server_spread_s"] / max(d["num_server_spreads"], 1),
-                   reply_lag_ms=1e3 * d["lag_s"] / max(d["num_lags"], 1))
+        mean_ms = lambda name: 1e3 * d[f"{name}_s"] / max(d[f"num_{name}s"], 1)  # noqa: E731
+        row.update(reply_spread_ms=mean_ms("spread"), server_spread_ms=mean_ms("server_spread"),
+                   reply_lag_ms=mean_ms("lag"),
+                   server_lateness_ms=[round(mean_ms(f"lateness{i}"), 3) for i in range(config.tier2.spawn)
+                                       if f"lateness{i}_s" in d])
       if "tier2_busy_s" in d:  # each server's seconds over the decode time (every timed call kept its servers)
         busy, kernel, span = d["tier2_busy_s"], d["tier2_kernel_s"], max(decode_s, 1e-9)
         row.update(tier2_busy_fraction=busy.mean() / span, tier2_kernel_fraction=kernel.mean() / span,

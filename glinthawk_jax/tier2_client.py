@@ -187,6 +187,7 @@ class Tier2Client:
     self._placement: dict[int, int] = {}
     self._lock = threading.Lock()
     self._spread, self._server_spread = Durations(), Durations()  # see timings(); under _lock
+    self._lateness = [Durations() for _ in self.shards]  # see server_lateness(); under _lock
     self._request_ids = itertools.count()
     request = tier2_pb2.HandshakeRequest(
         protocol_version=tensor_wire.PROTOCOL_VERSION,
@@ -353,7 +354,8 @@ class Tier2Client:
       else:
         out[take] = tensor_wire.decode_reply(reply, (count,) + out.shape[1:], out.dtype)
 
-    def on_done(call, shard):
+    def on_done(call, i):
+      shard = self.shards[i]
       try:
         call.result()
       except grpc.RpcError as e:
@@ -370,7 +372,7 @@ class Tier2Client:
         pending[0] -= 1
         if not first_reply_at:
           first_reply_at.append(now)
-        server_sent_at.append(getattr(call, "server_sent_at", None))  # None: not a shared-memory reply
+        server_sent_at.append((i, getattr(call, "server_sent_at", None)))  # None: not a shared-memory reply
         if pending[0] == 0 and not result.done():
           if len(parts) > 1:
             self._add_spread(now - first_reply_at[0], server_sent_at)
@@ -400,16 +402,20 @@ class Tier2Client:
             call = shard.send(request, reply_bytes, timeout, consume)
         except grpc.RpcError as e:
           raise _error(shard.address, e) from None
-        call.add_done_callback(lambda c, shard=shard: on_done(c, shard))
+        call.add_done_callback(lambda c, i=i: on_done(c, i))
     finally:
       write_and_ring(batch, native=self.native_writer)  # also the requests prepared before a shard failed
     return result
 
-  def _add_spread(self, seconds: float, server_sent_at: list) -> None:
+  def _add_spread(self, seconds: float, server_sent_at: list[tuple[int, float | None]]) -> None:
+    """Counts a multi-shard call's spread; server_sent_at: (shard, its reply's send time or None) each."""
+    times = [t for _, t in server_sent_at]
     with self._lock:
       self._spread.add(seconds)
-      if None not in server_sent_at:
-        self._server_spread.add(max(server_sent_at) - min(server_sent_at))
+      if None not in times:
+        self._server_spread.add(max(times) - min(times))
+        for i, t in server_sent_at:
+          self._lateness[i].add(t - min(times))
 
   def timings(self) -> dict[str, Durations]:
     """Copies of the reply counters so far. Over the tensor calls that span several shards: "spread", a
@@ -421,6 +427,12 @@ class Tier2Client:
       spread, server_spread = dataclasses.replace(self._spread), dataclasses.replace(self._server_spread)
     lag = sum((shard.shm.reply_lag() for shard in self.shards if shard.shm), Durations())
     return {"spread": spread, "server_spread": server_spread, "lag": lag}
+
+  def server_lateness(self) -> list[Durations]:
+    """Copies, one per shard, of how long after the first server of a multi-shard call (all replies through
+    shared memory) this shard's server sent its reply: one server always late is slow, all alike is jitter."""
+    with self._lock:
+      return [dataclasses.replace(d) for d in self._lateness]
 
   def attend(self, layer: int, seq_ids, positions, q, k, v, timeout_s: float | None = None):
     """Blocking attend_async."""

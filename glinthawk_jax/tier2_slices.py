@@ -81,6 +81,10 @@ class SlicedTier2Client:
     per_client = [c.timings() for c in self.clients]
     return {name: sum((t[name] for t in per_client), Durations()) for name in per_client[0]}
 
+  def server_lateness(self) -> list[Durations]:
+    """Tier2Client.server_lateness of every slice's shards, in address order."""
+    return [d for c in self.clients for d in c.server_lateness()]
+
   def close(self) -> None:
     for c in self.clients:
       c.close()

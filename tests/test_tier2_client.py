@@ -147,6 +147,10 @@ def test_reply_timings_count_the_calls_over_several_shards(gqa, monkeypatch, on_
   assert gqa.transports == ["shm"] * 3  # loopback servers: each reply read after the server sent it
   assert t["lag"].count >= 4 and 0 < t["lag"].total_s <= t["lag"].count * t["lag"].max_s
   assert t["server_spread"].count == 2 and 0 < t["server_spread"].total_s <= 2 * t["server_spread"].max_s
+  late = gqa.server_lateness()  # per call, the first server is 0 late and the last by the call's spread
+  touched = [d for d in late if d.count]
+  assert len(touched) >= 2 and all(d.count == 2 for d in touched)
+  assert max(d.max_s for d in late) == t["server_spread"].max_s
   n = len(one_shard)
   gqa.attend(0, one_shard, [1] * n, q[:n], k[:n], k[:n])  # one shard: nothing to wait for
   assert gqa.timings()["spread"].count == 2
@@ -164,6 +168,7 @@ def test_sliced_client_sums_its_fleets_timings(servers):
     t = sliced.timings()
     assert t["spread"].count == t["server_spread"].count == 1 and t["lag"].count == 3
     assert t["lag"].max_s == max(first.timings()["lag"].max_s, second.timings()["lag"].max_s)
+    assert [d.count for d in sliced.server_lateness()] == [1, 1, 0]
     sliced.release([1, 2])
 
 

@@ -173,7 +173,7 @@ def test_eos_stops_unless_ignore_eos(llama):
   k = next(i for i in range(2, 10) if g[i] not in g[:i] and EOS not in g[:i + 1])
   model = load_hf_checkpoint(path, "float32")
   head = model.lm_head[...]
-  model.lm_head.value = head.at[jnp.asarray([g[k], EOS])].set(head[jnp.asarray([EOS, g[k]])])
+  model.lm_head[...] = head.at[jnp.asarray([g[k], EOS])].set(head[jnp.asarray([EOS, g[k]])])
   swapped = Engine(engine.config, model=model)
   out = swapped.generate([prompt], SamplingParams(max_tokens=10))[0]
   assert out.token_ids == g[:k] + [EOS] and out.finish_reason == FINISH_STOP

@@ -13,9 +13,9 @@ larger calls than one server per core (each shard a micro-batch touches costs ti
 --spawn_sweep reruns pipelined (first model, first shape) at other server counts to check that choice.
 
 Per model (Llama-2-7B and Llama-3-8B shapes, random weights, bf16 weights and tier-2 KV) it runs two
-shapes: `short` (batch 64, prompt 128: tier 1 dominates) and `long` (batch 256, context ~1024 for GQA,
-~512 for MHA, so the tier-2 pools fit 128 GiB of host RAM: tier 2 dominates, Glinthawk's regime;
---long_context sets another, e.g. 2048 for the GQA model's decode step to read the MHA one's 64 GiB).
+shapes: `short` (batch 64, prompt 128: tier 1 dominates) and `long` (batch 256 at the power-of-two context
+whose decode step reads 64 GiB of KV, 512 for Llama-2-7B and 2048 for Llama-3-8B, so the tier-2 pools fit 128
+GiB of host RAM: tier 2 dominates, Glinthawk's regime; --long_context sets another).
 
 Floors, both measured in this run before any server starts:
   tier 1: one decode step reads the weights once: weight bytes / the device's copy bandwidth
@@ -79,6 +79,8 @@ from glinthawk_jax.sim.measure import wire_dtype  # noqa: E402
 
 PLACEMENTS = ("local", "callback", "pipelined")
 GIB = 2**30
+LONG_BATCH = 256
+LONG_KV_GIB = 64  # KV a long-shape decode step reads (its context: the power of two that gives this)
 
 
 def parse_args(argv=None):
@@ -119,9 +121,9 @@ def parse_args(argv=None):
   p.add_argument("--append", action="store_true",
                  help="only the bulk prefill's K, V append to tier 2 (CPU): GB/s of the runner's host path")
   p.add_argument("--long_context", type=int, default=0,
-                 help="the long shape's context, a power of two >= 64 (default 512 for MHA models, 1024 for GQA: a "
-                 "decode step reads 64 GiB of KV on Llama-2-7B, 32 GiB on Llama-3-8B; 2048 gives Llama-3-8B the "
-                 "64 GiB of Llama-2-7B's default)")
+                 help="the long shape's context, a power of two >= 64 (default: the one at which a decode step "
+                 "reads 64 GiB of KV, 512 for Llama-2-7B, 2048 for Llama-3-8B; before 2026-11-30 v23 Llama-3-8B "
+                 "ran at 1024)")
   p.add_argument("--host_ram_gb", type=float, default=110.0, help="cap on all tier-2 pools together")
   p.add_argument("--local_fraction", type=float, default=0.0,
                  help="config.local_attention_fraction of the two-tier runs (0 = all KV on tier 2)")
@@ -176,9 +178,15 @@ def shape(args, name: str, model) -> dict:
         dict(output=args.output_len)
   if name == "short":
     return dict(batch=64, prompt=128, output=args.output_len)
-  # MHA KV is 4x GQA's: fit host RAM. A decode step reads 64 GiB (7B) or 32 GiB (8B) of KV by default.
-  context = args.long_context or (1024 if model.num_kv_heads < model.num_heads else 512)
-  return dict(batch=256, prompt=context - 32, output=max(args.decode_steps, args.output_len // 2))
+  context = args.long_context or long_context(model)
+  return dict(batch=LONG_BATCH, prompt=context - 32, output=max(args.decode_steps, args.output_len // 2))
+
+
+def long_context(model) -> int:
+  """The power-of-two context at which LONG_BATCH sequences hold LONG_KV_GIB of bfloat16 KV (the same tier-2
+  work a step for every model), at most the model's max_position_embeddings."""
+  tokens = LONG_KV_GIB * GIB // (LONG_BATCH * kv_bytes_per_token(model, "bfloat16"))
+  return min(1 << (max(tokens, 64).bit_length() - 1), model.max_position_embeddings)
 
 
 def make_config(args, model_name: str, placement: str, s: dict, timed_tokens: int, delay_ms: float = 0.0,

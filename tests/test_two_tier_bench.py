@@ -37,3 +37,18 @@ def test_tier1_dispatch_times_every_host_copy_mode(tmp_path):
   assert [m["host_copy"] for m in results["modes"]] == ["fused", "pinned", "pageable"]
   assert all(m["launch_us"] > 0 and m["step_us"] > 0 and m["device_pace_us"] > 0 for m in results["modes"])
   assert results["reply_device_put_us"] > 0 and results["modes"][0]["qkv_bytes"] == 4 * (4 + 2 * 2) * 16 * 4
+
+
+def test_the_long_shape_reads_64_gib_of_kv_a_step_on_both_models():
+  import importlib
+
+  from benchmarks import two_tier
+  from glinthawk_jax.config import model_config
+
+  args = two_tier.parse_args(["--plan"])
+  for name, context in (("llama2_7b", 512), ("llama3_8b", 2048)):
+    model = model_config(importlib.import_module(f"configs.{name}").get_config())
+    s = two_tier.shape(args, "long", model)
+    assert s["prompt"] + 32 == context and s["batch"] == 256
+    assert s["batch"] * context * two_tier.kv_bytes_per_token(model, "bfloat16") == 64 * 2**30
+  assert two_tier.shape(two_tier.parse_args(["--long_context", "1024"]), "long", model)["prompt"] == 1024 - 32

@@ -392,8 +392,8 @@ def run_one(config, s: dict, timed_tokens: int, variant: str = "", sample_stacks
         mean_ms = lambda name: 1e3 * d[f"{name}_s"] / max(d[f"num_{name}s"], 1)  # noqa: E731
         row.update(reply_spread_ms=mean_ms("spread"), server_spread_ms=mean_ms("server_spread"),
                    reply_lag_ms=mean_ms("lag"),
-                   server_lateness_ms=[round(mean_ms(f"lateness{i}"), 3) for i in range(config.tier2.spawn)
-                                       if f"lateness{i}_s" in d])
+                   server_lateness_ms=[round(mean_ms(f"lateness{i}"), 3)
+                                       for i in range(sum(k.startswith("num_lateness") for k in d))])
       if "tier2_busy_s" in d:  # each server's seconds over the decode time (every timed call kept its servers)
         busy, kernel, span = d["tier2_busy_s"], d["tier2_kernel_s"], max(decode_s, 1e-9)
         row.update(tier2_busy_fraction=busy.mean() / span, tier2_kernel_fraction=kernel.mean() / span,

@@ -309,14 +309,17 @@ class Tier2Client:
     return Plan(n, parts)
 
   def attend_async(self, layer: int, seq_ids, positions, q: np.ndarray, k: np.ndarray,
-                   v: np.ndarray, timeout_s: float | None = None, plan: Plan | None = None) -> futures.Future:
+                   v: np.ndarray, timeout_s: float | None = None, plan: Plan | None = None,
+                   out: np.ndarray | None = None) -> futures.Future:
     """Appends k, v at the positions and returns a Future of the attention output [N, H, D].
 
     q: [N, H, D], k and v: [N, KV, D], all of one dtype (float32, bfloat16 or float16); token i
     belongs to seq_ids[i] at positions[i] and attends that sequence's keys 0..positions[i]. `plan`:
     self.plan(seq_ids, positions), made once for several calls with the same tokens (optional).
+    `out`: an array [M >= N, H, D] of that dtype for the output's rows 0..N-1 (the rest untouched); the
+    Future's result is then `out` itself.
     """
-    return self._tensor_call(layer, seq_ids, positions, q, k, v, timeout_s, plan)
+    return self._tensor_call(layer, seq_ids, positions, q, k, v, timeout_s, plan, out)
 
   def append_async(self, layer: int, seq_ids, positions, k: np.ndarray, v: np.ndarray,
                    timeout_s: float | None = None) -> futures.Future:
@@ -326,7 +329,7 @@ class Tier2Client:
     """
     return self._tensor_call(layer, seq_ids, positions, None, k, v, timeout_s)
 
-  def _tensor_call(self, layer, seq_ids, positions, q, k, v, timeout_s, plan=None) -> futures.Future:
+  def _tensor_call(self, layer, seq_ids, positions, q, k, v, timeout_s, plan=None, out=None) -> futures.Future:
     if plan is None:
       plan = self.plan(seq_ids, positions)
     n = plan.num_tokens
@@ -339,7 +342,10 @@ class Tier2Client:
         raise ValueError(f"{name}: shape {x.shape}, expected {want[name]}")
     result: futures.Future = futures.Future()
     result.set_running_or_notify_cancel()
-    out = np.empty((n, self.num_heads, self.head_dim), k.dtype)
+    if out is None:
+      out = np.empty((n, self.num_heads, self.head_dim), k.dtype)
+    elif out.ndim != 3 or out.shape[0] < n or out.shape[1:] != (self.num_heads, self.head_dim) or out.dtype != k.dtype:
+      raise ValueError(f"out: {out.dtype} {out.shape}, expected {k.dtype} [>= {n}, {self.num_heads}, {self.head_dim}]")
     parts = plan.parts
     if not parts:
       result.set_result(None if append_only else out)

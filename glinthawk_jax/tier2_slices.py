@@ -63,9 +63,9 @@ class SlicedTier2Client:
     return [c.plan(seq_ids, positions) for c in self.clients]
 
   def attend_async(self, layer: int, seq_ids, positions, q, k, v, timeout_s: float | None = None,
-                   plan: list | None = None) -> futures.Future:
+                   plan: list | None = None, out=None) -> futures.Future:
     return self._client(layer).attend_async(layer, seq_ids, positions, q, k, v, timeout_s,
-                                            None if plan is None else plan[layer // self.layers_per_slice])
+                                            None if plan is None else plan[layer // self.layers_per_slice], out)
 
   def append_async(self, layer: int, seq_ids, positions, k, v, timeout_s: float | None = None) -> futures.Future:
     return self._client(layer).append_async(layer, seq_ids, positions, k, v, timeout_s)

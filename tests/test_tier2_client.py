@@ -157,6 +157,19 @@ def test_reply_timings_count_the_calls_over_several_shards(gqa, monkeypatch, on_
   gqa.release([1, 2, 3, 4])
 
 
+def test_attend_writes_into_a_given_larger_buffer(gqa):
+  gqa.allocate([1, 2, 3])
+  q, k = np.ones((3, 4, 16), np.float32), np.ones((3, 2, 16), np.float32)
+  out = np.full((5, 4, 16), 7.0, np.float32)  # rows 3 and 4: a caller's padding, left alone
+  assert gqa.attend_async(0, [1, 2, 3], [0, 0, 0], q, k, 2 * k, out=out).result(timeout=30) is out
+  np.testing.assert_allclose(out[:3], 2.0, rtol=1e-6)
+  np.testing.assert_array_equal(out[3:], 7.0)
+  for bad in (np.empty((2, 4, 16), np.float32), np.empty((3, 4, 8), np.float32), np.empty((3, 4, 16), np.float64)):
+    with pytest.raises(ValueError, match="out: "):
+      gqa.attend_async(1, [1, 2, 3], [0, 0, 0], q, k, k, out=bad)
+  gqa.release([1, 2, 3])
+
+
 def test_sliced_client_sums_its_fleets_timings(servers):
   with Tier2Client.for_model(servers[:2], CFG) as first, Tier2Client.for_model(servers[2:3], CFG) as second:
     sliced = SlicedTier2Client([first, second], layers_per_slice=1)  # layer 0 on two shards, layer 1 on one

@@ -515,8 +515,12 @@ class PipelinedRunner:
       real = qkv[m.index, 0] if isinstance(m.index, slice) else qkv[m.index]
       h, kv = self.num_heads, self.num_kv_heads
       q, k, v = real[:, :h], real[:, h:h + kv], real[:, h + kv:]
+      padded = None  # a decode step's output, written straight into m's rows (padding rows zero)
+      if isinstance(m.index, slice):
+        padded = np.empty((m.q_shape[0],) + q.shape[1:], q.dtype)
+        padded[len(q):] = 0
       call = self.client.attend_async(layer, m.real_ids, m.real_positions, q, k, v, timeout_s=self.timeout_s,
-                                      plan=m.plan)
+                                      plan=m.plan, out=padded)
       m.sent_at = time.perf_counter()
       with self._stats_lock:
         self.stats.tier1_s += sent - t
@@ -539,8 +543,6 @@ class PipelinedRunner:
     try:
       out = call.result()
       if isinstance(m.index, slice):
-        if len(out) < m.q_shape[0]:
-          out = np.concatenate([out, np.zeros((m.q_shape[0] - len(out),) + out.shape[1:], out.dtype)])
         out = out[:, None]
         if self._place_replies:
           out = jax.device_put(out, self.layout.replicated(self.layout.slice_of(layer)))

@@ -37,8 +37,9 @@ tier2_kernel_by_server in the JSON); turn ms = mean / max of tier 1's turnaround
 tier-2 reply in to its next q, k, v sent (meanwhile tier 2 serves only the other micro-batches); sprd ms =
 a micro-batch's first shard reply read to its last, srv sprd = the servers' first reply sent to their last
 (shared memory: the servers stamp their replies), lag ms = a server sending a reply to tier 1 reading it,
-rep ms = the last reply's output readied for the next step (padded, put on the device); server_lateness_ms
-in the JSON: per server, how long after a call's first server it sent its reply. The delay
+rep ms = the last reply's output readied for the next step (padded, put on the device); in the JSON also
+server_lateness_ms (per server, how long after a call's first server it sent its reply) and the spreads'
+p50 / p90 / p99 (reply_spread_p50_ms, ..., server_spread_p99_ms). The delay
 sweep reruns pipelined (short shape, first model, one decode step per call) on servers started with
 tier2.inject_delay_ms, at the in-flight depth auto mode's rule gives for the no-delay run's step time and
 round trip plus the delay.
@@ -314,6 +315,22 @@ def _client_timings(runner) -> dict | None:
   return client.timings() | {f"lateness{i}": d for i, d in enumerate(client.server_lateness())}
 
 
+def _spread_percentiles(client, count: int) -> dict:
+  """p50 / p90 / p99 ms of the last `count` calls' reply spread and servers' spread (Tier2Client.recent_spreads;
+  {} for a client without it, e.g. layer slices'): one slow call in many against every call alike."""
+  import numpy as np
+
+  if not hasattr(client, "recent_spreads") or count <= 0:
+    return {}
+  spreads = client.recent_spreads(count) * 1e3
+  out = {}
+  for column, name in enumerate(("reply_spread", "server_spread")):
+    values = spreads[:, column][~np.isnan(spreads[:, column])]
+    if values.size:
+      out.update({f"{name}_p{p}_ms": float(np.percentile(values, p)) for p in (50, 90, 99)})
+  return out
+
+
 def _server_seconds(runner) -> dict | None:
   """Tier-2 servers' busy and kernel seconds, one entry per server (their Stats); None without a tier-2 client."""
   import numpy as np
@@ -394,6 +411,7 @@ def run_one(config, s: dict, timed_tokens: int, variant: str = "", sample_stacks
                    reply_lag_ms=mean_ms("lag"),
                    server_lateness_ms=[round(mean_ms(f"lateness{i}"), 3)
                                        for i in range(sum(k.startswith("num_lateness") for k in d))])
+        row.update(_spread_percentiles(runner.client, d["num_spreads"]))
       if "tier2_busy_s" in d:  # each server's seconds over the decode time (every timed call kept its servers)
         busy, kernel, span = d["tier2_busy_s"], d["tier2_kernel_s"], max(decode_s, 1e-9)
         row.update(tier2_busy_fraction=busy.mean() / span, tier2_kernel_fraction=kernel.mean() / span,

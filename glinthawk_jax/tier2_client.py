@@ -8,6 +8,7 @@ travel as raw gRPC bytes, or through shared memory to servers on this host (prot
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import ipaddress
@@ -34,6 +35,7 @@ MAX_CALLS_IN_FLIGHT = 16  # tensor calls to one shard at once (threads, each blo
 # Written on the 7 shards' threads instead (at 128 KiB) they ran no faster on an H200 host: Llama-3-8B 740
 # and 731 against 762 tok/s, Llama-2-7B equal (docs/BENCHMARKS.md, v17).
 THREAD_WRITE_BYTES = 4 << 20
+SPREAD_LOG = 1 << 16  # the latest multi-shard calls whose spreads recent_spreads() can give
 
 
 class Tier2Error(RuntimeError):
@@ -188,6 +190,7 @@ class Tier2Client:
     self._lock = threading.Lock()
     self._spread, self._server_spread = Durations(), Durations()  # see timings(); under _lock
     self._lateness = [Durations() for _ in self.shards]  # see server_lateness(); under _lock
+    self._spread_log: collections.deque = collections.deque(maxlen=SPREAD_LOG)  # see recent_spreads(); under _lock
     self._request_ids = itertools.count()
     request = tier2_pb2.HandshakeRequest(
         protocol_version=tensor_wire.PROTOCOL_VERSION,
@@ -418,10 +421,13 @@ class Tier2Client:
     times = [t for _, t in server_sent_at]
     with self._lock:
       self._spread.add(seconds)
+      server_spread = float("nan")
       if None not in times:
-        self._server_spread.add(max(times) - min(times))
+        server_spread = max(times) - min(times)
+        self._server_spread.add(server_spread)
         for i, t in server_sent_at:
           self._lateness[i].add(t - min(times))
+      self._spread_log.append((seconds, server_spread))
 
   def timings(self) -> dict[str, Durations]:
     """Copies of the reply counters so far. Over the tensor calls that span several shards: "spread", a
@@ -433,6 +439,13 @@ class Tier2Client:
       spread, server_spread = dataclasses.replace(self._spread), dataclasses.replace(self._server_spread)
     lag = sum((shard.shm.reply_lag() for shard in self.shards if shard.shm), Durations())
     return {"spread": spread, "server_spread": server_spread, "lag": lag}
+
+  def recent_spreads(self, count: int) -> np.ndarray:
+    """The latest `count` (at most SPREAD_LOG) multi-shard calls' spreads, oldest first: [n, 2] seconds, the
+    replies read (timings' "spread") and the servers' (NaN where a reply did not come through shared memory)."""
+    with self._lock:
+      latest = list(self._spread_log)[-count:] if count > 0 else []
+    return np.array(latest, np.float64).reshape(-1, 2)
 
   def server_lateness(self) -> list[Durations]:
     """Copies, one per shard, of how long after the first server of a multi-shard call (all replies through

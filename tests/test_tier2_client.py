@@ -151,9 +151,12 @@ def test_reply_timings_count_the_calls_over_several_shards(gqa, monkeypatch, on_
   touched = [d for d in late if d.count]
   assert len(touched) >= 2 and all(d.count == 2 for d in touched)
   assert max(d.max_s for d in late) == t["server_spread"].max_s
+  recent = gqa.recent_spreads(5)  # both calls, oldest first: the replies read, the servers'
+  assert recent.shape == (2, 2) and recent[:, 0].sum() == pytest.approx(t["spread"].total_s)
+  assert recent[:, 1].sum() == pytest.approx(t["server_spread"].total_s)
   n = len(one_shard)
   gqa.attend(0, one_shard, [1] * n, q[:n], k[:n], k[:n])  # one shard: nothing to wait for
-  assert gqa.timings()["spread"].count == 2
+  assert gqa.timings()["spread"].count == 2 and len(gqa.recent_spreads(5)) == 2
   gqa.release([1, 2, 3, 4])
 
 

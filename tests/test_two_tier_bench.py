@@ -23,6 +23,8 @@ def test_two_tier_smoke_samples_tier1_stacks(tmp_path):
   assert 0 < row["reply_lag_ms"] < row["mean_rtt_ms"] and 0 < row["server_spread_ms"] < row["mean_rtt_ms"]
   assert len(row["server_lateness_ms"]) == 2 and sum(row["server_lateness_ms"]) == \
       pytest.approx(row["server_spread_ms"], rel=0.01, abs=0.002)  # 2 servers: one is first, the other late by the spread
+  assert 0 < row["reply_spread_p50_ms"] <= row["reply_spread_p90_ms"] <= row["reply_spread_p99_ms"]
+  assert 0 < row["server_spread_p50_ms"] <= row["server_spread_p99_ms"]
   main = row["stacks"]["MainThread"]
   assert main and all(0 < fraction <= 1 and frames for fraction, frames in main)
   assert any("pipelined.py" in frames for _, frames in main)

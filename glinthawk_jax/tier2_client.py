@@ -8,7 +8,6 @@ travel as raw gRPC bytes, or through shared memory to servers on this host (prot
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import ipaddress
@@ -20,7 +19,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 
-from glinthawk_jax.durations import Durations
+from glinthawk_jax.reply_timings import Durations, ReplyTimings
 from glinthawk_jax.protos import shm_wire, tensor_wire, tier2_pb2, tier2_pb2_grpc
 from glinthawk_jax.protos.shm_session import ShmFuture, ShmSession, write_and_ring
 from glinthawk_jax.protos.shm_session import native_writer as shm_native_writer
@@ -35,7 +34,6 @@ MAX_CALLS_IN_FLIGHT = 16  # tensor calls to one shard at once (threads, each blo
 # Written on the 7 shards' threads instead (at 128 KiB) they ran no faster on an H200 host: Llama-3-8B 740
 # and 731 against 762 tok/s, Llama-2-7B equal (docs/BENCHMARKS.md, v17).
 THREAD_WRITE_BYTES = 4 << 20
-SPREAD_LOG = 1 << 16  # the latest multi-shard calls whose spreads recent_spreads() can give
 
 
 class Tier2Error(RuntimeError):
@@ -188,9 +186,7 @@ class Tier2Client:
       raise ValueError("addresses: expected at least one tier-2 server")
     self._placement: dict[int, int] = {}
     self._lock = threading.Lock()
-    self._spread, self._server_spread = Durations(), Durations()  # see timings(); under _lock
-    self._lateness = [Durations() for _ in self.shards]  # see server_lateness(); under _lock
-    self._spread_log: collections.deque = collections.deque(maxlen=SPREAD_LOG)  # see recent_spreads(); under _lock
+    self._reply_timings = ReplyTimings(len(self.shards))
     self._request_ids = itertools.count()
     request = tier2_pb2.HandshakeRequest(
         protocol_version=tensor_wire.PROTOCOL_VERSION,
@@ -384,7 +380,7 @@ class Tier2Client:
         server_sent_at.append((i, getattr(call, "server_sent_at", None)))  # None: not a shared-memory reply
         if pending[0] == 0 and not result.done():
           if len(parts) > 1:
-            self._add_spread(now - first_reply_at[0], server_sent_at)
+            self._reply_timings.add(now - first_reply_at[0], server_sent_at)
           result.set_result(None if append_only else out)
 
     def _fail(error):
@@ -416,42 +412,19 @@ class Tier2Client:
       write_and_ring(batch, native=self.native_writer)  # also the requests prepared before a shard failed
     return result
 
-  def _add_spread(self, seconds: float, server_sent_at: list[tuple[int, float | None]]) -> None:
-    """Counts a multi-shard call's spread; server_sent_at: (shard, its reply's send time or None) each."""
-    times = [t for _, t in server_sent_at]
-    with self._lock:
-      self._spread.add(seconds)
-      server_spread = float("nan")
-      if None not in times:
-        server_spread = max(times) - min(times)
-        self._server_spread.add(server_spread)
-        for i, t in server_sent_at:
-          self._lateness[i].add(t - min(times))
-      self._spread_log.append((seconds, server_spread))
-
   def timings(self) -> dict[str, Durations]:
-    """Copies of the reply counters so far. Over the tensor calls that span several shards: "spread", a
-    call's first shard reply read to its last (how long its fastest shards' answers wait for the slowest);
-    "server_spread", where every reply came through shared memory, the servers' first reply sent to their
-    last (the servers' part of it). Over the shared-memory replies: "lag", a server sending one to this
-    process reading it."""
-    with self._lock:
-      spread, server_spread = dataclasses.replace(self._spread), dataclasses.replace(self._server_spread)
+    """Copies of the reply counters so far: ReplyTimings' "spread" and "server_spread", and over the
+    shared-memory replies "lag", a server sending one to this process reading it."""
     lag = sum((shard.shm.reply_lag() for shard in self.shards if shard.shm), Durations())
-    return {"spread": spread, "server_spread": server_spread, "lag": lag}
+    return self._reply_timings.spreads() | {"lag": lag}
 
   def recent_spreads(self, count: int) -> np.ndarray:
-    """The latest `count` (at most SPREAD_LOG) multi-shard calls' spreads, oldest first: [n, 2] seconds, the
-    replies read (timings' "spread") and the servers' (NaN where a reply did not come through shared memory)."""
-    with self._lock:
-      latest = list(self._spread_log)[-count:] if count > 0 else []
-    return np.array(latest, np.float64).reshape(-1, 2)
+    """ReplyTimings.recent: the latest `count` multi-shard calls' spreads, [n, 2] seconds."""
+    return self._reply_timings.recent(count)
 
   def server_lateness(self) -> list[Durations]:
-    """Copies, one per shard, of how long after the first server of a multi-shard call (all replies through
-    shared memory) this shard's server sent its reply: one server always late is slow, all alike is jitter."""
-    with self._lock:
-      return [dataclasses.replace(d) for d in self._lateness]
+    """ReplyTimings.lateness: per shard, how long after a multi-shard call's first server it replied."""
+    return self._reply_timings.lateness()
 
   def attend(self, layer: int, seq_ids, positions, q, k, v, timeout_s: float | None = None):
     """Blocking attend_async."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from concurrent import futures
 
-from glinthawk_jax.durations import Durations
+from glinthawk_jax.reply_timings import Durations
 from glinthawk_jax.tier2_client import Tier2Client, Tier2Error
 
 

@@ -27,7 +27,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 
-from glinthawk_jax.durations import Durations
+from glinthawk_jax.reply_timings import Durations
 from glinthawk_jax.protos import shm_wire, tier2_pb2
 from glinthawk_jax.protos.tensor_wire import WireError
 

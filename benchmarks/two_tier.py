@@ -320,6 +320,8 @@ def _spread_percentiles(client, count: int) -> dict:
   {} for a client without it, e.g. layer slices'): one slow call in many against every call alike."""
   import numpy as np
 
+  from glinthawk_jax.metrics import percentiles
+
   if not hasattr(client, "recent_spreads") or count <= 0:
     return {}
   spreads = client.recent_spreads(count) * 1e3
@@ -327,7 +329,7 @@ def _spread_percentiles(client, count: int) -> dict:
   for column, name in enumerate(("reply_spread", "server_spread")):
     values = spreads[:, column][~np.isnan(spreads[:, column])]
     if values.size:
-      out.update({f"{name}_p{p}_ms": float(np.percentile(values, p)) for p in (50, 90, 99)})
+      out.update({f"{key}_ms": value for key, value in percentiles(values, name).items()})
   return out
 
 

@@ -19,10 +19,10 @@ from concurrent import futures
 import grpc
 import numpy as np
 
-from glinthawk_jax.reply_timings import Durations, ReplyTimings
 from glinthawk_jax.protos import shm_wire, tensor_wire, tier2_pb2, tier2_pb2_grpc
 from glinthawk_jax.protos.shm_session import ShmFuture, ShmSession, write_and_ring
 from glinthawk_jax.protos.shm_session import native_writer as shm_native_writer
+from glinthawk_jax.reply_timings import Durations, ReplyTimings
 
 MAX_MESSAGE_BYTES = 2**31 - 1
 AUTH_METADATA_KEY = "glinthawk-token"  # same key as tier2_cpu/server.py

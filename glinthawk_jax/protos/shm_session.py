@@ -27,9 +27,9 @@ from concurrent import futures
 import grpc
 import numpy as np
 
-from glinthawk_jax.reply_timings import Durations
 from glinthawk_jax.protos import shm_wire, tier2_pb2
 from glinthawk_jax.protos.tensor_wire import WireError
+from glinthawk_jax.reply_timings import Durations
 
 # The server may still be reading or writing a slot after these: never reuse it.
 _SLOT_IN_DOUBT = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,

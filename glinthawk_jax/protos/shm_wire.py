@@ -10,8 +10,8 @@ writes the reply bytes (tensor_wire's layout) at reply_offset(request bytes) and
 slot, a status (a grpc.StatusCode's number, 0 = OK), the length of the reply in the slot, or of
 the error message that follows REPLY on the socket, and the server's CLOCK_MONOTONIC when it sent the
 reply (one clock for every process of the host: the client measures how late it reads replies).
-Replies may come in any order. A socket message
-costs about 30 us where a gRPC notification cost about 0.6 ms on loopback (Python, 2-core host).
+Replies may come in any order. A socket message costs about 30 us where a gRPC notification cost about
+0.6 ms on loopback (Python, 2-core host).
 
 Clean-up: a name lives in /dev/shm only from a slot's creation until ShmAttach returns (a client
 killed in that window leaves one gt2shm-<pid>-... file, safe to delete). The memory goes when both

@@ -81,8 +81,10 @@ def _pool_case(cfg, storage):
   rng = np.random.default_rng(0)
   chunk = min(ctx, 1024)
   k = rng.standard_normal((chunk, kv, d), np.float32)
-  for start in range(0, sets * b * ctx, chunk):
-    pool.write(0, np.arange(start, start + chunk), k, k)
+  tokens = sets * b * ctx
+  for start in range(0, tokens, chunk):
+    n = min(chunk, tokens - start)
+    pool.write(0, np.arange(start, start + n), k[:n], k[:n])
   tables = np.arange(sets * pages_per_set, dtype=np.int32).reshape(sets, b, ctx // ps)
   q = rng.standard_normal((b, h, d), np.float32)
   pos = np.full(b, ctx - 1, np.int32)

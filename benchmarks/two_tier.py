@@ -12,10 +12,13 @@ pinned to its share of the cores, where its attention kernel splits a call over 
 larger calls than one server per core (each shard a micro-batch touches costs tier 1 a call).
 --spawn_sweep reruns pipelined (first model, first shape) at other server counts to check that choice.
 
-Per model (Llama-2-7B and Llama-3-8B shapes, random weights, bf16 weights and tier-2 KV) it runs two
-shapes: `short` (batch 64, prompt 128: tier 1 dominates) and `long` (batch 256 at the power-of-two context
-whose decode step reads 64 GiB of KV, 512 for Llama-2-7B and 2048 for Llama-3-8B, so the tier-2 pools fit 128
-GiB of host RAM: tier 2 dominates, Glinthawk's regime; --long_context sets another).
+Per model (Llama-2-7B and Llama-3-8B shapes, random weights, bf16 weights and tier-2 KV) it runs three
+shapes: `short` (batch 64, prompt 128: tier 1 dominates), `long` (batch 256 at the power-of-two context
+whose decode step reads 64 GiB of KV, 512 for Llama-2-7B and 2048 for Llama-3-8B: tier 2 dominates,
+Glinthawk's regime; --long_context sets another) and `xlong` (128 GiB a step, 1024 and 4096: more KV than one
+accelerator holds beside the weights, so two-tier placements only; its tier-2 pools need about 150 GiB of
+host RAM, and a run whose pools exceed --host_ram_gb is skipped). The long batches are rounded down to a
+multiple of 2 x --spawn (balanced_batch: 252 on 7 servers) so every server serves the same rows.
 
 Floors, both measured in this run before any server starts:
   tier 1: one decode step reads the weights once: weight bytes / the device's copy bandwidth
@@ -47,7 +50,7 @@ round trip plus the delay.
 Pipelined runs once per --splits value (config.tier2.split): "spread" micro-batches each span every tier-2
 shard (tier 2 works on all shards at once; depth from spread_depth), "shards" ones hold one or two shards
 each (fewer calls per micro-batch). The sweeps use the first value.
---variants reruns pipelined with config overrides, e.g. "tier2.pin_tier1=True;tier2.pin_tier1=False"
+--variants reruns pipelined with config overrides, e.g. "tier2.pin_tier1=False;tier2.in_flight=3"
 (an A/B in one call; the table's last column names the variant). --sample_stacks samples tier 1's Python
 threads during each pipelined run's timed calls (benchmarks/stack_samples.py) and prints their commonest
 stacks (with the sampler's GIL use the run itself runs slower: a profile, not a measurement).
@@ -81,7 +84,7 @@ from glinthawk_jax.sim.measure import wire_dtype  # noqa: E402
 PLACEMENTS = ("local", "callback", "pipelined")
 GIB = 2**30
 LONG_BATCH = 256
-LONG_KV_GIB = 64  # KV a long-shape decode step reads (its context: the power of two that gives this)
+LONG_KV_GIB = {"long": 64, "xlong": 128}  # KV a decode step of the shape reads (context: the power of two giving it)
 
 
 def parse_args(argv=None):
@@ -89,7 +92,7 @@ def parse_args(argv=None):
   p.add_argument("--out", default="two_tier.json", help="JSON file of every number (the plot beside it)")
   p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, end to end in about a minute")
   p.add_argument("--models", default=None, help="config modules (default llama2_7b,llama3_8b; smoke: tiny)")
-  p.add_argument("--shapes", default="short,long", help="short (batch 64, prompt 128) and/or long")
+  p.add_argument("--shapes", default="short,long,xlong", help="short (batch 64, prompt 128), long and/or xlong")
   p.add_argument("--placements", default=",".join(PLACEMENTS))
   p.add_argument("--spawn", type=int, default=None,
                  help="tier-2 servers (default (host cores - 2) // 4; smoke and roundtrip: 2)")
@@ -125,7 +128,9 @@ def parse_args(argv=None):
                  help="the long shape's context, a power of two >= 64 (default: the one at which a decode step "
                  "reads 64 GiB of KV, 512 for Llama-2-7B, 2048 for Llama-3-8B; before 2026-11-30 v23 Llama-3-8B "
                  "ran at 1024)")
-  p.add_argument("--host_ram_gb", type=float, default=110.0, help="cap on all tier-2 pools together")
+  p.add_argument("--host_ram_gb", type=float, default=0.0,
+                 help="most GiB all tier-2 pools of a run may take; a run needing more is skipped "
+                 "(default: 70%% of this host's RAM)")
   p.add_argument("--local_fraction", type=float, default=0.0,
                  help="config.local_attention_fraction of the two-tier runs (0 = all KV on tier 2)")
   args = p.parse_args(argv)
@@ -146,6 +151,7 @@ def parse_args(argv=None):
   args.spawn_sweep = [int(n) for n in args.spawn_sweep.split(",") if n]
   if args.long_context and (args.long_context < 64 or args.long_context & (args.long_context - 1)):
     p.error(f"--long_context {args.long_context}: expected a power of two >= 64")
+  args.host_ram_gb = args.host_ram_gb or 0.7 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB
   args.output_len = args.output_len or (8 if args.smoke else 16)
   delays = args.delays if args.delays is not None else ("0,20" if args.smoke else "0,5,20,50,100,200")
   args.delays = [float(d) for d in delays.split(",") if d]
@@ -175,18 +181,26 @@ def shape(args, name: str, model) -> dict:
   before a power-of-two context, so the whole run (warm-up included) stays in one tier-2 block-table
   bucket: no tier-2 compilation in the timed calls."""
   if args.smoke:
-    return {"short": dict(batch=8, prompt=16), "long": dict(batch=32, prompt=48)}[name] | \
-        dict(output=args.output_len)
+    return {"short": dict(batch=8, prompt=16), "long": dict(batch=32, prompt=48),
+            "xlong": dict(batch=32, prompt=96)}[name] | dict(output=args.output_len)
   if name == "short":
     return dict(batch=64, prompt=128, output=args.output_len)
-  context = args.long_context or long_context(model)
-  return dict(batch=LONG_BATCH, prompt=context - 32, output=max(args.decode_steps, args.output_len // 2))
+  context = (name == "long" and args.long_context) or long_context(model, LONG_KV_GIB[name])
+  return dict(batch=balanced_batch(LONG_BATCH, args.spawn), prompt=context - 32,
+              output=max(args.decode_steps, args.output_len // 2))
 
 
-def long_context(model) -> int:
-  """The power-of-two context at which LONG_BATCH sequences hold LONG_KV_GIB of bfloat16 KV (the same tier-2
+def balanced_batch(batch: int, servers: int) -> int:
+  """`batch` rounded down to a multiple of 2 x servers, so that each of depth 2's micro-batches (the depth
+  the long shapes choose) gives every server the same rows: 256 on 7 servers gives two of them 19 rows of
+  each 128-row micro-batch against 18, and every layer waits for those two (252: 18 each)."""
+  return max(batch // (2 * servers) * 2 * servers, 2 * servers)
+
+
+def long_context(model, kv_gib: int) -> int:
+  """The power-of-two context at which LONG_BATCH sequences hold kv_gib GiB of bfloat16 KV (the same tier-2
   work a step for every model), at most the model's max_position_embeddings."""
-  tokens = LONG_KV_GIB * GIB // (LONG_BATCH * kv_bytes_per_token(model, "bfloat16"))
+  tokens = kv_gib * GIB // (LONG_BATCH * kv_bytes_per_token(model, "bfloat16"))
   return min(1 << (max(tokens, 64).bit_length() - 1), model.max_position_embeddings)
 
 
@@ -207,10 +221,16 @@ def make_config(args, model_name: str, placement: str, s: dict, timed_tokens: in
   c.tier2.in_flight = args.in_flight if in_flight is None else in_flight
   c.local_attention_fraction = args.local_fraction if placement != "local" else 0.0
   c.engine.max_model_len = s["prompt"] + total_tokens(c, timed_tokens) + 16
-  kv = kv_bytes_per_token(model_config(c), c.tier2.kv_dtype)
-  need = s["batch"] * c.engine.max_model_len * kv * 1.15 / GIB  # all slots at full length, + pages
-  c.tier2.kv_cache_gb = min(need, args.host_ram_gb) / c.tier2.spawn + 0.01
+  c.tier2.kv_cache_gb = tier2_pools_gib(c, s["batch"]) / c.tier2.spawn + 0.01
   return c
+
+
+def tier2_pools_gib(config, batch: int) -> float:
+  """GiB of KV pool all tier-2 servers of a run need: every slot at full length, + 15% for partial pages."""
+  from glinthawk_jax.config import model_config
+
+  kv = kv_bytes_per_token(model_config(config), config.tier2.kv_dtype)
+  return batch * config.engine.max_model_len * kv * 1.15 / GIB
 
 
 def total_tokens(config, timed_tokens: int) -> int:
@@ -565,13 +585,15 @@ GUESSED_BASE_ROW = {"tier1_step_ms": 3.0, "mean_rtt_ms": 5.0, "split": "spread"}
 def plan(args) -> list[tuple]:
   """(model, shape, placement, delay ms, spawn, split, variant) of every run, in the order they run: per
   model its shapes' placements (pipelined at each of --splits x --variants), then (first model, first
-  shape, first split and variant) the spawn sweep and the delay sweep, before the next model."""
+  shape, first split and variant) the spawn sweep and the delay sweep, before the next model. Callback runs
+  only the short shape (a long one would take many minutes); local not the xlong one (its KV does not fit
+  one accelerator)."""
   runs, first_variant = [], (args.splits[0], args.variants[0])
   pipelined = [(x, v) for x in args.splits for v in args.variants]
   for i, model_name in enumerate(args.models):
     for shape_name in args.shapes:
       for p in args.placements:
-        if not (p == "callback" and shape_name == "long"):
+        if not (p == "callback" and shape_name != "short" or p == "local" and shape_name == "xlong"):
           runs += [(model_name, shape_name, p, 0.0, None, *v) for v in (pipelined if p == "pipelined" else [first_variant])]
     if i == 0 and args.shapes and "pipelined" in args.placements:
       first = args.shapes[0]
@@ -654,9 +676,14 @@ def main(argv=None):
     estimate = estimate_s(args, model, s, config, timed, results["floors"].get(key, guess), results["runs"])
     elapsed = time.perf_counter() - started
     floors_s = (0 if key in results["floors"] else FLOORS_S) + (FLOORS_S if args.floor_each_run else 0)
-    if args.budget_s and elapsed + estimate + floors_s > args.budget_s:
-      results["skipped"].append(f"{label}: estimated {estimate:.0f} s, {args.budget_s - elapsed:.0f} s left")
-      print(f"  SKIPPED {results['skipped'][-1]}", flush=True)
+    pools_gib = tier2_pools_gib(config, s["batch"]) if placement != "local" else 0.0
+    skip = (f"{label}: its tier-2 pools need {pools_gib:.0f} GiB, --host_ram_gb {args.host_ram_gb:.0f}"
+            if pools_gib > args.host_ram_gb else
+            f"{label}: estimated {estimate:.0f} s, {args.budget_s - elapsed:.0f} s left"
+            if args.budget_s and elapsed + estimate + floors_s > args.budget_s else "")
+    if skip:
+      results["skipped"].append(skip)
+      print(f"  SKIPPED {skip}", flush=True)
       continue
     if key not in results["floors"]:
       results["floors"][key] = {"device_copy_gb_s": copy_gb_s,

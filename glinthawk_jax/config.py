@@ -101,9 +101,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.tier2.kv_dtype = "bfloat16"  # KV storage dtype on tier 2: float32, bfloat16 or int8
   c.tier2.kv_cache_gb = 1.0  # KV pool of each spawned server, GiB
   c.tier2.cpus = "auto"  # cores of spawned servers: "auto" (split this host's cores) or "0-3;4-7" per server
-  # With cpus auto and an accelerator: tier 1's threads on the cores servers leave free (off: measured no
-  # gain, 0.71 against 0.76 efficiency unpinned in one H200 run, docs/BENCHMARKS.md).
-  c.tier2.pin_tier1 = False
+  # With cpus auto and an accelerator: tier 1's threads on the cores servers leave free, so none of them
+  # preempts a server's kernel thread (on an H200 host more decode tok/s in 4 of 4 pairs, +3% to +21%, and
+  # shorter reply spreads at p99, docs/BENCHMARKS.md).
+  c.tier2.pin_tier1 = True
   # Spawned servers' KV pools on transparent huge pages (glibc.malloc.hugetlb=1; the host's THP mode must
   # be always or madvise): the kernel read 1-5% faster on an H200 host (docs/BENCHMARKS.md).
   c.tier2.huge_pages = True

@@ -29,6 +29,13 @@ def test_pool_case_calls_rotate_through_every_set(monkeypatch):
   assert len(np.unique(np.concatenate(read[:3]))) == 3 * 2 * 64 // 16
 
 
+def test_pool_case_fills_a_context_past_its_write_chunk():
+  """Contexts past 1024 tokens that are not a multiple of it (an 8B context of 4080) fill the pool exactly."""
+  fn, nbytes = tier2._pool_case(dict(CFG, batch=3, context=1040), "bfloat16")
+  fn()
+  assert nbytes == 3 * 1040 * 2 * 2 * 16 * 2
+
+
 def test_kernel_rows_with_a_working_set():
   """kernel_rows gives each of its processes its share of working_set_bytes and times calls over it."""
   cfg = dict(CFG, seconds=0.2, copy_bytes=1 << 20, kinds=["bfloat16"], working_set_bytes=2 * 3 * SET_BYTES)

@@ -41,16 +41,40 @@ def test_tier1_dispatch_times_every_host_copy_mode(tmp_path):
   assert results["reply_device_put_us"] > 0 and results["modes"][0]["qkv_bytes"] == 4 * (4 + 2 * 2) * 16 * 4
 
 
-def test_the_long_shape_reads_64_gib_of_kv_a_step_on_both_models():
+def test_the_long_shapes_read_64_and_128_gib_of_kv_a_step_on_both_models():
   import importlib
 
   from benchmarks import two_tier
   from glinthawk_jax.config import model_config
 
-  args = two_tier.parse_args(["--plan"])
-  for name, context in (("llama2_7b", 512), ("llama3_8b", 2048)):
+  args = two_tier.parse_args(["--plan", "--spawn", "8"])
+  for name, contexts in (("llama2_7b", {"long": 512, "xlong": 1024}), ("llama3_8b", {"long": 2048, "xlong": 4096})):
     model = model_config(importlib.import_module(f"configs.{name}").get_config())
-    s = two_tier.shape(args, "long", model)
-    assert s["prompt"] + 32 == context and s["batch"] == 256
-    assert s["batch"] * context * two_tier.kv_bytes_per_token(model, "bfloat16") == 64 * 2**30
-  assert two_tier.shape(two_tier.parse_args(["--long_context", "1024"]), "long", model)["prompt"] == 1024 - 32
+    for shape_name, context in contexts.items():
+      s = two_tier.shape(args, shape_name, model)
+      assert s["prompt"] + 32 == context and s["batch"] == 256
+      assert s["batch"] * context * two_tier.kv_bytes_per_token(model, "bfloat16") == \
+          two_tier.LONG_KV_GIB[shape_name] * 2**30
+  assert two_tier.shape(two_tier.parse_args(["--plan", "--spawn", "7"]), "long", model)["batch"] == 252
+  long_only = two_tier.parse_args(["--long_context", "1024"])
+  assert two_tier.shape(long_only, "long", model)["prompt"] == 1024 - 32
+  assert two_tier.shape(long_only, "xlong", model)["prompt"] == 4096 - 32
+
+
+def test_the_plan_keeps_callback_to_short_and_local_off_xlong():
+  from benchmarks import two_tier
+
+  runs = two_tier.plan(two_tier.parse_args(["--plan", "--models", "llama2_7b", "--delays", ""]))
+  placements = {(shape_name, p) for _, shape_name, p, *_ in runs}
+  assert placements == {("short", "local"), ("short", "callback"), ("short", "pipelined"), ("long", "local"),
+                        ("long", "pipelined"), ("xlong", "pipelined")}
+
+
+def test_a_run_whose_tier2_pools_exceed_the_host_ram_cap_is_skipped(tmp_path):
+  out = tmp_path / "two_tier.json"
+  subprocess.run([sys.executable, "benchmarks/two_tier.py", "--smoke", "--shapes", "xlong", "--placements",
+                  "local,pipelined", "--splits", "spread", "--delays", "", "--host_ram_gb", "0.001", "--out", str(out)],
+                 cwd=REPO, check=True, timeout=300, capture_output=True)
+  results = json.loads(out.read_text())
+  assert results["runs"] == [] and len(results["skipped"]) == 1  # local is not planned on xlong
+  assert "tier-2 pools need" in results["skipped"][0] and "--host_ram_gb 0" in results["skipped"][0]

@@ -151,6 +151,8 @@ def parse_args(argv=None):
   args.spawn_sweep = [int(n) for n in args.spawn_sweep.split(",") if n]
   if args.long_context and (args.long_context < 64 or args.long_context & (args.long_context - 1)):
     p.error(f"--long_context {args.long_context}: expected a power of two >= 64")
+  if args.host_ram_gb < 0:
+    p.error(f"--host_ram_gb {args.host_ram_gb}: expected GiB > 0 (0 = 70% of this host's RAM)")
   args.host_ram_gb = args.host_ram_gb or 0.7 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB
   args.output_len = args.output_len or (8 if args.smoke else 16)
   delays = args.delays if args.delays is not None else ("0,20" if args.smoke else "0,5,20,50,100,200")

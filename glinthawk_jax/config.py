@@ -102,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.tier2.kv_cache_gb = 1.0  # KV pool of each spawned server, GiB
   c.tier2.cpus = "auto"  # cores of spawned servers: "auto" (split this host's cores) or "0-3;4-7" per server
   # With cpus auto and an accelerator: tier 1's threads on the cores servers leave free, so none of them
-  # preempts a server's kernel thread (on an H200 host more decode tok/s in 4 of 4 pairs, +3% to +21%, and
+  # preempts a server's kernel thread (on an H200 host more decode tok/s in 4 of 4 pairs, +4% to +22%, and
   # shorter reply spreads at p99, docs/BENCHMARKS.md).
   c.tier2.pin_tier1 = True
   # Spawned servers' KV pools on transparent huge pages (glibc.malloc.hugetlb=1; the host's THP mode must

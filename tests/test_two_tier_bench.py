@@ -78,3 +78,12 @@ def test_a_run_whose_tier2_pools_exceed_the_host_ram_cap_is_skipped(tmp_path):
   results = json.loads(out.read_text())
   assert results["runs"] == [] and len(results["skipped"]) == 1  # local is not planned on xlong
   assert "tier-2 pools need" in results["skipped"][0] and "--host_ram_gb 0" in results["skipped"][0]
+
+
+@pytest.mark.parametrize("flags", [["--long_context", "1000"], ["--long_context", "32"], ["--host_ram_gb", "-1"]])
+def test_bad_shape_flags_are_refused_by_name(flags, capsys):
+  from benchmarks import two_tier
+
+  with pytest.raises(SystemExit):
+    two_tier.parse_args(["--plan"] + flags)
+  assert flags[0] in capsys.readouterr().err

@@ -595,7 +595,7 @@ def plan(args) -> list[tuple]:
   for i, model_name in enumerate(args.models):
     for shape_name in args.shapes:
       for p in args.placements:
-        if not (p == "callback" and shape_name != "short" or p == "local" and shape_name == "xlong"):
+        if not ((p == "callback" and shape_name != "short") or (p == "local" and shape_name == "xlong")):
           runs += [(model_name, shape_name, p, 0.0, None, *v) for v in (pipelined if p == "pipelined" else [first_variant])]
     if i == 0 and args.shapes and "pipelined" in args.placements:
       first = args.shapes[0]
@@ -678,11 +678,12 @@ def main(argv=None):
     estimate = estimate_s(args, model, s, config, timed, results["floors"].get(key, guess), results["runs"])
     elapsed = time.perf_counter() - started
     floors_s = (0 if key in results["floors"] else FLOORS_S) + (FLOORS_S if args.floor_each_run else 0)
+    skip = ""
     pools_gib = tier2_pools_gib(config, s["batch"]) if placement != "local" else 0.0
-    skip = (f"{label}: its tier-2 pools need {pools_gib:.0f} GiB, --host_ram_gb {args.host_ram_gb:.0f}"
-            if pools_gib > args.host_ram_gb else
-            f"{label}: estimated {estimate:.0f} s, {args.budget_s - elapsed:.0f} s left"
-            if args.budget_s and elapsed + estimate + floors_s > args.budget_s else "")
+    if pools_gib > args.host_ram_gb:
+      skip = f"{label}: its tier-2 pools need {pools_gib:.0f} GiB, --host_ram_gb {args.host_ram_gb:.0f}"
+    elif args.budget_s and elapsed + estimate + floors_s > args.budget_s:
+      skip = f"{label}: estimated {estimate:.0f} s, {args.budget_s - elapsed:.0f} s left"
     if skip:
       results["skipped"].append(skip)
       print(f"  SKIPPED {skip}", flush=True)
